@@ -1,0 +1,23 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Both create .venv when missing.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: demo test install clean-venv
+
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) app.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf .venv

@@ -1,0 +1,83 @@
+"""The small interface that lets losses, samplers, the trainer and the app ignore the model family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dmd2.schedule import NoiseSchedule
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder or weight file is missing, unreadable or does not match its config."""
+
+
+class Family:
+    """Base class of a model family (pixel class-conditional, SDXL, ...).
+
+    Subclasses set `schedule`, `prediction_type` and `default_guidance`, and implement the
+    conditioning, the raw network call and loading/saving. `denoise` and CFG live here once.
+    """
+
+    name: str = "base"
+    schedule: NoiseSchedule
+    prediction_type: str = "epsilon"
+    default_guidance: float = 1.0
+
+    # --- data space ---------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (N, C, H, W) -> the space the UNet works in."""
+        return images
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """UNet space -> images in [-1, 1]."""
+        return x.clamp(-1, 1)
+
+    def latent_shape(self, n: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    # --- conditioning -------------------------------------------------------------------
+    def condition(self, spec: Any) -> Any:
+        """Labels, prompts or a batch -> the conditioning the UNet takes."""
+        raise NotImplementedError
+
+    def null_condition(self, n: int) -> Any:
+        """The unconditional input for classifier-free guidance."""
+        raise NotImplementedError
+
+    def cat_conditions(self, a: Any, b: Any) -> Any:
+        """Stack two conditions along the batch (for one CFG forward pass)."""
+        return torch.cat([a, b])
+
+    # --- networks -----------------------------------------------------------------------
+    def model_output(self, unet: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The raw network output (eps, v or x0, as `prediction_type` says)."""
+        raise NotImplementedError
+
+    def bottleneck(self, unet: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """Mid-block features (the forward stops there), for the GAN head."""
+        raise NotImplementedError
+
+    def denoise(self, unet: torch.nn.Module, x_t: torch.Tensor, t, cond: Any, guidance: float = 1.0) -> torch.Tensor:
+        """x0 estimate; with guidance != 1, classifier-free guidance in one batched forward."""
+        t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
+        if guidance == 1.0:
+            return self.schedule.to_x0(x_t, self.model_output(unet, x_t, t, cond), t, self.prediction_type)
+        both = self.cat_conditions(self.null_condition(x_t.shape[0]), cond)
+        out = self.model_output(unet, torch.cat([x_t, x_t]), torch.cat([t, t]), both)
+        x0_uncond, x0_cond = self.schedule.to_x0(torch.cat([x_t, x_t]), out, torch.cat([t, t]), self.prediction_type).chunk(2)
+        # CFG is linear in the network output, and x0 is affine in it at fixed (x_t, t), so
+        # guiding x0 equals guiding eps or v.
+        return x0_uncond + guidance * (x0_cond - x0_uncond)
+
+    # --- weights ------------------------------------------------------------------------
+    def load_teacher(self, path: str | Path, **kwargs) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def load_student(self, path: str | Path, **kwargs) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def save_student(self, unet: torch.nn.Module, path: str | Path, **kwargs) -> None:
+        raise NotImplementedError

@@ -1,0 +1,117 @@
+"""Class-conditional pixel-space UNet: the embedded MNIST default (our ImageNet-64 analog)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+from safetensors import SafetensorError
+
+from dmd2.families.base import Family, ModelLoadError
+from dmd2.schedule import NoiseSchedule
+
+# Small enough to train on 2 CPU cores in well under an hour, big enough for legible digits.
+DEFAULT_UNET_CONFIG = dict(
+    sample_size=32,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(32, 64, 128),
+    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    attention_head_dim=32,
+    norm_num_groups=8,
+    num_class_embeds=11,  # 10 digits + 1 null class for classifier-free guidance
+)
+
+
+class PixelFamily(Family):
+    """Images are the UNet space; the condition is a class label, `num_classes` is the null class."""
+
+    name = "pixel"
+    prediction_type = "v_prediction"  # well-posed at t=999, where the 1-step student starts
+
+    def __init__(self, num_classes: int = 10, image_size: int = 32, channels: int = 1,
+                 beta_schedule: str = "cosine", default_guidance: float = 2.0):
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.channels = channels
+        self.schedule = NoiseSchedule(beta_schedule)
+        self.default_guidance = default_guidance
+
+    @classmethod
+    def from_unet(cls, unet: UNet2DModel, **kwargs) -> "PixelFamily":
+        """The family that matches a loaded UNet's config (classes, size, channels)."""
+        cfg = unet.config
+        return cls(num_classes=cfg.num_class_embeds - 1, image_size=cfg.sample_size, channels=cfg.in_channels, **kwargs)
+
+    def latent_shape(self, n: int) -> tuple[int, ...]:
+        return (n, self.channels, self.image_size, self.image_size)
+
+    def condition(self, labels) -> torch.Tensor:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"class labels must be in 0..{self.num_classes - 1}, got {labels.tolist()}")
+        return labels
+
+    def null_condition(self, n: int) -> torch.Tensor:
+        return torch.full((n,), self.num_classes, dtype=torch.long)
+
+    def model_output(self, unet, x_t, t, cond):
+        return unet(x_t, t, class_labels=cond.to(x_t.device)).sample
+
+    def bottleneck(self, unet, x_t, t, cond):
+        # UNet2DModel.forward up to and including the mid block; the decoder half never runs.
+        t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
+        emb = unet.time_embedding(unet.time_proj(t).to(dtype=unet.dtype))
+        emb = emb + unet.class_embedding(cond.to(x_t.device)).to(dtype=unet.dtype)
+        h = unet.conv_in(x_t)
+        for block in unet.down_blocks:
+            h, _ = block(hidden_states=h, temb=emb)
+        return unet.mid_block(h, emb)
+
+    def bottleneck_channels(self, unet) -> int:
+        return unet.config.block_out_channels[-1]
+
+    # --- weights ------------------------------------------------------------------------
+    def new_unet(self, **overrides) -> UNet2DModel:
+        cfg = dict(DEFAULT_UNET_CONFIG, sample_size=self.image_size, in_channels=self.channels,
+                   out_channels=self.channels, num_class_embeds=self.num_classes + 1)
+        cfg.update(overrides)
+        return UNet2DModel(**cfg)
+
+    def load_teacher(self, path, **kwargs) -> UNet2DModel:
+        return load_pixel_unet(path)
+
+    load_student = load_teacher
+
+    def save_student(self, unet, path, **kwargs) -> None:
+        save_pixel_unet(unet, path, **kwargs)
+
+
+def load_pixel_unet(path) -> UNet2DModel:
+    """Load a diffusers UNet2DModel folder, with errors that name the file and the problem."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder not found: {path}")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a diffusers model folder")
+    if not (path / "diffusion_pytorch_model.safetensors").is_file():
+        raise ModelLoadError(f"{path} has no diffusion_pytorch_model.safetensors")
+    try:
+        json.loads((path / "config.json").read_text())
+        unet = UNet2DModel.from_pretrained(path, use_safetensors=True)
+    except (SafetensorError, json.JSONDecodeError, OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"could not load {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return unet.eval().requires_grad_(False)
+
+
+def save_pixel_unet(unet: UNet2DModel, path, **extra_config) -> None:
+    """Save as a diffusers folder (config.json + safetensors) that plain diffusers can load."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(path, safe_serialization=True)
+    if extra_config:  # e.g. the student's timesteps, kept beside the diffusers config
+        (path / "dmd2.json").write_text(json.dumps(extra_config, indent=2) + "\n")

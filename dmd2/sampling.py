@@ -1,0 +1,59 @@
+"""Samplers: the teacher's DDIM with classifier-free guidance, and the few-step student sampler."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from dmd2.families.base import Family
+from dmd2.schedule import ddim_timesteps
+
+
+def initial_noise(family: Family, n: int, seed: int, device="cpu") -> torch.Tensor:
+    """The starting noise of a sample batch: the same seed gives the same noise for every model."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randn(family.latent_shape(n), generator=gen).to(device)
+
+
+@torch.no_grad()
+def ddim_sample(family: Family, unet, cond: Any, noise: torch.Tensor, steps: int = 50,
+                guidance: float | None = None, autocast: bool = False,
+                callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Deterministic DDIM (eta=0) from `noise` over `steps` trailing timesteps; returns x0 in UNet space."""
+    guidance = family.default_guidance if guidance is None else guidance
+    ts = ddim_timesteps(steps, family.schedule.num_train_timesteps)
+    ab = family.schedule.alphas_cumprod
+    x = noise
+    for i, t in enumerate(ts):
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            x0 = family.denoise(unet, x, t, cond, guidance).float()
+        if i + 1 == len(ts):
+            x = x0
+        else:
+            eps = family.schedule.x0_to_eps(x, x0, torch.tensor([t]))
+            t_next = ts[i + 1]
+            x = ab[t_next].sqrt() * x0 + (1 - ab[t_next]).sqrt() * eps
+        if callback is not None:
+            callback(i + 1, len(ts))
+    return x
+
+
+@torch.no_grad()
+def student_sample(family: Family, unet, cond: Any, noise: torch.Tensor, timesteps: list[int],
+                   seed: int | None = None, guidance: float = 1.0, autocast: bool = False) -> torch.Tensor:
+    """Few-step student: denoise at each timestep, then re-noise to the next one with fresh noise.
+
+    The fresh noise comes from a generator seeded by `seed` (default: derived from the initial
+    noise), so the whole sample is a deterministic function of (noise, seed).
+    """
+    gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0x5EED)
+    x = noise
+    for i, t in enumerate(timesteps):
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            x0 = family.denoise(unet, x, t, cond, guidance).float()
+        if i + 1 == len(timesteps):
+            return x0
+        fresh = torch.randn(x0.shape, generator=gen).to(x0.device)
+        x = family.schedule.add_noise(x0, fresh, torch.tensor([timesteps[i + 1]]))
+    return x

@@ -1,0 +1,20 @@
+"""python -m training {teacher,distill} ..."""
+
+import sys
+
+from dmd2.cli import run_cli
+
+
+def main() -> None:
+    commands = {"teacher": "training.teacher"}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print(f"usage: python -m training {{{','.join(commands)}}} ...", file=sys.stderr)
+        sys.exit(2)
+    import importlib
+
+    module = importlib.import_module(commands[sys.argv[1]])
+    run_cli(lambda: module.main(sys.argv[2:]))
+
+
+if __name__ == "__main__":
+    main()

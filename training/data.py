@@ -40,7 +40,8 @@ def load_image_folder(root, image_size: int = 32, channels: int = 1) -> tuple[to
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             try:
-                img = Image.open(f).convert(mode).resize((image_size, image_size), Image.BICUBIC)
+                with Image.open(f) as im:  # closes the file even when decoding fails
+                    img = im.convert(mode).resize((image_size, image_size), Image.BICUBIC)
             except OSError as e:
                 raise DataError(f"cannot read image {f}: {e}") from None
             arr = np.asarray(img, dtype=np.float32).reshape(image_size, image_size, channels)

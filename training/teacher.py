@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dmd2.families.pixel import PixelFamily, save_pixel_unet
+from dmd2.families.pixel import DEFAULT_UNET_CONFIG, PixelFamily, save_pixel_unet
 from training.data import InfiniteSampler, load_dataset
 
 
@@ -49,6 +49,8 @@ def train_teacher(
         block_out_channels=tuple(block_out_channels),
         down_block_types=("DownBlock2D",) * (len(block_out_channels) - 1) + ("AttnDownBlock2D",),
         up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (len(block_out_channels) - 1),
+        # at least one attention head when the last width is narrower than the default head dim
+        attention_head_dim=min(DEFAULT_UNET_CONFIG["attention_head_dim"], block_out_channels[-1]),
     ).to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)

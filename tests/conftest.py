@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny pixel family and tiny UNets, small enough for 2 shared CPU cores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dmd2.families.pixel import PixelFamily
+
+torch.set_num_threads(1)
+
+TINY_UNET = dict(
+    block_out_channels=(8, 16),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=4,
+    attention_head_dim=8,
+    layers_per_block=1,
+)
+
+
+@pytest.fixture
+def family() -> PixelFamily:
+    """3 classes (+ null class 3), 1 channel, 8x8 images, cosine schedule, v-prediction."""
+    return PixelFamily(num_classes=3, image_size=8, channels=1)
+
+
+@pytest.fixture
+def make_unet(family):
+    """Factory of tiny randomly initialised UNets for `family`, seeded, in eval mode."""
+
+    def make(seed: int = 0, **overrides):
+        torch.manual_seed(seed)
+        return family.new_unet(**dict(TINY_UNET, **overrides)).eval()
+
+    return make
+
+
+@pytest.fixture
+def unet(make_unet):
+    return make_unet(0)
+
+
+def write_png(path, array) -> None:
+    """Save a uint8 array (H, W) or (H, W, 3) as a PNG, creating parent folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+
+
+def make_two_class_folder(root, per_class: int = 6):
+    """root/<class>/<png>, 16x16: 'left' images have a bright left half, 'right' ones a bright right half."""
+    rng = np.random.default_rng(0)
+    for name, cols in (("left", slice(0, 8)), ("right", slice(8, 16))):
+        for i in range(per_class):
+            img = rng.integers(0, 40, size=(16, 16))
+            img[:, cols] = rng.integers(200, 256, size=(16, 8))
+            write_png(root / name / f"{i}.png", img)
+    return root
+
+
+@pytest.fixture
+def two_class_folder(tmp_path):
+    return make_two_class_folder(tmp_path / "images")

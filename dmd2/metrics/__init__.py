@@ -1,0 +1,1 @@
+"""Image-quality metrics: Frechet distance, the MNIST feature classifier, and the MNIST evaluator."""

@@ -15,13 +15,13 @@ KNOWN_ERRORS = (UsageError, ModelLoadError, FileNotFoundError, PermissionError, 
                 NotADirectoryError, ValueError, FloatingPointError, OSError)
 
 
-def run_cli(fn) -> None:
+def run_cli(fn, extra_errors: tuple = ()) -> None:
     """Run `fn()`; print known errors as `error: ...` on stderr and exit 1 instead of a traceback."""
     try:
         fn()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except KNOWN_ERRORS as e:
+    except KNOWN_ERRORS + tuple(extra_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

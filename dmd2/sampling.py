@@ -44,8 +44,8 @@ def student_sample(family: Family, unet, cond: Any, noise: torch.Tensor, timeste
                    seed: int | None = None, guidance: float = 1.0, autocast: bool = False) -> torch.Tensor:
     """Few-step student: denoise at each timestep, then re-noise to the next one with fresh noise.
 
-    The fresh noise comes from a generator seeded by `seed` (default: derived from the initial
-    noise), so the whole sample is a deterministic function of (noise, seed).
+    The fresh noise comes from a generator seeded by `seed` (default: a fixed seed), so the whole
+    sample is a deterministic function of (noise, seed).
     """
     gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0x5EED)
     x = noise

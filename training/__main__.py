@@ -6,14 +6,16 @@ from dmd2.cli import run_cli
 
 
 def main() -> None:
-    commands = {"teacher": "training.teacher"}
+    commands = {"teacher": "training.teacher", "distill": "training.distill"}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(f"usage: python -m training {{{','.join(commands)}}} ...", file=sys.stderr)
         sys.exit(2)
     import importlib
 
     module = importlib.import_module(commands[sys.argv[1]])
-    run_cli(lambda: module.main(sys.argv[2:]))
+    from training.runs import RunError
+
+    run_cli(lambda: module.main(sys.argv[2:]), extra_errors=(RunError,))
 
 
 if __name__ == "__main__":

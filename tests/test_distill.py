@@ -1,0 +1,224 @@
+"""The DMD2 trainer on a tiny teacher: which parameters move when, TTUR, backward simulation,
+exact resume (in-process and after kill -9), NaN handling, ablation switches and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_UNET, make_two_class_folder
+from dmd2.families.pixel import load_pixel_unet
+from dmd2.sampling import student_sample
+from training.config import ConfigError, DistillConfig, load_config
+from training.distill import DMD2Trainer, NonFiniteLoss, distill
+from training.runs import Run, RunError, safe_run_dir
+from training.simulate import backward_simulate, generator_input
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def setup(tmp_path, family):
+    """A tiny random teacher saved in diffusers format and a two-class image folder."""
+    torch.manual_seed(0)
+    teacher = family.new_unet(**TINY_UNET)
+    family.save_student(teacher, tmp_path / "teacher")
+    data = make_two_class_folder(tmp_path / "images")
+    return tmp_path / "teacher", data
+
+
+def tiny_config(setup, **overrides) -> DistillConfig:
+    teacher, data = setup
+    base = dict(teacher=str(teacher), data=str(data), batch_size=4, steps=10, ttur=5, warmup_steps=2,
+                log_every=1, sample_every=0, eval_every=0, checkpoint_every=5, mixed_precision="no",
+                generator_lr=1e-3, critic_lr=1e-3, real_guidance=2.0)
+    base.update(overrides)
+    return DistillConfig(**base).validate()
+
+
+def snapshot(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict, module) -> bool:
+    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_each_step_moves_only_its_own_parameters(setup):
+    tr = DMD2Trainer(tiny_config(setup))
+    real, cond = tr.real_batch()
+    g, c, e, t = (snapshot(m) for m in (tr.generator_module, tr.critic_module, tr.ema, tr.real_unet))
+
+    stats = tr.critic_step(real, cond)
+    assert changed(c, tr.critic_module)
+    assert not changed(g, tr.generator_module) and not changed(e, tr.ema) and not changed(t, tr.real_unet)
+    assert set(stats) >= {"critic/fake_denoise", "critic/gan_critic"}
+    assert not any(k.startswith("generator/") for k in stats)
+
+    c = snapshot(tr.critic_module)
+    stats = tr.generator_step(real, cond)
+    assert changed(g, tr.generator_module) and changed(e, tr.ema)
+    assert not changed(c, tr.critic_module) and not changed(t, tr.real_unet)
+    assert set(stats) >= {"generator/dm", "generator/gan_generator"}
+    # The critic was frozen during the generator step: no weight gradients were even computed.
+    assert all(p.grad is None for p in tr.critic_module.parameters())
+    assert all(p.requires_grad for p in tr.critic_module.parameters())
+
+
+def test_ttur_runs_the_critic_five_times_per_generator_update(setup):
+    tr = DMD2Trainer(tiny_config(setup, ttur=5))
+    kinds = []
+    for _ in range(10):
+        stats = tr.train_step()
+        kinds.append(("C" if "critic/fake_denoise" in stats else "") + ("G" if "generator/dm" in stats else ""))
+    assert kinds == ["C", "C", "C", "C", "CG"] * 2
+    assert tr.generator_updates == 2
+    assert tr.opt_c.state_dict()["state"][0]["step"].item() == 10
+    assert tr.opt_g.state_dict()["state"][0]["step"].item() == 2
+
+
+def test_ablation_switches_remove_their_losses(setup):
+    no_gan = DMD2Trainer(tiny_config(setup, gan_generator_weight=0.0, gan_critic_weight=0.0, ttur=1))
+    assert no_gan.critic_module.gan_head is None
+    stats = no_gan.train_step()
+    assert "critic/gan_critic" not in stats and "generator/gan_generator" not in stats and "generator/dm" in stats
+
+    gan_only = DMD2Trainer(tiny_config(setup, dm_weight=0.0, ttur=1))
+    stats = gan_only.train_step()
+    assert "generator/dm" not in stats and "generator/gan_generator" in stats
+
+    with pytest.raises(ConfigError, match="dm_weight"):
+        tiny_config(setup, dm_weight=0.0, gan_generator_weight=0.0)
+
+
+def test_backward_simulation_follows_the_generators_own_trajectory(setup, family):
+    tr = DMD2Trainer(tiny_config(setup, student_steps=4))
+    gen_net, fam, ts = tr.generator_module, tr.family, tr.timesteps
+    assert ts == [999, 749, 499, 249]
+    cond = fam.condition([0, 1, 0])
+    noise = torch.randn(fam.latent_shape(3))
+
+    rng = torch.Generator().manual_seed(7)
+    got = backward_simulate(fam, gen_net, cond, ts, 2, noise, rng)
+    # By hand: denoise at 999, re-noise to 749, denoise, re-noise to 499 (same fresh-noise draws).
+    rng = torch.Generator().manual_seed(7)
+    x = noise
+    for i in range(2):
+        x0 = fam.denoise(gen_net, x, ts[i], cond)
+        x = fam.schedule.add_noise(x0, torch.randn(x0.shape, generator=rng), torch.tensor([ts[i + 1]]))
+    assert torch.equal(got, x)
+
+    # The input depends on the generator: a changed generator gives a different training input.
+    with torch.no_grad():
+        gen_net.conv_out.bias.add_(0.5)
+    rng = torch.Generator().manual_seed(7)
+    assert not torch.allclose(backward_simulate(fam, gen_net, cond, ts, 2, noise, rng), got)
+
+    # Without backward simulation the input is a noised real image instead.
+    real = torch.zeros(fam.latent_shape(3))
+    seen = set()
+    for seed in range(20):
+        x_t, t = generator_input(fam, gen_net, cond, 3, ts, torch.Generator().manual_seed(seed), "cpu",
+                                 backward_simulation=False, real_x0=real)
+        seen.add(int(t[0]))
+        assert x_t.shape == real.shape and (t == t[0]).all()
+    assert seen == set(ts)  # k is drawn uniformly over the student's steps
+
+
+def test_resume_in_process_is_bit_identical(setup, tmp_path):
+    cfg = tiny_config(setup, steps=10, checkpoint_every=5)
+    straight = distill(cfg, tmp_path / "straight").trainer.state_dict()
+    distill(cfg, tmp_path / "split", stop_after=5)
+    assert Run(tmp_path / "split").status()["state"] == "stopped"
+    resumed = distill(cfg, tmp_path / "split", resume=True).trainer.state_dict()
+    for key in ("generator", "ema", "critic"):
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f"{key}.{name} differs after resume"
+    assert torch.equal(straight["rng"], resumed["rng"])
+    steps = [r["step"] for r in Run(tmp_path / "split").metrics()]
+    assert steps == list(range(1, 11))  # the log has each step once, none duplicated by the resume
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", "training", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_kill_minus_nine_then_resume_matches_the_uninterrupted_run(setup, tmp_path):
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(json.dumps(tiny_config(setup, steps=12, checkpoint_every=4, keep_checkpoints=5).to_dict()))
+    straight = _cli(["distill", "--config", str(cfg_file), "--out", str(tmp_path / "straight")])
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()
+
+    victim = _cli(["distill", "--config", str(cfg_file), "--out", str(tmp_path / "killed")])
+    first = tmp_path / "killed" / "checkpoints" / "step-00000004" / "state.pt"
+    deadline = time.time() + 300
+    while not first.exists() and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert Run(tmp_path / "killed").status()["state"] == "running"  # died without a word
+    resumed = _cli(["distill", "--out", str(tmp_path / "killed"), "--resume"])
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+
+    a = torch.load(tmp_path / "straight/checkpoints/step-00000012/state.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed/checkpoints/step-00000012/state.pt", weights_only=True)
+    for key in ("generator", "ema", "critic"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    assert Run(tmp_path / "killed").status()["state"] == "finished"
+    s1 = load_pixel_unet(tmp_path / "straight/student")
+    s2 = load_pixel_unet(tmp_path / "killed/student")
+    assert all(torch.equal(p, q) for p, q in zip(s1.parameters(), s2.parameters()))
+
+
+def test_nan_loss_stops_with_a_named_error_and_keeps_the_last_checkpoint(setup, tmp_path):
+    # An absurd generator LR blows the weights up at the first generator update (step 1 with
+    # TTUR 1); the checkpoint of step 1 is written; step 2's losses are then non-finite.
+    cfg = tiny_config(setup, generator_lr=1e30, warmup_steps=0, ttur=1, checkpoint_every=1, steps=5)
+    with pytest.raises(NonFiniteLoss, match=r"step 2: loss \w+ is (nan|inf)"):
+        distill(cfg, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    status = run.status()
+    assert status["state"] == "failed" and "step 2" in status["error"]
+    assert [p.name for p in run.checkpoint_dirs()] == ["step-00000001"]
+    state = run.load_checkpoint()
+    assert state["step"] == 1
+    assert all(torch.isfinite(v).all() for v in state["critic"].values())
+
+
+def test_corrupt_checkpoint_and_bad_inputs_give_clear_errors(setup, tmp_path):
+    cfg = tiny_config(setup, steps=2, checkpoint_every=2)
+    distill(cfg, tmp_path / "run")
+    with pytest.raises(RunError, match="already holds a run"):
+        distill(cfg, tmp_path / "run")
+    (tmp_path / "run/checkpoints/step-00000002/state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RunError, match="corrupt"):
+        distill(cfg, tmp_path / "run", resume=True)
+    with pytest.raises(RunError, match="escapes|bad run name"):
+        safe_run_dir(tmp_path, "../outside")
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_config(None, ["batch_size=0"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "no/such.yaml"], "config file not found"),
+    (["--set", "ttur=0"], "ttur"),
+    (["--set", "nonsense"], "key=value"),
+    (["--set", "teacher=/no/such/teacher"], "model folder not found"),
+])
+def test_cli_bad_inputs_exit_with_one_line(tmp_path, args, message):
+    p = _cli(["distill", "--out", str(tmp_path / "run"), *args])
+    out, err = p.communicate(timeout=300)
+    assert p.returncode != 0
+    assert message in err and "Traceback" not in err

@@ -1,0 +1,160 @@
+"""Distillation config: one dataclass, YAML presets, `--set key=value` overrides, validation up front."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or value is invalid; the message names the key and the problem."""
+
+
+@dataclass
+class DistillConfig:
+    """Every knob of a DMD2 run. Defaults are the embedded MNIST 1-step preset."""
+
+    # models and data
+    family: str = "pixel"                      # model family (pixel; sdxl/sd15 come with their issue)
+    teacher: str = "assets/mnist/teacher"      # teacher folder (diffusers format)
+    data: str = "mnist5k"                      # real images: 'mnist5k' or a class-per-folder path
+    # the student
+    student_steps: int = 1                     # 1 -> [999]; 4 -> [999, 749, 499, 249]
+    first_timestep: int | None = None          # 1-step only: condition on this t (SDXL official: 399)
+    backward_simulation: bool = True           # multi-step inputs from the student's own trajectory
+    # distribution matching (real score vs fake score)
+    dm_weight: float = 1.0                     # 0 switches distribution matching off ("GAN only")
+    real_guidance: float = 2.0                 # CFG scale of the real score (teacher)
+    dm_min_t: float = 0.02                     # t ~ U[dm_min_t * T, dm_max_t * T]
+    dm_max_t: float = 0.98
+    # GAN on the fake score's bottleneck
+    gan_generator_weight: float = 3e-3         # 0 with gan_critic_weight 0 switches the GAN off
+    gan_critic_weight: float = 1e-2
+    gan_max_t: int = 1000                      # real and fake are noised at t ~ U[0, gan_max_t)
+    # two time-scale update rule and optimisation
+    ttur: int = 5                              # critic updates per generator update
+    steps: int = 2000                          # critic updates; the generator updates every `ttur`-th
+    batch_size: int = 64
+    generator_lr: float = 2e-5
+    critic_lr: float = 2e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    warmup_steps: int = 500                    # linear LR warm-up (in optimiser steps of each model)
+    grad_clip: float = 10.0
+    mixed_precision: str = "bf16"              # "bf16" autocast or "no"
+    ema_decay: float = 0.99                    # EMA of the generator (0 = off), per generator update
+    seed: int = 0
+    # bookkeeping
+    log_every: int = 10                        # steps between metrics.jsonl lines
+    sample_every: int = 200                    # steps between sample grids
+    eval_every: int = 500                      # steps between quick FID/alignment evaluations (0 = off)
+    eval_num: int = 500                        # samples in a quick evaluation
+    checkpoint_every: int = 250                # steps between checkpoints
+    keep_checkpoints: int = 2                  # older checkpoints are deleted
+    extra: dict = field(default_factory=dict)  # free-form notes carried into config.yaml
+
+    @property
+    def use_gan(self) -> bool:
+        return self.gan_generator_weight > 0 or self.gan_critic_weight > 0
+
+    def validate(self) -> "DistillConfig":
+        """Raise ConfigError naming the first bad value."""
+        def need(ok, key, why):
+            if not ok:
+                raise ConfigError(f"config {key}={getattr(self, key)!r}: {why}")
+
+        need(self.family in ("pixel",), "family", "must be 'pixel' (sdxl and sd15 are not available yet)")
+        need(isinstance(self.student_steps, int) and 1 <= self.student_steps <= 1000, "student_steps", "must be an integer in 1..1000")
+        need(self.first_timestep is None or (self.student_steps == 1 and 0 <= self.first_timestep < 1000),
+             "first_timestep", "only for 1-step students, in 0..999")
+        need(self.dm_weight >= 0, "dm_weight", "must be >= 0")
+        need(self.real_guidance >= 0, "real_guidance", "must be >= 0")
+        need(0 <= self.dm_min_t < self.dm_max_t <= 1, "dm_min_t", "need 0 <= dm_min_t < dm_max_t <= 1")
+        need(self.gan_generator_weight >= 0, "gan_generator_weight", "must be >= 0")
+        need(self.gan_critic_weight >= 0, "gan_critic_weight", "must be >= 0")
+        need(1 <= self.gan_max_t <= 1000, "gan_max_t", "must be in 1..1000")
+        need(self.dm_weight > 0 or self.gan_generator_weight > 0, "dm_weight",
+             "with dm_weight 0 the GAN generator weight must be > 0, or the generator learns nothing")
+        need(isinstance(self.ttur, int) and self.ttur >= 1, "ttur", "must be an integer >= 1")
+        need(isinstance(self.steps, int) and self.steps >= 1, "steps", "must be an integer >= 1")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")
+        need(self.generator_lr > 0, "generator_lr", "must be > 0")
+        need(self.critic_lr > 0, "critic_lr", "must be > 0")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.grad_clip > 0, "grad_clip", "must be > 0")
+        need(self.mixed_precision in ("bf16", "no"), "mixed_precision", "must be 'bf16' or 'no'")
+        need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
+        for key in ("log_every", "sample_every", "eval_every", "checkpoint_every", "eval_num"):
+            need(isinstance(getattr(self, key), int) and getattr(self, key) >= 0, key, "must be an integer >= 0")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
+
+
+def _coerce(key: str, value):
+    """Type-check a value against the field's default type (YAML already parsed it)."""
+    if key not in FIELDS:
+        raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(FIELDS)}")
+    default = FIELDS[key].default if FIELDS[key].default is not dataclasses.MISSING else None
+    if key == "betas":
+        if not (isinstance(value, (list, tuple)) and len(value) == 2):
+            raise ConfigError(f"config betas={value!r}: must be a list of two numbers")
+        return tuple(float(v) for v in value)
+    if value is None or default is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config {key}={value!r}: must be true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config {key}={value!r}: must be an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config {key}={value!r}: must be a number")
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"config {key}={value!r}: must be a string")
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> DistillConfig:
+    """Defaults <- YAML file <- `key=value` overrides (values parsed as YAML), then validated."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        values.update(loaded)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        try:
+            values[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: value is not valid YAML") from None
+    return DistillConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
+
+
+def save_config(cfg: DistillConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

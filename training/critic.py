@@ -1,0 +1,85 @@
+"""The two scores DMD2 compares, and the GAN head on the fake score's bottleneck."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from dmd2.families.base import Family
+from training import losses
+
+
+class GanHead(nn.Module):
+    """Small conv classifier on bottleneck features: one realism logit per sample."""
+
+    def __init__(self, channels: int, groups: int = 8):
+        super().__init__()
+        groups = groups if channels % groups == 0 else 1
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=4, stride=2, padding=1),
+            nn.GroupNorm(groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            nn.GroupNorm(groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, 1, kernel_size=1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features.float()).mean(dim=(1, 2, 3))
+
+
+class Critic(nn.Module):
+    """Trainable fake score (initialised from the teacher) + GAN head.
+
+    `forward` is the critic's own objective, so that DDP/FSDP see one module with one forward;
+    the generator side uses `fake_x0` and `realism_logits` on the unwrapped module with
+    `frozen()` so no weight gradients are computed for the critic there.
+    """
+
+    def __init__(self, family: Family, teacher: nn.Module, use_gan: bool = True):
+        super().__init__()
+        self.family = family
+        self.fake_unet = copy.deepcopy(teacher).train().requires_grad_(True)
+        self.gan_head = GanHead(family.bottleneck_channels(teacher)) if use_gan else None
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """No weight gradients inside (gradients still flow to the inputs)."""
+        flags = [p.requires_grad for p in self.parameters()]
+        self.requires_grad_(False)
+        try:
+            yield self
+        finally:
+            for p, f in zip(self.parameters(), flags):
+                p.requires_grad_(f)
+
+    def fake_x0(self, x_t, t, cond) -> torch.Tensor:
+        """The fake score's x0 estimate (no CFG)."""
+        return self.family.denoise(self.fake_unet, x_t, t, cond, guidance=1.0)
+
+    def realism_logits(self, x0, cond, t, noise) -> torch.Tensor:
+        """GAN logits of clean images x0 after noising them to t (diffusion GAN)."""
+        x_t = self.family.schedule.add_noise(x0, noise, t)
+        return self.gan_head(self.family.bottleneck(self.fake_unet, x_t, t, cond))
+
+    def forward(self, fake_x0, fake_cond, real_x0, real_cond, draws: dict) -> dict:
+        """Critic losses on detached generator samples and real images; `draws` holds the random t/noise.
+
+        Returns {"fake_denoise": ..., "gan_critic": ...} (the latter only with a GAN head).
+        """
+        fam = self.family
+        t, noise = draws["t"], draws["noise"]
+        x_t = fam.schedule.add_noise(fake_x0, noise, t)
+        pred = fam.model_output(self.fake_unet, x_t, t, fake_cond)
+        out = {"fake_denoise": losses.denoising_loss(pred, fam.schedule.target(fake_x0, noise, t, fam.prediction_type))}
+        if self.gan_head is not None:
+            fake_logits = self.realism_logits(fake_x0, fake_cond, draws["gan_t_fake"], draws["gan_noise_fake"])
+            real_logits = self.realism_logits(real_x0, real_cond, draws["gan_t_real"], draws["gan_noise_real"])
+            out["gan_critic"] = losses.gan_critic_loss(real_logits, fake_logits)
+            out["real_logit"] = real_logits.detach().mean()
+            out["fake_logit"] = fake_logits.detach().mean()
+        return out

@@ -1,0 +1,374 @@
+"""The DMD2 loop: critic steps every step, a generator step every `ttur`-th, checkpoints, exact resume.
+
+    python -m training distill --config configs/mnist-1step.yaml --out runs/NAME [--resume] [--set k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+import os
+import shlex
+import signal
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dmd2.families.pixel import PixelFamily, load_pixel_unet
+from dmd2.registry import to_uint8
+from dmd2.sampling import student_sample
+from dmd2.schedule import student_timesteps
+from training import losses
+from training.config import ConfigError, DistillConfig, load_config, save_config
+from training.critic import Critic
+from training.data import InfiniteSampler, load_dataset
+from training.runs import Run, RunError
+from training.simulate import generator_input, randn
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A loss became NaN or inf; the message names the step and the loss."""
+
+
+def _warmup(warmup_steps: int):
+    return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+class DMD2Trainer:
+    """Models, optimisers and the two per-step updates of DMD2 (`critic_step`, `generator_step`)."""
+
+    def __init__(self, cfg: DistillConfig, accelerator=None, teacher: torch.nn.Module | None = None,
+                 data: tuple[torch.Tensor, torch.Tensor] | None = None):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.device = self.acc.device
+        rank = self.acc.process_index
+
+        teacher = load_pixel_unet(cfg.teacher) if teacher is None else teacher
+        self.family = PixelFamily.from_unet(teacher)
+        self.timesteps = student_timesteps(cfg.student_steps, self.family.schedule.num_train_timesteps,
+                                           first=cfg.first_timestep)
+        images, labels = load_dataset(cfg.data, self.family.image_size, self.family.channels) if data is None else data
+        if int(labels.max()) >= self.family.num_classes:
+            raise ConfigError(f"data {cfg.data!r} has label {int(labels.max())}, the teacher knows "
+                              f"{self.family.num_classes} classes")
+        self.images, self.labels = images, labels
+
+        torch.manual_seed(cfg.seed)  # the GAN head's initialisation
+        self.real_unet = teacher.to(self.device).eval().requires_grad_(False)
+        generator = copy.deepcopy(self.real_unet).train().requires_grad_(True)
+        critic = Critic(self.family, self.real_unet, use_gan=cfg.use_gan).to(self.device)
+        self.ema = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+
+        adamw = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.generator_lr, **adamw)
+        opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, **adamw)
+        self.generator, self.critic, self.opt_g, self.opt_c = self.acc.prepare(generator, critic, opt_g, opt_c)
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, _warmup(cfg.warmup_steps))
+        self.sched_c = torch.optim.lr_scheduler.LambdaLR(self.opt_c, _warmup(cfg.warmup_steps))
+
+        # Every random draw of training goes through these, so a checkpoint can restore them exactly.
+        self.rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+        self.sampler = InfiniteSampler(len(self.images), cfg.batch_size, seed=cfg.seed * 1000 + rank)
+        self.step = 0
+        self.generator_updates = 0
+
+    # --- helpers --------------------------------------------------------------------------
+    @property
+    def generator_module(self):
+        return self.acc.unwrap_model(self.generator)
+
+    @property
+    def critic_module(self) -> Critic:
+        return self.acc.unwrap_model(self.critic)
+
+    def autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.mixed_precision == "bf16")
+
+    def real_batch(self):
+        idx = self.sampler.next()
+        return self.images[idx].to(self.device), self.family.condition(self.labels[idx]).to(self.device)
+
+    def _randint(self, low: int, high: int, n: int) -> torch.Tensor:
+        return torch.randint(low, high, (n,), generator=self.rng).to(self.device)
+
+    def _check(self, named: dict) -> None:
+        for name, value in named.items():
+            if not torch.isfinite(value).all():
+                raise NonFiniteLoss(f"step {self.step}: loss {name} is {value.item()}")
+
+    # --- the two updates ------------------------------------------------------------------
+    def critic_step(self, real_x0, cond) -> dict:
+        """One update of the fake score (denoising on detached generator samples) and the GAN head."""
+        cfg, fam, n = self.cfg, self.family, real_x0.shape[0]
+        T = fam.schedule.num_train_timesteps
+        with torch.no_grad(), self.autocast():
+            x_t, t = generator_input(fam, self.generator_module, cond, n, self.timesteps, self.rng, self.device,
+                                     cfg.backward_simulation, real_x0)
+            fake_x0 = fam.denoise(self.generator_module, x_t, t, cond).float()
+        draws = {"t": self._randint(0, T, n), "noise": randn(fake_x0.shape, self.rng, self.device)}
+        if cfg.use_gan:
+            draws.update(gan_t_fake=self._randint(0, cfg.gan_max_t, n), gan_noise_fake=randn(fake_x0.shape, self.rng, self.device),
+                         gan_t_real=self._randint(0, cfg.gan_max_t, n), gan_noise_real=randn(real_x0.shape, self.rng, self.device))
+        with self.autocast():
+            out = self.critic(fake_x0, cond, real_x0, cond, draws)
+        total = out["fake_denoise"]
+        if cfg.use_gan:
+            total = total + cfg.gan_critic_weight * out["gan_critic"]
+        self._check({k: out[k] for k in ("fake_denoise", "gan_critic") if k in out})
+        self.opt_c.zero_grad(set_to_none=True)
+        self.acc.backward(total)
+        grad_norm = self.acc.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
+        self.opt_c.step()
+        self.opt_c.zero_grad(set_to_none=True)  # free the gradients between steps
+        self.sched_c.step()
+        stats = {f"critic/{k}": v.item() for k, v in out.items()}
+        stats["critic/grad_norm"] = float(grad_norm)
+        stats["critic/lr"] = self.sched_c.get_last_lr()[0]
+        return stats
+
+    def generator_step(self, real_x0, cond) -> dict:
+        """One generator update: distribution matching + GAN generator loss; the critic stays frozen."""
+        cfg, fam, n = self.cfg, self.family, real_x0.shape[0]
+        with torch.no_grad(), self.autocast():
+            x_t, t = generator_input(fam, self.generator_module, cond, n, self.timesteps, self.rng, self.device,
+                                     cfg.backward_simulation, real_x0)
+        with self.autocast():
+            x = fam.denoise(self.generator, x_t, t, cond).float()
+        parts = {}
+        critic = self.critic_module
+        with critic.frozen():
+            if cfg.dm_weight > 0:
+                T = fam.schedule.num_train_timesteps
+                t_dm = self._randint(int(cfg.dm_min_t * T), int(cfg.dm_max_t * T) + 1, n).clamp(max=T - 1)
+                noisy = fam.schedule.add_noise(x.detach(), randn(x.shape, self.rng, self.device), t_dm)
+                with torch.no_grad(), self.autocast():
+                    x0_real = fam.denoise(self.real_unet, noisy, t_dm, cond, guidance=cfg.real_guidance).float()
+                    x0_fake = critic.fake_x0(noisy, t_dm, cond).float()
+                parts["dm"] = losses.distribution_matching_loss(x, x0_real, x0_fake)
+            if cfg.gan_generator_weight > 0:
+                with self.autocast():
+                    logits = critic.realism_logits(x, cond, self._randint(0, cfg.gan_max_t, n),
+                                                   randn(x.shape, self.rng, self.device))
+                parts["gan_generator"] = losses.gan_generator_loss(logits)
+            self._check(parts)
+            total = cfg.dm_weight * parts.get("dm", 0.0) + cfg.gan_generator_weight * parts.get("gan_generator", 0.0)
+            self.opt_g.zero_grad(set_to_none=True)
+            self.acc.backward(total)
+        grad_norm = self.acc.clip_grad_norm_(self.generator.parameters(), cfg.grad_clip)
+        self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+        self.sched_g.step()
+        self.generator_updates += 1
+        if self.ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(self.ema.parameters(), self.generator_module.parameters()):
+                    pe.lerp_(p, 1 - cfg.ema_decay)
+        stats = {f"generator/{k}": v.item() for k, v in parts.items()}
+        stats["generator/grad_norm"] = float(grad_norm)
+        stats["generator/lr"] = self.sched_g.get_last_lr()[0]
+        return stats
+
+    def train_step(self) -> dict:
+        """One step: a critic update, plus a generator update on every `ttur`-th step (TTUR)."""
+        self.step += 1
+        stats = self.critic_step(*self.real_batch())
+        if self.step % self.cfg.ttur == 0:
+            stats.update(self.generator_step(*self.real_batch()))
+        return stats
+
+    # --- state ----------------------------------------------------------------------------
+    def student(self) -> torch.nn.Module:
+        """The network to export and evaluate: the EMA if kept, else the raw generator."""
+        return self.ema if self.ema is not None else self.generator_module
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "generator_updates": self.generator_updates,
+            "generator": self.generator_module.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "critic": self.critic_module.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_c": self.opt_c.state_dict(),
+            "sched_g": self.sched_g.state_dict(),
+            "sched_c": self.sched_c.state_dict(),
+            "rng": self.rng.get_state(),
+            "sampler": self.sampler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator_module.load_state_dict(state["generator"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise RunError("the checkpoint has no EMA weights but the config asks for ema_decay > 0")
+            self.ema.load_state_dict(state["ema"])
+        self.critic_module.load_state_dict(state["critic"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_c.load_state_dict(state["opt_c"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_c.load_state_dict(state["sched_c"])
+        self.rng.set_state(state["rng"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = state["step"]
+        self.generator_updates = state["generator_updates"]
+
+    @torch.no_grad()
+    def sample(self, labels, seed: int, unet=None) -> torch.Tensor:
+        """Student samples in [-1, 1] from fixed noise (its own generator: training RNG is untouched)."""
+        unet = unet or self.student()
+        noise = torch.randn(self.family.latent_shape(len(labels)), generator=torch.Generator().manual_seed(seed))
+        x = student_sample(self.family, unet, self.family.condition(labels).to(self.device),
+                           noise.to(self.device), self.timesteps, seed=seed)
+        return self.family.decode(x)
+
+
+# --- the run -------------------------------------------------------------------------------
+def save_grid(images_uint8: np.ndarray, path: Path, cols: int = 10) -> None:
+    """N x H x W x C uint8 -> one PNG grid."""
+    n, h, w, c = images_uint8.shape
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i, img in enumerate(images_uint8):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+
+
+def quick_eval(trainer: DMD2Trainer, num: int) -> dict:
+    """FID / alignment / diversity of `num` student samples (MNIST evaluator), for quality-vs-time plots."""
+    from dmd2.metrics.mnist import evaluate_images
+
+    labels = np.arange(num) % trainer.family.num_classes
+    images = np.concatenate([to_uint8(trainer.sample(labels[i:i + 250], seed=10_000 + i))
+                             for i in range(0, num, 250)])
+    result = evaluate_images(images, labels)
+    return {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+
+
+def write_student_card(run: Run, cfg: DistillConfig, trainer: DMD2Trainer, seconds: float, command: str) -> None:
+    lines = [
+        f"# DMD2 {cfg.student_steps}-step student",
+        "",
+        f"- teacher: `{cfg.teacher}`",
+        f"- timesteps: {trainer.timesteps}",
+        f"- steps: {trainer.step} critic updates, {trainer.generator_updates} generator updates (TTUR {cfg.ttur})",
+        f"- wall time: {seconds / 60:.1f} min on {trainer.acc.num_processes} process(es), device {trainer.device}",
+        f"- weights: {'EMA (decay %s)' % cfg.ema_decay if cfg.ema_decay > 0 else 'raw generator'}",
+        f"- command: `{command}`",
+        "",
+        "Config: see `config.yaml` in the run folder.",
+    ]
+    (run.student / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+
+
+def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerator=None,
+            stop_after: int | None = None, command: str | None = None, teacher=None) -> Run:
+    """Run (or resume) a distillation into the run folder `out`; returns the Run.
+
+    stop_after: leave the loop after this step (tests use it to simulate an interruption).
+    """
+    run = Run(out)
+    if run.config_path.is_file() and not resume:
+        raise RunError(f"{run.path} already holds a run; pass --resume to continue it or choose another --out")
+    trainer = DMD2Trainer(cfg, accelerator, teacher=teacher)
+    acc, main = trainer.acc, trainer.acc.is_main_process
+    command = command or " ".join(shlex.quote(a) for a in sys.argv)
+    if resume and run.checkpoint_dirs():
+        trainer.load_state_dict(run.load_checkpoint())
+        if main:
+            run.truncate_metrics(trainer.step)
+    elif main:
+        run.create()
+        save_config(cfg, run.config_path)
+    acc.wait_for_everyone()
+    if main:
+        run.set_status("running", step=trainer.step, total_steps=cfg.steps, pid=os.getpid(), error=None,
+                       started=time.time())
+    fixed_labels = np.arange(100) % trainer.family.num_classes
+    start, window, window_start = time.time(), defaultdict(list), time.time()
+    last = stop_after if stop_after is not None else cfg.steps
+    try:
+        while trainer.step < min(cfg.steps, last):
+            stats = trainer.train_step()
+            step = trainer.step
+            for k, v in stats.items():
+                window[k].append(v)
+            if main and (step % cfg.log_every == 0 or step == cfg.steps):
+                elapsed = time.time() - window_start
+                n_steps = len(window["critic/fake_denoise"])
+                record = {"step": step, "generator_updates": trainer.generator_updates,
+                          "seconds": round(time.time() - start, 2),
+                          "images_per_s": n_steps * cfg.batch_size * acc.num_processes / max(elapsed, 1e-9)}
+                record.update({k: float(np.mean(v)) for k, v in window.items()})
+                run.log_metrics(record)
+                run.set_status("running", step=step, total_steps=cfg.steps)
+                window, window_start = defaultdict(list), time.time()
+            if main and cfg.sample_every and step % cfg.sample_every == 0:
+                grid = to_uint8(trainer.sample(fixed_labels, seed=1234))
+                save_grid(grid, run.samples / f"step-{step:08d}.png")
+                save_grid(grid, run.samples / "latest.png")
+            if main and cfg.eval_every and step % cfg.eval_every == 0:
+                run.log_metrics({"step": step, "seconds": round(time.time() - start, 2), **quick_eval(trainer, cfg.eval_num)})
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                acc.wait_for_everyone()
+                if main:
+                    run.save_checkpoint(step, trainer.state_dict(), keep=cfg.keep_checkpoints)
+    except NonFiniteLoss as e:
+        if main:
+            run.set_status("failed", step=trainer.step, error=str(e))
+        raise
+    acc.wait_for_everyone()
+    if trainer.step >= cfg.steps and main:
+        if not cfg.checkpoint_every or trainer.step % cfg.checkpoint_every:
+            run.save_checkpoint(trainer.step, trainer.state_dict(), keep=cfg.keep_checkpoints)
+        trainer.family.save_student(trainer.student(), run.student, timesteps=trainer.timesteps,
+                                    family=trainer.family.name, teacher=cfg.teacher)
+        write_student_card(run, cfg, trainer, time.time() - start, command)
+        run.set_status("finished", step=trainer.step, total_steps=cfg.steps)
+    elif main:
+        run.set_status("stopped", step=trainer.step, total_steps=cfg.steps)
+    acc.wait_for_everyone()
+    run.trainer = trainer  # for tests and scripts that want the final models
+    return run
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m training distill", description="DMD2 distillation.")
+    p.add_argument("--config", help="YAML preset (configs/*.yaml); on --resume defaults to the run's config.yaml")
+    p.add_argument("--out", required=True, help="run folder, e.g. runs/mnist-1step")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set steps=500")
+    a = p.parse_args(argv)
+    run = Run(a.out)
+    config = a.config
+    if a.resume and config is None:
+        if not run.config_path.is_file():
+            raise RunError(f"--resume: {run.config_path} not found")
+        config = run.config_path
+    cfg = load_config(config, a.overrides)
+
+    def on_term(signum, frame):  # the app's Stop button sends SIGTERM to the process group
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        distill(cfg, a.out, resume=a.resume)
+    except KeyboardInterrupt:
+        if run.status_path.is_file():
+            run.set_status("stopped", error="stopped by signal")
+        raise
+    except Exception as e:
+        if run.status_path.is_file() and run.status().get("state") == "running":
+            run.set_status("failed", error=f"{type(e).__name__}: {e}")
+        raise

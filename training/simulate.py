@@ -1,0 +1,50 @@
+"""Generator inputs for DMD2: pure noise (1 step), backward simulation, or noised real images (ablation)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dmd2.families.base import Family
+
+
+def randn(shape, gen: torch.Generator, device) -> torch.Tensor:
+    """Gaussian noise from an explicit generator (so every draw is reproducible and resumable)."""
+    return torch.randn(shape, generator=gen).to(device)
+
+
+@torch.no_grad()
+def backward_simulate(family: Family, generator, cond: Any, timesteps: list[int], k: int,
+                      noise: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Run the student's own inference for its first k steps from `noise`, re-noise to timesteps[k].
+
+    This is DMD2's backward simulation (Sec. 4.5): the training input at step k comes from the
+    generator's trajectory, as at inference, not from noised real images.
+    """
+    x = noise
+    for i in range(k):
+        x0 = family.denoise(generator, x, timesteps[i], cond)
+        x = family.schedule.add_noise(x0, randn(x0.shape, gen, x0.device), torch.tensor([timesteps[i + 1]]))
+    return x
+
+
+def generator_input(family: Family, generator, cond: Any, n: int, timesteps: list[int],
+                    gen: torch.Generator, device, backward_simulation: bool = True,
+                    real_x0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, t) for one generator training forward: k ~ U{0..N-1}, then the input at timesteps[k].
+
+    With one step this is pure noise at timesteps[0]. Without backward simulation the input is a
+    real image noised to timesteps[k] (the ablation of the paper's Table 4).
+    """
+    k = int(torch.randint(len(timesteps), (1,), generator=gen))
+    noise = randn(family.latent_shape(n), gen, device)
+    t = torch.full((n,), timesteps[k], dtype=torch.long, device=device)
+    if k == 0:
+        # The first step always starts from pure noise: at t=999 the real image is (almost) gone.
+        return noise, t
+    if backward_simulation:
+        return backward_simulate(family, generator, cond, timesteps, k, noise, gen), t
+    if real_x0 is None:
+        raise ValueError("backward simulation is off, so real images are needed as generator inputs")
+    return family.schedule.add_noise(real_x0, randn(real_x0.shape, gen, device), t), t

@@ -6,7 +6,7 @@ from dmd2.cli import run_cli
 
 
 def main() -> None:
-    commands = {"teacher": "training.teacher", "distill": "training.distill"}
+    commands = {"teacher": "training.teacher", "distill": "training.distill", "classifier": "training.classifier"}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(f"usage: python -m training {{{','.join(commands)}}} ...", file=sys.stderr)
         sys.exit(2)

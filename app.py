@@ -1,0 +1,33 @@
+"""Launch the dmd2-studio Gradio app: `python app.py [--host H] [--port P] [--share] [--family pixel]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+FAMILIES = ("pixel", "sdxl")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, build the app, serve it until interrupted."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 to serve the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="open a public gradio.live link")
+    p.add_argument("--family", default="pixel", choices=FAMILIES, help="model family to serve")
+    p.add_argument("--model", action="append", metavar="NAME_OR_PATH",
+                   help="a registry name or model folder to show (repeatable; default: all available)")
+    args = p.parse_args(argv)
+    if args.family != "pixel":
+        print(f"error: --family {args.family} is not available yet; only 'pixel' (the embedded MNIST "
+              "default) can be served for now", file=sys.stderr)
+        return 2
+
+    from dmd2.ui.app import build_app  # imported late: gradio is slow to import
+
+    build_app(args.model).launch(server_name=args.host, server_port=args.port, share=args.share)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

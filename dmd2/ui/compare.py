@@ -1,0 +1,193 @@
+"""Compare tab: one class and one seed through every model, side by side, with NFE and wall time."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from dmd2 import registry
+from dmd2.families.base import ModelLoadError
+from dmd2.families.pixel import PixelFamily
+
+MAX_IMAGES = 16
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 1000        # the schedule has 1000 training timesteps
+DISPLAY_SCALE = 4       # 32 px digits shown at 128 px (nearest neighbour, no blur)
+
+Progress = Callable[[float, str], None]
+
+
+def display_name(name: str) -> str:
+    """A short panel title: the built-in name, or the folder name of a model path."""
+    return name if name in registry.BUILTIN else Path(name).name or name
+
+
+def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
+    """uint8 N x H x W x C -> one uint8 image, a near-square grid with `pad` white pixels between cells."""
+    n, h, w, c = images.shape
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+        h, w = h * scale, w * scale
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, cols)
+        grid[r * (h + pad):r * (h + pad) + h, k * (w + pad):k * (w + pad) + w] = img
+    return grid
+
+
+def _as_int(value, what: str, low: int, high: int) -> int:
+    """An integer in [low, high] from an int or an integral float/str; ValueError saying what is wrong."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be an integer, got {value!r}") from None
+    if not math.isfinite(f) or not f.is_integer():
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    if not low <= int(f) <= high:
+        raise ValueError(f"{what} must be between {low} and {high}, got {int(f)}")
+    return int(f)
+
+
+def random_seed() -> int:
+    """A fresh seed for the 'random' button."""
+    return random.randint(0, MAX_SEED)
+
+
+def compare(models: list[str], label, seed, num_images=4, steps=None, guidance=None,
+            scale: int = 1, progress: Progress | None = None) -> list[tuple[np.ndarray | None, str]]:
+    """Sample `num_images` digits of class `label` from `seed` with each model.
+
+    Returns one (grid, caption) per model, caption "name: NFE n, steps s, x ms"; `steps` and
+    `guidance` apply to teachers (students use their own timesteps). Bad input raises ValueError;
+    a model that fails to load gives (None, "name: could not load: ...") and the others still run.
+    """
+    if not models:
+        raise ValueError("no models to compare: none is available (train or download one first)")
+    seed = _as_int(seed, "seed", 0, MAX_SEED)
+    label = _as_int(label, "class label", 0, 10**6)
+    num_images = _as_int(num_images, "number of images", 1, MAX_IMAGES)
+    steps = None if steps is None else _as_int(steps, "steps", 1, MAX_STEPS)
+    if guidance is not None:
+        try:
+            guidance = float(guidance)
+        except (TypeError, ValueError):
+            raise ValueError(f"guidance must be a number, got {guidance!r}") from None
+        if not (math.isfinite(guidance) and guidance >= 0):
+            raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
+
+    loaded: dict[str, registry.LoadedModel | str] = {}
+    for name in models:
+        try:
+            loaded[name] = registry.load(name)
+        except Exception as e:  # a missing/corrupt model must not take the others down
+            loaded[name] = str(e) if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"
+    for name, m in loaded.items():
+        if not isinstance(m, str) and label >= m.num_classes:
+            raise ValueError(f"class label must be in 0..{m.num_classes - 1} for {display_name(name)}, got {label}")
+
+    # Progress counts network calls of the step loop: teacher steps, one unit per student.
+    def cost(m):
+        return 0 if isinstance(m, str) else ((steps or m.default_steps()) if m.spec.kind == "teacher" else 1)
+    total = max(1, sum(cost(m) for m in loaded.values()))
+    done = 0
+    labels = [label] * num_images
+    results = []
+    for name, m in loaded.items():
+        title = display_name(name)
+        if isinstance(m, str):
+            results.append((None, f"{title}: could not load: {m}"))
+            continue
+        if progress is not None:
+            progress(done / total, f"{title}: sampling")
+        callback = None
+        if progress is not None and m.spec.kind == "teacher":
+            def callback(i, n, _done=done, _title=title):
+                progress((_done + i) / total, f"{_title}: step {i}/{n}")
+        if m.spec.kind == "teacher":
+            out = m.generate(labels, seed, steps=steps, guidance=guidance, callback=callback)
+        else:
+            out = m.generate(labels, seed)
+        done += cost(m)
+        caption = f"{title}: NFE {out.nfe}, steps {out.extra['steps']}, {out.seconds * 1000:.0f} ms"
+        results.append((make_grid(out.images, scale=scale), caption))
+    if progress is not None:
+        progress(1.0, "done")
+    return results
+
+
+def _defaults(models: list[str]) -> dict:
+    """Slider defaults from the first teacher that loads (the family's guidance, its steps, its classes)."""
+    family = PixelFamily()
+    d = dict(num_classes=family.num_classes, steps=50, guidance=family.default_guidance)
+    for name in models:
+        try:
+            m = registry.load(name)
+        except Exception:
+            continue
+        if m.spec.kind == "teacher":
+            g = m.spec.guidance if m.spec.guidance is not None else m.family.default_guidance
+            return dict(num_classes=m.num_classes, steps=m.spec.steps, guidance=g)
+    return d
+
+
+def build_compare_tab(models: list[str], wrap: Callable = lambda f: f) -> dict:
+    """The Compare tab (inside an open gr.Blocks); `wrap` decorates the sampling function (spaces.GPU)."""
+    import gradio as gr
+
+    d = _defaults(models)
+    with gr.Tab("Compare", id="compare"):
+        gr.Markdown("Same class, same seed, same starting noise: the teacher's many steps against the "
+                    "students' few. Captions give network evaluations (NFE; CFG costs 2 per step), "
+                    "steps and measured time.")
+        with gr.Row():
+            label = gr.Dropdown(choices=list(range(d["num_classes"])), value=0, label="Class")
+            # No min/max on the seed box: our own check names the field ("seed must be ...").
+            seed = gr.Number(value=0, label="Seed (integer >= 0)")
+            dice = gr.Button("Random seed", scale=0)
+            num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images")
+        with gr.Row():
+            steps = gr.Slider(1, 100, value=d["steps"], step=1, label="Teacher steps")
+            guidance = gr.Slider(1.0, 8.0, value=d["guidance"], step=0.25, label="Teacher guidance (CFG)")
+        button = gr.Button("Generate", variant="primary")
+        if not models:
+            gr.Markdown("**No models are available.** Train the teacher (see README) or pass a model "
+                        "folder with `python app.py --model PATH`.")
+        images, captions = [], []
+        with gr.Row():
+            for name in models:
+                with gr.Column(min_width=160):
+                    images.append(gr.Image(label=display_name(name), type="numpy", format="png",
+                                           interactive=False, buttons=["download", "fullscreen"]))
+                    captions.append(gr.Markdown())
+
+        def run(label, seed, num_images, steps, guidance, progress=gr.Progress()):
+            try:
+                results = compare(models, label, seed, num_images, steps, guidance, scale=DISPLAY_SCALE,
+                                  progress=lambda f, desc: progress(f, desc=desc))
+            except ValueError as e:
+                raise gr.Error(str(e)) from None
+            failed = [cap for img, cap in results if img is None]
+            if failed and len(failed) == len(results):
+                raise gr.Error("no model could be loaded: " + "; ".join(failed))
+            for cap in failed:
+                gr.Warning(cap)
+            out = []
+            for img, cap in results:
+                if img is not None and img.shape[-1] == 1:
+                    img = img[..., 0]          # grayscale: PIL takes H x W, not H x W x 1
+                out += [img, cap]
+            return out
+
+        outputs = [c for pair in zip(images, captions) for c in pair]
+        button.click(wrap(run), [label, seed, num_images, steps, guidance], outputs, api_name="compare")
+        dice.click(random_seed, None, seed, api_visibility="private")
+    return dict(label=label, seed=seed, num_images=num_images, steps=steps, guidance=guidance,
+                images=images, captions=captions, generate=button)

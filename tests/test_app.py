@@ -1,0 +1,195 @@
+"""The Compare tab: the pure `compare()` and the real app served on localhost, called with gradio_client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dmd2 import registry
+from dmd2.families.pixel import PixelFamily, save_pixel_unet
+from dmd2.ui.compare import compare, make_grid
+
+ROOT = Path(__file__).resolve().parent.parent
+PAD = 2  # make_grid's default padding
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A tiny random teacher, a 2-step 'student' made from it, and a folder that fails to load."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    unet = PixelFamily().new_unet(block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                  attention_head_dim=8)
+    save_pixel_unet(unet, root / "tiny-teacher")
+    save_pixel_unet(unet, root / "tiny-student", timesteps=[999, 499])
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((root / "tiny-teacher" / "config.json").read_text())
+    (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    return [str(root / "tiny-teacher"), str(root / "tiny-student"), str(broken)]
+
+
+def grid_size(n: int, side: int = 32, scale: int = 1) -> tuple[int, int]:
+    """(height, width) of make_grid's near-square grid of n side x side images."""
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    s = side * scale
+    return rows * s + (rows - 1) * PAD, cols * s + (cols - 1) * PAD
+
+
+# --- the pure function -------------------------------------------------------------------
+
+def test_make_grid_places_each_image():
+    images = np.stack([np.full((2, 3, 1), i, np.uint8) for i in range(5)])
+    grid = make_grid(images, pad=1)
+    assert grid.shape == (2 * 2 + 1, 3 * 3 + 2, 1)          # 5 images -> 3 columns, 2 rows
+    assert grid[0, 0, 0] == 0 and grid[0, 4, 0] == 1 and grid[3, 0, 0] == 3 and grid[3, 4, 0] == 4
+    assert grid[3, 8, 0] == 255                               # empty sixth cell stays white
+    assert make_grid(images, scale=2, pad=0).shape == (8, 18, 1)
+
+
+def test_compare_returns_grid_and_caption_per_model(tiny_models):
+    teacher, student, broken = tiny_models
+    results = compare([teacher, student, broken], label=3, seed=7, num_images=5, steps=STEPS, guidance=2.0)
+    assert len(results) == 3
+    (t_img, t_cap), (s_img, s_cap), (b_img, b_cap) = results
+    assert t_img.shape == (*grid_size(5), 1) and t_img.dtype == np.uint8
+    assert t_cap.startswith("tiny-teacher: NFE 6, steps 3, ") and t_cap.endswith(" ms")   # CFG: 2 NFE per step
+    assert s_img.shape == t_img.shape
+    assert s_cap.startswith("tiny-student: NFE 2, steps 2, ")
+    assert b_img is None and "could not load" in b_cap and "broken" in b_cap
+
+    again = compare([teacher], label=3, seed=7, num_images=5, steps=STEPS, guidance=2.0)[0][0]
+    other = compare([teacher], label=3, seed=8, num_images=5, steps=STEPS, guidance=2.0)[0][0]
+    assert np.array_equal(again, t_img)
+    assert not np.array_equal(other, t_img)
+
+
+def test_compare_reports_progress_to_the_end(tiny_models):
+    seen = []
+    compare(tiny_models[:2], 0, 0, 1, STEPS, None, progress=lambda f, desc: seen.append((f, desc)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any("step 3/3" in d for _, d in seen)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seed=-1), "seed must be between"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(seed="abc"), "seed must be an integer"),
+    (dict(label=12), "class label must be in 0..9"),
+    (dict(steps=0), "steps must be between"),
+    (dict(num_images=17), "number of images must be between"),
+    (dict(guidance=float("nan")), "guidance must be a finite number"),
+])
+def test_compare_rejects_bad_input(tiny_models, kwargs, message):
+    args = dict(label=1, seed=0, num_images=1, steps=1, guidance=None) | kwargs
+    with pytest.raises(ValueError, match=message):
+        compare(tiny_models[:1], **args)
+
+
+def test_compare_needs_a_model():
+    with pytest.raises(ValueError, match="no models"):
+        compare([], 0, 0, 1, 1, None)
+
+
+@pytest.mark.skipif(not (registry.BUILTIN["mnist-teacher"].path / "config.json").is_file(),
+                    reason="assets/mnist/teacher not present yet")
+def test_compare_with_the_committed_teacher():
+    [(img, cap)] = compare(["mnist-teacher"], label=7, seed=0, num_images=2, steps=2, guidance=None)
+    assert img.shape == (*grid_size(2), 1)
+    assert cap.startswith("mnist-teacher: NFE 4, steps 2, ")   # the family's guidance (CFG on)
+
+
+# --- the real app on localhost ---------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_models, tmp_path_factory):
+    from gradio_client import Client
+
+    from dmd2.ui.app import build_app
+
+    demo = build_app(tiny_models)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False,
+                     download_files=str(tmp_path_factory.mktemp("downloads")))
+    finally:
+        demo.close()
+
+
+def call(client, label=2, seed=5, num_images=4, steps=STEPS, guidance=2.0):
+    out = client.predict(label, seed, num_images, steps, guidance, api_name="/compare")
+    assert len(out) == 6   # (image, caption) for teacher, student, broken
+    return out
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_app_compare_endpoint(client):
+    from dmd2.ui.compare import DISPLAY_SCALE
+
+    t_img, t_cap, s_img, s_cap, b_img, b_cap = call(client)
+    assert pixels(t_img).shape[:2] == grid_size(4, scale=DISPLAY_SCALE)     # 2 x 2 grid, upscaled
+    assert pixels(s_img).shape[:2] == grid_size(4, scale=DISPLAY_SCALE)
+    assert t_cap.startswith("tiny-teacher: NFE 6, steps 3, ") and t_cap.endswith(" ms")
+    assert s_cap.startswith("tiny-student: NFE 2, steps 2, ") and s_cap.endswith(" ms")
+    assert b_img is None and "could not load" in b_cap
+
+    assert np.array_equal(pixels(call(client)[0]), pixels(t_img))           # same seed, same digits
+    assert not np.array_equal(pixels(call(client, seed=6)[0]), pixels(t_img))
+    one = call(client, num_images=1)[0]
+    assert pixels(one).shape[:2] == grid_size(1, scale=DISPLAY_SCALE)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(seed=-1), "seed must be between 0 and"),
+    (dict(seed=2.5), "seed must be an integer"),
+    (dict(label=12), "12 is not in the list of choices"),      # the dropdown's own check
+    (dict(steps=0), "less than minimum value 1"),              # the slider's own check
+])
+def test_app_bad_input_is_an_error_and_the_server_keeps_serving(client, bad, message):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=message):
+        call(client, **bad)
+    assert call(client, num_images=1)[1].startswith("tiny-teacher: NFE 6")
+
+
+def test_app_script_refuses_sdxl_and_prints_why():
+    r = subprocess.run([sys.executable, str(ROOT / "app.py"), "--family", "sdxl"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "sdxl is not available yet" in r.stderr
+
+
+def test_default_app_has_one_panel_per_available_model():
+    import gradio as gr
+
+    from dmd2.ui.app import build_app
+
+    demo = build_app()
+    labels = [b.label for b in demo.blocks.values() if isinstance(b, gr.Image)]
+    assert labels == registry.available()     # students get a panel as soon as their weights exist

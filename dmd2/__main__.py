@@ -74,7 +74,8 @@ def cmd_sample(a) -> None:
 
     out = _check_writable(a.out)
     model = registry.load(a.model)
-    images, labels, _, _ = generate_many(model, a.num, a.seed, a.steps, a.guidance, labels=_labels(a, model))
+    images, labels, _, _ = generate_many(model, a.num, a.seed, a.steps, a.guidance, labels=_labels(a, model),
+                                         autocast=a.bf16)
     np.savez(out, images=images, labels=labels)
     print(f"wrote {len(images)} images from {a.model} to {out}")
 
@@ -95,8 +96,9 @@ def cmd_evaluate(a) -> None:
     if a.num < 2:
         raise UsageError(f"--num must be at least 2 to estimate FID, got {a.num}")
     model = registry.load(a.model)
-    images, labels, sec_per_image, nfe = generate_many(model, a.num, a.seed, a.steps, a.guidance)
-    result = {"model": a.model, "num": a.num, "seed": a.seed, "nfe": nfe, "ms_per_image": 1000 * sec_per_image}
+    images, labels, sec_per_image, nfe = generate_many(model, a.num, a.seed, a.steps, a.guidance, autocast=a.bf16)
+    result = {"model": a.model, "num": a.num, "seed": a.seed, "nfe": nfe, "ms_per_image": 1000 * sec_per_image,
+              "precision": "bf16" if a.bf16 else "fp32"}
     result.update(evaluate_images(images, labels))
     if a.steps is not None:
         result["steps"] = a.steps
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--steps", type=_positive("--steps"), default=None, help="teacher DDIM steps (default 50)")
     s.add_argument("--guidance", type=float, default=None, help="teacher CFG scale (default: the model's)")
+    s.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (default fp32)")
     s.add_argument("--label", type=int, default=None, help="one class for every sample (default: cycle 0..9)")
     s.set_defaults(fn=cmd_sample)
 
@@ -128,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=_non_negative("--seed"), default=0)
     e.add_argument("--steps", type=_positive("--steps"), default=None)
     e.add_argument("--guidance", type=float, default=None)
+    e.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (default fp32)")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     e.set_defaults(fn=cmd_evaluate)
     return p

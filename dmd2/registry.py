@@ -65,7 +65,8 @@ class LoadedModel:
         self.spec = spec
         if spec.family != "pixel":
             raise ModelLoadError(f"model {spec.name!r}: family {spec.family!r} is not available here")
-        self.unet = load_pixel_unet(spec.path)
+        # channels_last: about 1.5x faster convolutions on CPU (benchmarks/sampling.py)
+        self.unet = load_pixel_unet(spec.path).to(memory_format=torch.channels_last)
         self.family = PixelFamily.from_unet(self.unet)
         timesteps = spec.timesteps
         if spec.kind == "student" and not timesteps:

@@ -111,7 +111,7 @@ def test_compare_needs_a_model():
 def test_compare_with_the_committed_teacher():
     [(img, cap)] = compare(["mnist-teacher"], label=7, seed=0, num_images=2, steps=2, guidance=None)
     assert img.shape == (*grid_size(2), 1)
-    assert cap.startswith("mnist-teacher: NFE 4, steps 2, ")   # the family's guidance (CFG on)
+XX
 
 
 # --- the real app on localhost ---------------------------------------------------------

@@ -50,7 +50,7 @@ def test_sample_writes_the_documented_arrays(tiny_teacher, tmp_path):
 
 def test_evaluate_prints_and_writes_metrics(tiny_teacher, tmp_path):
     out = tmp_path / "m.json"
-    r = run("evaluate", "--model", str(tiny_teacher), "--num", "20", "--steps", "2", "--json", str(out))
+    r = run("evaluate", "--model", str(tiny_teacher), "--num", "20", "--steps", "2", "--guidance", "2", "--json", str(out))
     assert r.returncode == 0, r.stderr
     for key in ("fid", "alignment", "diversity", "nfe", "ms_per_image"):
         assert key in r.stdout

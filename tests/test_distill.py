@@ -222,3 +222,9 @@ def test_cli_bad_inputs_exit_with_one_line(tmp_path, args, message):
     out, err = p.communicate(timeout=300)
     assert p.returncode != 0
     assert message in err and "Traceback" not in err
+
+
+def test_overrides_accept_exponents_without_a_dot():
+    assert load_config(None, ["generator_lr=5e-4"]).generator_lr == 5e-4
+    with pytest.raises(ConfigError, match="generator_lr"):
+        load_config(None, ["generator_lr=fast"])

@@ -1,5 +1,6 @@
-"""python -m training {teacher,distill} ..."""
+"""python -m training {teacher,distill,classifier} ..."""
 
+import importlib
 import sys
 
 from dmd2.cli import run_cli
@@ -10,8 +11,6 @@ def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(f"usage: python -m training {{{','.join(commands)}}} ...", file=sys.stderr)
         sys.exit(2)
-    import importlib
-
     module = importlib.import_module(commands[sys.argv[1]])
     from training.runs import RunError
 

@@ -27,7 +27,7 @@ class DistillConfig:
     backward_simulation: bool = True           # multi-step inputs from the student's own trajectory
     # distribution matching (real score vs fake score)
     dm_weight: float = 1.0                     # 0 switches distribution matching off ("GAN only")
-    real_guidance: float = 2.0                 # CFG scale of the real score (teacher)
+    real_guidance: float = 1.0                 # CFG scale of the real score (teacher)
     dm_min_t: float = 0.02                     # t ~ U[dm_min_t * T, dm_max_t * T]
     dm_max_t: float = 0.98
     # GAN on the fake score's bottleneck
@@ -123,6 +123,11 @@ def _coerce(key: str, value):
             raise ConfigError(f"config {key}={value!r}: must be an integer")
         return value
     if isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config {key}={value!r}: must be a number")
         return float(value)

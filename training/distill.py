@@ -10,7 +10,6 @@ import contextlib
 import copy
 import math
 import os
-import shlex
 import signal
 import sys
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dmd2.cli import invocation
 from dmd2.families.pixel import PixelFamily, load_pixel_unet
 from dmd2.registry import to_uint8
 from dmd2.sampling import student_sample
@@ -282,7 +282,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
         raise RunError(f"{run.path} already holds a run; pass --resume to continue it or choose another --out")
     trainer = DMD2Trainer(cfg, accelerator, teacher=teacher)
     acc, main = trainer.acc, trainer.acc.is_main_process
-    command = command or " ".join(shlex.quote(a) for a in sys.argv)
+    command = command or invocation()
     if resume and run.checkpoint_dirs():
         trainer.load_state_dict(run.load_checkpoint())
         if main:

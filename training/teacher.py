@@ -9,13 +9,13 @@ import argparse
 import copy
 import json
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from dmd2.cli import invocation
 from dmd2.families.pixel import DEFAULT_UNET_CONFIG, PixelFamily, save_pixel_unet
 from training.data import InfiniteSampler, load_dataset
 
@@ -90,7 +90,7 @@ def train_teacher(
             print(json.dumps(rec), flush=True)
         if step % save_every == 0 or step == steps:
             save_pixel_unet(ema, out)
-            facts = dict(command=" ".join(shlex.quote(a) for a in sys.argv), steps_done=step,
+            facts = dict(command=invocation(), steps_done=step,
                          train_seconds=round(time.time() - start, 1), parameters=n_params,
                          data=data, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
                          label_dropout=label_dropout, bf16=bf16, seed=seed,

@@ -34,7 +34,7 @@ class PixelFamily(Family):
     prediction_type = "v_prediction"  # well-posed at t=999, where the 1-step student starts
 
     def __init__(self, num_classes: int = 10, image_size: int = 32, channels: int = 1,
-                 beta_schedule: str = "cosine", default_guidance: float = 2.0):
+                 beta_schedule: str = "cosine", default_guidance: float = 1.0):
         self.num_classes = num_classes
         self.image_size = image_size
         self.channels = channels

@@ -186,3 +186,12 @@ def test_corrupt_config_raises_model_load_error(family, unet, tmp_path):
     with pytest.raises(ModelLoadError) as e:
         load_pixel_unet(path)
     assert str(path) in str(e.value)
+
+
+def test_saved_scheduler_config_loads_in_diffusers_with_our_schedule(family, unet, tmp_path):
+    from diffusers import DDIMScheduler
+
+    family.save_student(unet, tmp_path / "m")
+    sched = DDIMScheduler.from_pretrained(tmp_path / "m")
+    assert sched.config.prediction_type == family.prediction_type
+    assert torch.allclose(sched.alphas_cumprod, family.schedule.alphas_cumprod, atol=1e-6)

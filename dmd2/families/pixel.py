@@ -89,6 +89,14 @@ class PixelFamily(Family):
 
     def save_student(self, unet, path, **kwargs) -> None:
         save_pixel_unet(unet, path, **kwargs)
+        (Path(path) / "scheduler_config.json").write_text(json.dumps(self.scheduler_config(), indent=2) + "\n")
+
+    def scheduler_config(self) -> dict:
+        """A diffusers DDIMScheduler config with this family's schedule, for use in plain diffusers."""
+        names = {"cosine": "squaredcos_cap_v2", "linear": "linear", "scaled_linear": "scaled_linear"}
+        return {"_class_name": "DDIMScheduler", "num_train_timesteps": self.schedule.num_train_timesteps,
+                "beta_schedule": names[self.schedule.kind], "prediction_type": self.prediction_type,
+                "timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": True}
 
 
 def load_pixel_unet(path) -> UNet2DModel:

@@ -1,0 +1,446 @@
+"""What SDXL and SD1.5 share: diffusers folders, VAE latents, the UNet2DConditionModel call and
+bottleneck, and DMD2's published student weights (full UNet state dicts or a LoRA to fuse).
+
+The subclasses (`sdxl.py`, `sd15.py`) add only the text encoding and the null condition.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dmd2.families.base import Family, ModelLoadError
+from dmd2.schedule import NoiseSchedule
+
+# The SD 1.x / XL noise schedule: NoiseSchedule("scaled_linear") hard-codes these betas.
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+class TextCondition(dict):
+    """The UNet's text conditioning: a dict of batch-first tensors (`prompt_embeds`, and for SDXL
+    `text_embeds` + `time_ids`) that also moves like a tensor (`.to`) and slices along the batch."""
+
+    def to(self, *args, **kwargs) -> "TextCondition":
+        return TextCondition({k: v.to(*args, **kwargs) for k, v in self.items()})
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return dict.__getitem__(self, key)
+        return TextCondition({k: v[key] for k, v in self.items()})  # batch index / slice / mask
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.values())).shape[0]
+
+
+@dataclass(frozen=True)
+class PublishedStudent:
+    """A DMD2 student published as one weight file in a Hub repo, and how to sample it."""
+
+    filename: str
+    kind: str                       # "unet" (full state dict) or "lora" (fused into the teacher UNet)
+    timesteps: tuple[int, ...]
+    repo: str = "tianweiy/DMD2"
+
+
+def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """Default: CUDA in fp16 when there is a GPU, else CPU in fp32. `dtype` may be a string ("bf16")."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    return device, dtype
+
+
+def hub_file(filename: str, repo: str = "tianweiy/DMD2", **kwargs) -> Path:
+    """A file of a Hub repo, downloaded once into the Hugging Face cache (kwargs go to hf_hub_download)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename, **kwargs))
+    except Exception as e:  # offline, unknown file, gated repo, ...: all end in the same advice
+        raise ModelLoadError(
+            f"could not get {filename!r} from the Hugging Face Hub repo {repo!r} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). On a machine with internet run "
+            f"`hf download {repo} {filename}` (or download https://huggingface.co/{repo}/blob/main/{filename}) "
+            f"and pass the local file path instead.") from None
+
+
+def load_state_dict_file(path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file, or of a .bin/.pt file read with torch.load(weights_only=True) (no pickled code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"weight file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"could not read {path} as plain tensors: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelLoadError(f"{path} does not hold a flat state dict of tensors")
+    return sd
+
+
+# --- LoRA ----------------------------------------------------------------------------------
+def _lora_groups(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+    """Group a LoRA state dict by target layer: {layer: {"down", "up", "alpha"?}}.
+
+    Two formats: kohya (`lora_unet_<dotted name with _>.lora_down.weight` / `.lora_up.weight` /
+    `.alpha`; DMD2's `dmd2_sdxl_4step_lora_fp16.safetensors` is this, written by the official
+    `main/sdxl/extract_lora_module.py` from a PEFT adapter), and PEFT (`<name>.lora_A.weight` /
+    `.lora_B.weight`, optionally prefixed by `unet.` or `base_model.model.`).
+    """
+    kohya = any(k.startswith("lora_unet_") for k in state_dict)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if kohya:
+            layer, _, rest = key.partition(".")
+            part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(rest)
+            if not layer.startswith("lora_unet_"):
+                part = None
+        else:
+            for prefix in ("base_model.model.", "unet."):
+                key = key.removeprefix(prefix)
+            part = None
+            for suffix, name in ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".alpha", "alpha")):
+                if key.endswith(suffix):
+                    layer, part = key[: -len(suffix)], name
+        if part is None:
+            raise ModelLoadError(f"not a UNet LoRA key: {key!r} (expected kohya 'lora_unet_*.lora_down.weight' "
+                                 f"or PEFT '*.lora_A.weight' keys)")
+        groups.setdefault(layer, {})[part] = value
+    for layer, g in groups.items():
+        if "down" not in g or "up" not in g:
+            raise ModelLoadError(f"LoRA layer {layer!r} lacks its {'up' if 'down' in g else 'down'} matrix")
+    return ("kohya" if kohya else "peft"), groups
+
+
+def lora_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * up @ down, shaped like the target weight (Linear: (out, in); Conv2d: (out, in, kh, kw)).
+
+    For a conv LoRA, `down` is a conv with the layer's kernel (r, in, kh, kw) and `up` a 1x1 conv
+    (out, r, 1, 1); composing them is one conv with kernel sum_r up[o, r] * down[r, i, :, :].
+    """
+    down, up = down.float(), up.float()
+    if down.ndim == 2:
+        return scale * (up @ down)
+    return scale * torch.einsum("or,rihw->oihw", up.flatten(1), down)
+
+
+@torch.no_grad()
+def fuse_lora(unet: nn.Module, state_dict: dict[str, torch.Tensor], scale: float = 1.0,
+              alpha: float | None = None) -> int:
+    """Add a LoRA to the UNet's weights in place: W += scale * (alpha / rank) * up @ down. Returns the layer count.
+
+    `alpha` is the file's `.alpha` per layer when present, else the `alpha` argument, else the rank
+    (factor 1). `scale` is diffusers' `fuse_lora(lora_scale=...)`. Every LoRA layer must name a
+    Linear or Conv2d of this UNet, with matching shapes, or nothing is changed.
+    """
+    fmt, groups = _lora_groups(state_dict)
+    modules = {name: m for name, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    if fmt == "kohya":
+        modules = {"lora_unet_" + name.replace(".", "_"): m for name, m in modules.items()}
+    deltas = []
+    for layer, g in groups.items():
+        if layer not in modules:
+            raise ModelLoadError(f"LoRA layer {layer!r} matches no Linear/Conv2d of this UNet "
+                                 f"(is the LoRA for another model?)")
+        module, rank = modules[layer], g["down"].shape[0]
+        a = float(g["alpha"]) if "alpha" in g else (alpha if alpha is not None else rank)
+        delta = lora_delta(g["down"], g["up"], scale * a / rank)
+        if delta.shape != module.weight.shape:
+            raise ModelLoadError(f"LoRA layer {layer!r} gives a {tuple(delta.shape)} update for a "
+                                 f"{tuple(module.weight.shape)} weight")
+        deltas.append((module, delta))
+    for module, delta in deltas:  # only after every layer checked out
+        w = module.weight
+        w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+    return len(deltas)
+
+
+# --- the family -------------------------------------------------------------------------------
+def hub_kwargs(kwargs: dict) -> dict:
+    """The from_pretrained kwargs that also apply to configs, tokenizers and VAEs (all but `variant`)."""
+    return {k: v for k, v in kwargs.items() if k != "variant"}
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _to(module: nn.Module, device, dtype: torch.dtype | None = None) -> nn.Module:
+    """Move to `device`; cast only when the dtype differs (diffusers warns on every cast)."""
+    module = module.to(device)
+    if dtype is not None and _param_dtype(module) != dtype:
+        module = module.to(dtype=dtype)
+    return module
+
+
+class StableDiffusionFamily(Family):
+    """A latent text-to-image family on a diffusers UNet2DConditionModel + AutoencoderKL.
+
+    Holds the frozen parts (text encoders, tokenizers, VAE) and the UNet's config; the UNets
+    themselves (teacher, students, the trainer's copies) are passed to each call, as in `Family`.
+    """
+
+    unet_subfolder = "unet"
+    published: dict[str, PublishedStudent] = {}
+    real_guidance: float = 1.0  # CFG of DMD2's real score (the frozen teacher), per the paper
+
+    def __init__(self, source, *, vae: nn.Module, unet_config: dict, scheduler_config: dict | None = None,
+                 tiny_vae: nn.Module | None = None, device=None, dtype=None,
+                 height: int | None = None, width: int | None = None, load_kwargs: dict | None = None):
+        self.source = str(source)
+        self.load_kwargs = dict(load_kwargs or {})  # from_pretrained kwargs (revision, variant, ...) for load_teacher
+        self.device, self.dtype = resolve_device_dtype(device, dtype)
+        self.vae = vae
+        self.tiny_vae = tiny_vae
+        self.use_tiny_vae = tiny_vae is not None
+        self.unet_config = dict(unet_config)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        default_size = self.unet_config["sample_size"] * self.vae_scale_factor
+        self.height = int(height or default_size)
+        self.width = int(width or default_size)
+        self.latent_channels = self.unet_config["in_channels"]
+        sched = dict(SD_BETAS, **(scheduler_config or {}))
+        for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps"):
+            if sched[key] != SD_BETAS[key]:
+                raise ModelLoadError(f"{self.source}: scheduler {key}={sched[key]!r}, but this family supports "
+                                     f"only the SD noise schedule ({key}={SD_BETAS[key]!r})")
+        self.schedule = NoiseSchedule("scaled_linear", sched["num_train_timesteps"])
+        self.prediction_type = sched.get("prediction_type", "epsilon")
+
+    # --- loading helpers ------------------------------------------------------------------
+    @staticmethod
+    def _load(cls_, source, subfolder=None, **kwargs):
+        try:
+            return cls_.from_pretrained(source, subfolder=subfolder, **kwargs)
+        except Exception as e:
+            where = f"{source}" + (f"/{subfolder}" if subfolder else "")
+            raise ModelLoadError(f"could not load {cls_.__name__} from {where}: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+    @classmethod
+    def _load_vaes(cls, source, device, dtype, vae=None, vae_subfolder=None, tiny_vae=None, **kwargs):
+        """The decoding VAE(s): the teacher's, or another AutoencoderKL (e.g. madebyollin/sdxl-vae-fp16-fix),
+        plus an optional AutoencoderTiny (madebyollin/taesdxl or taesd) for fast previews."""
+        from diffusers import AutoencoderKL, AutoencoderTiny
+
+        if isinstance(vae, nn.Module):
+            kl = vae
+        else:
+            where, sub = (vae, vae_subfolder) if vae is not None else (source, "vae")
+            try:
+                force_upcast = AutoencoderKL.load_config(where, subfolder=sub, **kwargs).get("force_upcast", True)
+            except Exception:
+                force_upcast = True  # the load below reports the problem
+            # SDXL's original VAE overflows in fp16 (its config says force_upcast): keep it in fp32 then.
+            kl_dtype = torch.float32 if (dtype == torch.float16 and force_upcast) else dtype
+            kl = cls._load(AutoencoderKL, where, subfolder=sub, dtype=kl_dtype, **kwargs)
+        kl = _to(kl.eval().requires_grad_(False), device)
+        tiny = None
+        if tiny_vae is not None:
+            tiny = tiny_vae if isinstance(tiny_vae, nn.Module) else cls._load(AutoencoderTiny, tiny_vae, dtype=dtype,
+                                                                              **kwargs)
+            tiny = _to(tiny.eval().requires_grad_(False), device, dtype)
+        return kl, tiny
+
+    @classmethod
+    def _load_configs(cls, source, **kwargs) -> tuple[dict, dict]:
+        from diffusers import SchedulerMixin, UNet2DConditionModel
+
+        try:
+            unet_config = dict(UNet2DConditionModel.load_config(source, subfolder=cls.unet_subfolder, **kwargs))
+        except Exception as e:
+            raise ModelLoadError(f"{source} has no readable unet/config.json: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        try:
+            sched = dict(SchedulerMixin.load_config(source, subfolder="scheduler", **kwargs))
+        except Exception:
+            sched = {}
+        return unet_config, sched
+
+    # --- data space -----------------------------------------------------------------------
+    def latent_shape(self, n: int) -> tuple[int, ...]:
+        f = self.vae_scale_factor
+        return (n, self.latent_channels, self.height // f, self.width // f)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled VAE latents (a sample of the posterior, as DMD2 precomputes them)."""
+        vae = self.vae
+        dist = vae.encode(images.to(self.device, _param_dtype(vae))).latent_dist
+        z = dist.sample(generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((z.float() - shift) * vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor, tiny: bool | None = None, chunk: int = 1) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1], `chunk` images at a time (a 1024px SDXL decode is big).
+
+        With the tiny VAE (AutoencoderTiny: taesdxl / taesd) the latents go in as they are: its
+        config's scaling_factor is 1, because it was trained on the already-scaled latents.
+        """
+        tiny = self.use_tiny_vae if tiny is None else tiny
+        if tiny and self.tiny_vae is None:
+            raise ValueError("no tiny VAE loaded: pass tiny_vae=... (e.g. 'madebyollin/taesdxl') when loading")
+        vae = self.tiny_vae if tiny else self.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        out = []
+        for part in x.split(max(1, chunk)):
+            z = part.to(self.device, _param_dtype(vae)) / vae.config.scaling_factor + shift
+            out.append(vae.decode(z).sample.float().clamp(-1, 1))
+        return torch.cat(out)
+
+    # --- conditioning -----------------------------------------------------------------------
+    def cat_conditions(self, a: TextCondition, b: TextCondition) -> TextCondition:
+        if a.keys() != b.keys():
+            raise ValueError(f"conditions with different keys: {sorted(a)} vs {sorted(b)}")
+        return TextCondition({k: torch.cat([a[k], b[k].to(a[k].device)]) for k in a})
+
+    def added_cond_kwargs(self, cond: TextCondition, device, dtype) -> dict | None:
+        """The UNet's `added_cond_kwargs` (SDXL: pooled text + micro-conditioning); None for SD1.5."""
+        return None
+
+    def _unet_inputs(self, unet, x_t, cond):
+        dtype = _param_dtype(unet)
+        ehs = cond["prompt_embeds"].to(x_t.device, dtype)
+        return x_t.to(dtype), ehs, self.added_cond_kwargs(cond, x_t.device, dtype)
+
+    # --- networks ---------------------------------------------------------------------------
+    def model_output(self, unet, x_t, t, cond):
+        sample, ehs, added = self._unet_inputs(unet, x_t, cond)
+        t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
+        return unet(sample, t, encoder_hidden_states=ehs, added_cond_kwargs=added).sample
+
+    def bottleneck(self, unet, x_t, t, cond):
+        """UNet2DConditionModel.forward (diffusers 0.42) up to and including the mid block; the up blocks never run.
+
+        Matches the official DMD2 `classify_forward(..., classify_mode=True)` feature: the mid-block output.
+        """
+        sample, ehs, added = self._unet_inputs(unet, x_t, cond)
+        t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
+        if unet.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=t), None)
+        class_emb = unet.get_class_embed(sample=sample, class_labels=None)
+        if class_emb is not None:
+            raise ValueError("class-conditional UNet2DConditionModels are not supported here")
+        aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=ehs, added_cond_kwargs=added)
+        if aug_emb is not None:
+            emb = emb + aug_emb
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        ehs = unet.process_encoder_hidden_states(encoder_hidden_states=ehs, added_cond_kwargs=added)
+        h = unet.conv_in(sample)
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=ehs)
+            else:
+                h, _ = block(hidden_states=h, temb=emb)
+        if getattr(unet.mid_block, "has_cross_attention", False):
+            return unet.mid_block(h, emb, encoder_hidden_states=ehs)
+        return unet.mid_block(h, emb)
+
+    def bottleneck_channels(self, unet=None) -> int:
+        return self.unet_config["block_out_channels"][-1]
+
+    # --- weights ----------------------------------------------------------------------------
+    def _ready(self, unet: nn.Module) -> nn.Module:
+        return _to(unet, self.device, self.dtype).eval().requires_grad_(False)
+
+    def load_teacher(self, path=None, **kwargs) -> nn.Module:
+        """The teacher UNet from a diffusers pipeline folder or Hub repo (default: the family's source).
+
+        kwargs go to from_pretrained, on top of the family's own (e.g. variant="fp16" to download
+        SDXL's fp16 files only).
+        """
+        from diffusers import UNet2DConditionModel
+
+        kwargs = {**self.load_kwargs, **kwargs} if path is None else kwargs
+        unet = self._load(UNet2DConditionModel, path or self.source, subfolder=self.unet_subfolder,
+                          dtype=self.dtype, **kwargs)
+        return self._ready(unet)
+
+    def new_unet(self) -> nn.Module:
+        """An uninitialised UNet with the teacher's config, on the meta device (fill with load_state_dict(assign=True))."""
+        from accelerate import init_empty_weights
+        from diffusers import UNet2DConditionModel
+
+        with init_empty_weights(include_buffers=False):
+            return UNet2DConditionModel.from_config(self.unet_config)
+
+    def unet_from_state_dict(self, state_dict: dict[str, torch.Tensor], what: str = "state dict") -> nn.Module:
+        """A UNet with the teacher's config and exactly these weights (every key must match)."""
+        unet = self.new_unet()
+        expected = set(unet.state_dict())
+        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        if missing or unexpected:
+            raise ModelLoadError(
+                f"{what} does not fit the teacher UNet of {self.source}: {len(missing)} missing keys "
+                f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
+        try:
+            unet.load_state_dict({k: v.to(self.dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+        except RuntimeError as e:
+            raise ModelLoadError(f"{what} does not fit the teacher UNet of {self.source}: "
+                                 f"{str(e).strip().splitlines()[-1]}") from None
+        return self._ready(unet)
+
+    def published_file(self, name: str, **kwargs) -> Path:
+        """The weight file of a published student, from the Hugging Face cache or the Hub."""
+        spec = self.published[name]
+        return hub_file(spec.filename, spec.repo, **kwargs)
+
+    def load_student(self, path, lora_scale: float = 1.0, **kwargs) -> nn.Module:
+        """A student UNet from: a published name (see `published`), a full UNet state dict
+        (.bin read with weights_only=True, or .safetensors), a LoRA file (fused into the teacher),
+        or a diffusers UNet folder (our own runs, `save_student`). kwargs go to hf_hub_download."""
+        from diffusers import UNet2DConditionModel
+
+        if str(path) in self.published:
+            path = self.published_file(str(path), **kwargs)
+        path = Path(path)
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(f"{path} has no config.json: not a diffusers UNet folder")
+            return self._ready(self._load(UNet2DConditionModel, path, dtype=self.dtype))
+        state_dict = load_state_dict_file(path)
+        if any("lora" in k for k in state_dict):
+            teacher = self.load_teacher()
+            fuse_lora(teacher, state_dict, scale=lora_scale)
+            return teacher
+        return self.unet_from_state_dict(state_dict, what=str(path))
+
+    def save_student(self, unet, path, **extra) -> None:
+        """A diffusers UNet folder (config.json + safetensors, loads in plain diffusers) and dmd2.json
+        with `extra` (e.g. timesteps) and the family and teacher it belongs to."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        unet.save_pretrained(path, safe_serialization=True)
+        meta = {"family": self.name, "teacher": self.source, **extra}
+        (path / "dmd2.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
+
+    def timesteps_of(self, student) -> tuple[int, ...]:
+        """The sampling timesteps of a published student name or of a student folder with dmd2.json."""
+        if str(student) in self.published:
+            return self.published[str(student)].timesteps
+        meta = Path(student) / "dmd2.json"
+        if not meta.is_file():
+            raise ModelLoadError(f"{student} is neither a published student ({', '.join(self.published)}) "
+                                 f"nor a folder with dmd2.json naming its timesteps")
+        return tuple(int(t) for t in json.loads(meta.read_text())["timesteps"])

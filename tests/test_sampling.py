@@ -28,9 +28,10 @@ def test_ddim_is_deterministic_and_seed_dependent(family, unet, cond):
 
 def test_ddim_one_step_is_one_guided_denoise_at_999(family, unet, cond):
     noise = initial_noise(family, 3, seed=3)
-    out = ddim_sample(family, unet, cond, noise, steps=1)  # guidance defaults to the family's (2.0)
+    family.default_guidance = 2.0  # a family whose default uses CFG
+    out = ddim_sample(family, unet, cond, noise, steps=1)  # guidance defaults to the family's
     with torch.no_grad():
-        expected = family.denoise(unet, noise, 999, cond, guidance=family.default_guidance)
+        expected = family.denoise(unet, noise, 999, cond, guidance=2.0)
     assert torch.equal(out, expected)
     assert not torch.allclose(out, ddim_sample(family, unet, cond, noise, steps=1, guidance=1.0))
 

@@ -1,4 +1,4 @@
-"""Launch the dmd2-studio Gradio app: `python app.py [--host H] [--port P] [--share] [--family pixel]`."""
+"""Launch the dmd2-studio Gradio app: `python app.py [--host H] [--port P] [--share] [--family pixel] [--votes PATH]`."""
 
 from __future__ import annotations
 
@@ -17,15 +17,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--family", default="pixel", choices=FAMILIES, help="model family to serve")
     p.add_argument("--model", action="append", metavar="NAME_OR_PATH",
                    help="a registry name or model folder to show (repeatable; default: all available)")
+    p.add_argument("--votes", metavar="PATH", help="SQLite file for arena votes "
+                   "(default: $DMD2_VOTES or data/votes.sqlite)")
     args = p.parse_args(argv)
     if args.family != "pixel":
         print(f"error: --family {args.family} is not available yet; only 'pixel' (the embedded MNIST "
               "default) can be served for now", file=sys.stderr)
         return 2
 
-    from dmd2.ui.app import build_app  # imported late: gradio is slow to import
+    from dmd2.arena import VoteStore
+    from dmd2.ui.app import build_app, default_votes_path  # imported late: gradio is slow to import
 
-    build_app(args.model).launch(server_name=args.host, server_port=args.port, share=args.share)
+    votes = args.votes or default_votes_path()
+    try:
+        VoteStore(votes).close()           # fail now, not at the first vote
+    except Exception as e:
+        print(f"error: cannot open the votes database {votes}: {e}", file=sys.stderr)
+        return 2
+    build_app(args.model, votes).launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0
 
 

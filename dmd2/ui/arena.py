@@ -1,0 +1,265 @@
+"""Arena tab: two anonymous models, same class and seed, a human vote, then the names.
+
+The pure part is `Arena` (draw a battle, generate both sides, issue a token; verify a token,
+record the vote, reveal the names). The server keeps every battle in a `BattleBook`; a
+client only ever holds the opaque token (`gr.State` in the browser UI). A battle stays in
+the book after its vote (until it expires), so a replayed token reaches the vote store and
+gets a clear "already voted" instead of "unknown battle"; the store's UNIQUE battle id is
+what makes the vote count once.
+
+Endpoints for gradio_client: `/new_round` (class or "random" -> token, image A, image B, ...)
+and `/vote` (token, outcome in a / b / tie / both_bad -> the revealed battle as a dict).
+"""
+
+# No `from __future__ import annotations` here: gr.api reads the vote endpoint's type hints
+# with typing.get_type_hints, which cannot resolve a string "gr.Request" in this module.
+
+import threading
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from dmd2 import registry
+from dmd2.arena import BattleBook, DuplicateVote, InvalidToken, NotVotable, RateLimited, VoteStore, new_battle
+from dmd2.arena.store import OUTCOMES
+from dmd2.families.base import ModelLoadError
+from dmd2.families.pixel import PixelFamily
+from dmd2.ui.compare import DISPLAY_SCALE, display_name, make_grid
+
+IMAGES_PER_SIDE = 4          # a 2 x 2 grid per side: one digit is too little to judge a model by
+RANDOM = "random"
+BUTTONS = (("A is better", "a"), ("B is better", "b"), ("Tie", "tie"), ("Both bad", "both_bad"))
+OUTCOME_TEXT = {"a": "A is better", "b": "B is better", "tie": "a tie", "both_bad": "both bad"}
+
+
+class VoteRejected(Exception):
+    """A vote that was not recorded; `reason` is invalid_token, already_voted, rate_limited or bad_outcome."""
+
+    def __init__(self, reason: str, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.reason, self.retry_after_s = reason, retry_after_s
+
+
+@dataclass
+class Round:
+    """What the client sees of a new battle: a token (None when it cannot be voted on), two images, text."""
+
+    token: str | None
+    prompt: str
+    image_a: np.ndarray | None
+    image_b: np.ndarray | None
+    message: str
+
+    @property
+    def votable(self) -> bool:
+        return self.token is not None
+
+
+@dataclass
+class Verdict:
+    """A recorded vote with the names revealed (display names: no server paths reach the client)."""
+
+    model_a: str
+    model_b: str
+    outcome: str
+    prompt: str
+    seed: int
+    message: str
+
+    def as_dict(self) -> dict:
+        return dict(model_a=self.model_a, model_b=self.model_b, outcome=self.outcome,
+                    prompt=self.prompt, seed=self.seed, message=self.message)
+
+
+def parse_class(value, num_classes: int, rng: np.random.Generator) -> int:
+    """A class index from the user's choice: None / "random" draws one, else an integer in [0, num_classes)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", RANDOM)):
+        return int(rng.integers(num_classes))
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"class must be 'random' or an integer 0..{num_classes - 1}, got {value!r}") from None
+    if isinstance(value, bool) or not f.is_integer() or not 0 <= f < num_classes:
+        raise ValueError(f"class must be 'random' or an integer 0..{num_classes - 1}, got {value!r}")
+    return int(f)
+
+
+def parse_outcome(value) -> str:
+    """One of OUTCOMES from a client's string (case and surrounding spaces ignored); VoteRejected otherwise."""
+    outcome = value.strip().lower() if isinstance(value, str) else value
+    if outcome not in OUTCOMES:
+        raise VoteRejected("bad_outcome", f"outcome must be one of {', '.join(OUTCOMES)}, got {value!r}")
+    return outcome
+
+
+def client_id(request) -> str:
+    """Who votes, for the rate limit: the Gradio session (one per page load or Client), else the host.
+
+    Not the host first: behind a reverse proxy (Hugging Face Spaces) every user has the proxy's address.
+    """
+    session = getattr(request, "session_hash", None) if request is not None else None
+    if session:
+        return f"session:{session}"
+    client = getattr(request, "client", None) if request is not None else None
+    host = getattr(client, "host", None) if client is not None else None
+    return f"host:{host}" if host else "anonymous"
+
+
+class Arena:
+    """Battles between `models` (registry names or folders); votes go to `store` (or a function giving it)."""
+
+    def __init__(self, models: Sequence[str], store: "VoteStore | Callable[[], VoteStore]",
+                 book: BattleBook | None = None, rng: np.random.Generator | None = None,
+                 images_per_side: int = IMAGES_PER_SIDE):
+        self.models = list(dict.fromkeys(models))
+        self._store = store
+        self.book = BattleBook() if book is None else book
+        self.rng = np.random.default_rng() if rng is None else rng
+        self.images_per_side = images_per_side
+        self._rng_lock = threading.Lock()      # numpy Generators are not thread-safe
+
+    @property
+    def store(self) -> VoteStore:
+        return self._store if isinstance(self._store, VoteStore) else self._store()
+
+    def num_classes(self) -> int:
+        """Classes every loadable model knows (the smallest count), the family default if none loads."""
+        counts = []
+        for name in self.models:
+            try:
+                counts.append(registry.load(name).num_classes)
+            except Exception:
+                continue
+        return min(counts) if counts else PixelFamily().num_classes
+
+    def _side(self, name: str, label: int, seed: int) -> tuple[np.ndarray | None, str | None]:
+        """(grid, None) for one side, or (None, error); teachers use their default steps and guidance."""
+        try:
+            m = registry.load(name)
+            if label >= m.num_classes:
+                raise ValueError(f"class {label} is outside the model's 0..{m.num_classes - 1}")
+            out = m.generate([label] * self.images_per_side, seed)
+        except Exception as e:     # one broken model must not take the server down
+            return None, str(e) if isinstance(e, (ModelLoadError, ValueError)) else f"{type(e).__name__}: {e}"
+        grid = make_grid(out.images, scale=DISPLAY_SCALE)
+        return (grid[..., 0] if grid.shape[-1] == 1 else grid), None    # grayscale: H x W for PIL
+
+    def new_round(self, label=None) -> Round:
+        """Draw two distinct models (random sides), a class (unless given) and a seed; generate both.
+
+        Raises ValueError for fewer than two models or a bad class. A side that fails gives a
+        Round without a token and a message saying which side failed and why.
+        """
+        if len(self.models) < 2:
+            raise ValueError(f"the arena needs at least two models, got {len(self.models)}: "
+                             "train or download another one first")
+        with self._rng_lock:
+            label = parse_class(label, self.num_classes(), self.rng)
+            battle = new_battle(self.models, str(label), self.rng)
+        battle.image_a, battle.error_a = self._side(battle.model_a, label, battle.seed)
+        battle.image_b, battle.error_b = self._side(battle.model_b, label, battle.seed)
+        try:
+            token = self.book.issue(battle)
+        except NotVotable:
+            failed = [f"side {s} failed to generate ({e})" for s, e in (("A", battle.error_a),
+                                                                       ("B", battle.error_b)) if e]
+            return Round(None, battle.prompt, battle.image_a, battle.image_b,
+                         "This round cannot be voted on: " + "; ".join(failed) + ". Start a new round.")
+        return Round(token, battle.prompt, battle.image_a, battle.image_b,
+                     f"Class **{label}**, same seed for both. Which side drew it better?")
+
+    def vote(self, token, outcome, client: str) -> Verdict:
+        """Verify the token, record the vote once, reveal the names; VoteRejected says why a vote is refused."""
+        outcome = parse_outcome(outcome)
+        try:
+            battle = self.book.verify(token)
+        except InvalidToken as e:
+            raise VoteRejected("invalid_token", f"Vote rejected: {e}.") from e
+        try:
+            self.store.record(battle["battle_id"], battle["model_a"], battle["model_b"], battle["prompt"],
+                              battle["seed"], outcome, client)
+        except DuplicateVote as e:
+            raise VoteRejected("already_voted", "You already voted on this battle; it counts once. "
+                               "Start a new round to vote again.") from e
+        except RateLimited as e:
+            raise VoteRejected("rate_limited", f"Too many votes: at most {e.max_votes} per {e.window_s:g} s. "
+                               f"Try again in {max(e.retry_after_s, 1.0):.0f} s.", e.retry_after_s) from e
+        a, b = display_name(battle["model_a"]), display_name(battle["model_b"])
+        message = (f"Vote recorded ({OUTCOME_TEXT[outcome]}). **A** was **{a}**, **B** was **{b}** "
+                   f"(class {battle['prompt']}, seed {battle['seed']}).")
+        return Verdict(a, b, outcome, battle["prompt"], int(battle["seed"]), message)
+
+
+def build_arena_tab(arena: Arena, wrap: Callable = lambda f: f) -> dict:
+    """The Arena tab (inside an open gr.Blocks); `wrap` decorates the sampling function (spaces.GPU)."""
+    import gradio as gr
+
+    with gr.Tab("Arena", id="arena"):
+        gr.Markdown("Two anonymous models draw the same digit class from the same seed. Vote for the "
+                    "better side; the names are revealed after your vote.")
+        with gr.Row():
+            choices = [("Random", RANDOM)] + [(str(i), str(i)) for i in range(arena.num_classes())]
+            label = gr.Dropdown(choices=choices, value=RANDOM, label="Class")
+            new = gr.Button("New round", variant="primary")
+        if len(arena.models) < 2:
+            gr.Markdown(f"**The arena needs at least two models**; {len(arena.models)} available.")
+        info = gr.Markdown()
+        with gr.Row():
+            image_a = gr.Image(label="A", type="numpy", format="png", interactive=False,
+                               buttons=["fullscreen"], elem_id="arena-image-a")
+            image_b = gr.Image(label="B", type="numpy", format="png", interactive=False,
+                               buttons=["fullscreen"], elem_id="arena-image-b")
+        with gr.Row():
+            buttons = [gr.Button(text, interactive=False, elem_id=f"arena-vote-{outcome}")
+                       for text, outcome in BUTTONS]
+        reveal = gr.Markdown()
+        token_state = gr.State(None)          # the browser session holds only the opaque token
+        # The same token as an output an API client can read (gr.State is never sent to clients).
+        token_box = gr.Textbox(visible=False, label="battle token")
+
+        def start(choice):
+            try:
+                r = arena.new_round(choice)
+            except ValueError as e:
+                raise gr.Error(str(e)) from None
+            if not r.votable:
+                gr.Warning(r.message)
+            return [r.token, r.token or "", r.image_a, r.image_b, r.message, ""] + \
+                [gr.Button(interactive=r.votable) for _ in buttons]
+
+        def cast(token, outcome, request: gr.Request):
+            if not token:
+                raise gr.Error("No battle to vote on: press New round first.")
+            try:
+                v = arena.vote(token, outcome, client_id(request))
+            except VoteRejected as e:
+                raise gr.Error(str(e)) from None
+            return [v.message] + [gr.Button(interactive=False) for _ in buttons]
+
+        new.click(wrap(start), [label], [token_state, token_box, image_a, image_b, info, reveal, *buttons],
+                  api_name="new_round")
+        for button, (_, outcome) in zip(buttons, BUTTONS):
+            # Callable by clients but not in the API docs: lets a test drive the session-state path.
+            button.click(_bind(cast, outcome), [token_state], [reveal, *buttons],
+                         api_name=f"vote_button_{outcome}", api_visibility="undocumented")
+
+        def vote(token: str, outcome: str, request: gr.Request) -> dict:
+            """Vote on a battle: `token` from /new_round, `outcome` one of a, b, tie, both_bad."""
+            try:
+                return arena.vote(token, outcome, client_id(request)).as_dict()
+            except VoteRejected as e:
+                raise gr.Error(str(e)) from None
+
+        gr.api(vote, api_name="vote")
+    return dict(label=label, new=new, image_a=image_a, image_b=image_b, info=info, buttons=buttons,
+                reveal=reveal, token=token_state)
+
+
+def _bind(cast: Callable, outcome: str) -> Callable:
+    """`cast` with the button's outcome fixed, keeping the gr.Request parameter visible to Gradio."""
+    import gradio as gr
+
+    def on_click(token, request: gr.Request):
+        return cast(token, outcome, request)
+    return on_click

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from dmd2.cli import UsageError, run_cli
+from dmd2.images import save_grid
 
 
 def _non_negative(name):
@@ -110,6 +111,16 @@ def cmd_evaluate(a) -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def cmd_grid(a) -> None:
+    from dmd2 import registry
+
+    out = _check_writable(a.out)
+    model = registry.load(a.model)
+    images, _, _, nfe = generate_many(model, a.rows * model.num_classes, a.seed, a.steps, a.guidance)
+    save_grid(images, out, cols=model.num_classes)
+    print(f"wrote a {a.rows} x {model.num_classes} grid from {a.model} (NFE {nfe}) to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dmd2", description="Sample and evaluate DMD2 teachers and students.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (default fp32)")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     e.set_defaults(fn=cmd_evaluate)
+    g = sub.add_parser("grid", help="a PNG grid: one column per class, --rows samples each")
+    g.add_argument("--model", default="mnist-teacher")
+    g.add_argument("--rows", type=_positive("--rows"), default=10)
+    g.add_argument("--seed", type=_non_negative("--seed"), default=0)
+    g.add_argument("--steps", type=_positive("--steps"), default=None)
+    g.add_argument("--guidance", type=float, default=None)
+    g.add_argument("--out", required=True)
+    g.set_defaults(fn=cmd_grid)
     return p
 
 

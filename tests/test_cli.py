@@ -86,3 +86,12 @@ def test_unwritable_output_is_refused(tiny_teacher):
     # /sys refuses new files even for root, unlike a chmod-ed folder.
     r = run("sample", "--model", str(tiny_teacher), "--num", "2", "--out", "/sys/dmd2-test.npz")
     assert r.returncode != 0 and "cannot write output file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_grid_writes_one_column_per_class(tiny_teacher, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "g.png"
+    r = run("grid", "--model", str(tiny_teacher), "--rows", "2", "--steps", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == (10 * 32, 2 * 32)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import math
 import os
 import signal
 import sys
@@ -18,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from dmd2.cli import invocation
+from dmd2.images import save_grid
 from dmd2.families.pixel import PixelFamily, load_pixel_unet
 from dmd2.registry import to_uint8
 from dmd2.sampling import student_sample
@@ -234,16 +233,6 @@ class DMD2Trainer:
 
 
 # --- the run -------------------------------------------------------------------------------
-def save_grid(images_uint8: np.ndarray, path: Path, cols: int = 10) -> None:
-    """N x H x W x C uint8 -> one PNG grid."""
-    n, h, w, c = images_uint8.shape
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
-    for i, img in enumerate(images_uint8):
-        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
-
-
 def quick_eval(trainer: DMD2Trainer, num: int) -> dict:
     """FID / alignment / diversity of `num` student samples (MNIST evaluator), for quality-vs-time plots."""
     from dmd2.metrics.mnist import evaluate_images

@@ -1,0 +1,17 @@
+"""Image helpers shared by the CLI and the trainer."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def save_grid(images: np.ndarray, path, cols: int = 10) -> None:
+    """uint8 N x H x W x C -> one PNG, `cols` images per row."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    rows = -(-n // cols)
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i, img in enumerate(images):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)

@@ -137,7 +137,7 @@ def test_infinite_sampler_state_round_trip_reproduces_next_batches():
 
     resumed = InfiniteSampler(10, 4, seed=999)
     buf.seek(0)
-    resumed.load_state_dict(torch.load(buf, weights_only=False))
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
     assert all(torch.equal(resumed.next(), e) for e in expected)
 
 

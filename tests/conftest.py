@@ -63,3 +63,21 @@ def make_two_class_folder(root, per_class: int = 6):
 @pytest.fixture
 def two_class_folder(tmp_path):
     return make_two_class_folder(tmp_path / "images")
+
+
+def tiny_pixel_unet(seed: int = 0):
+    """A tiny random 10-class 32x32 pixel UNet (no attention): fast enough for live-app tests."""
+    torch.manual_seed(seed)
+    return PixelFamily().new_unet(block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                  attention_head_dim=8)
+
+
+def write_broken_model(folder, like):
+    """A model folder with `like`'s config (and dmd2.json, if any) but weights that fail to load."""
+    folder.mkdir()
+    for name in ("config.json", "dmd2.json"):
+        if (like / name).is_file():
+            (folder / name).write_text((like / name).read_text())
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    return folder

@@ -13,11 +13,11 @@ os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
+from conftest import tiny_pixel_unet, write_broken_model
 from dmd2 import registry
-from dmd2.families.pixel import PixelFamily, save_pixel_unet
+from dmd2.families.pixel import save_pixel_unet
 from dmd2.ui.compare import compare, make_grid
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,16 +29,10 @@ STEPS = 3
 def tiny_models(tmp_path_factory):
     """A tiny random teacher, a 2-step 'student' made from it, and a folder that fails to load."""
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    unet = PixelFamily().new_unet(block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
-                                  attention_head_dim=8)
+    unet = tiny_pixel_unet()
     save_pixel_unet(unet, root / "tiny-teacher")
     save_pixel_unet(unet, root / "tiny-student", timesteps=[999, 499])
-    broken = root / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text((root / "tiny-teacher" / "config.json").read_text())
-    (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    broken = write_broken_model(root / "broken", like=root / "tiny-teacher")
     return [str(root / "tiny-teacher"), str(root / "tiny-student"), str(broken)]
 
 

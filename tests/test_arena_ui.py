@@ -11,11 +11,11 @@ os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 
 import numpy as np
 import pytest
-import torch
 
+from conftest import tiny_pixel_unet, write_broken_model
 from dmd2 import registry
 from dmd2.arena import BattleBook, VoteStore, read_csv, read_jsonl
-from dmd2.families.pixel import PixelFamily, save_pixel_unet
+from dmd2.families.pixel import save_pixel_unet
 from dmd2.ui.arena import (IMAGES_PER_SIDE, Arena, VoteRejected, client_id, parse_class, parse_outcome)
 from dmd2.ui.compare import DISPLAY_SCALE, make_grid
 from dmd2.ui.leaderboard import COLUMNS, export_votes, leaderboard_plot, leaderboard_table
@@ -25,17 +25,10 @@ from dmd2.ui.leaderboard import COLUMNS, export_votes, leaderboard_plot, leaderb
 def tiny_models(tmp_path_factory):
     """Two tiny random students (1 and 2 steps: fast rounds) and a folder that fails to load."""
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    unet = PixelFamily().new_unet(block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
-                                  attention_head_dim=8)
+    unet = tiny_pixel_unet()
     save_pixel_unet(unet, root / "tiny-1step", timesteps=[999])
     save_pixel_unet(unet, root / "tiny-2step", timesteps=[999, 499])
-    broken = root / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text((root / "tiny-1step" / "config.json").read_text())
-    (broken / "dmd2.json").write_text('{"timesteps": [999]}')
-    (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    broken = write_broken_model(root / "broken", like=root / "tiny-1step")
     return [str(root / "tiny-1step"), str(root / "tiny-2step"), str(broken)]
 
 

@@ -228,3 +228,29 @@ def test_overrides_accept_exponents_without_a_dot():
     assert load_config(None, ["generator_lr=5e-4"]).generator_lr == 5e-4
     with pytest.raises(ConfigError, match="generator_lr"):
         load_config(None, ["generator_lr=fast"])
+
+
+def test_lr_schedule_warms_up_then_follows_cosine_to_the_floor():
+    from training.distill import lr_factor
+
+    f = lr_factor("cosine", warmup_steps=10, horizon=110, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)          # half way: cos(pi/2) = 0
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 120))
+    assert lr_factor("constant", 10, 110, 0.1)(100) == 1.0
+
+
+def test_resume_with_a_changed_lr_uses_it_and_keeps_the_old_config(setup, tmp_path):
+    cfg = tiny_config(setup, steps=10, ttur=2, checkpoint_every=5, lr_schedule="cosine", lr_min_ratio=0.5)
+    distill(cfg, tmp_path / "run", stop_after=5)
+    run = distill(tiny_config(setup, steps=10, ttur=2, checkpoint_every=5, lr_schedule="cosine", lr_min_ratio=0.5,
+                              generator_lr=4e-4, critic_lr=2e-4), tmp_path / "run", resume=True)
+    tr = run.trainer
+    # the end of both cosines (critic: 10 steps, generator: 5): the floor, 0.5 x the new base LRs
+    assert tr.opt_c.param_groups[0]["lr"] == pytest.approx(0.5 * 2e-4)
+    assert tr.opt_g.param_groups[0]["lr"] == pytest.approx(0.5 * 4e-4)
+    assert (tmp_path / "run" / "config.before-step-5.yaml").is_file()
+    assert load_config(tmp_path / "run" / "config.yaml").critic_lr == 2e-4
+    assert load_config(tmp_path / "run" / "config.before-step-5.yaml").critic_lr == 1e-3

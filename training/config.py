@@ -43,6 +43,8 @@ class DistillConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     warmup_steps: int = 500                    # linear LR warm-up (in optimiser steps of each model)
+    lr_schedule: str = "constant"              # after warm-up: "constant" or "cosine" (down to lr_min_ratio)
+    lr_min_ratio: float = 0.1                  # cosine: final LR as a fraction of the base LR
     grad_clip: float = 10.0
     mixed_precision: str = "bf16"              # "bf16" autocast or "no"
     ema_decay: float = 0.99                    # EMA of the generator (0 = off), per generator update
@@ -86,6 +88,8 @@ class DistillConfig:
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.lr_schedule in ("constant", "cosine"), "lr_schedule", "must be 'constant' or 'cosine'")
+        need(0 <= self.lr_min_ratio <= 1, "lr_min_ratio", "must be in [0, 1]")
         need(self.grad_clip > 0, "grad_clip", "must be > 0")
         need(self.mixed_precision in ("bf16", "no"), "mixed_precision", "must be 'bf16' or 'no'")
         need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
@@ -161,5 +165,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Di
     return DistillConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
 
 
+def config_text(cfg: DistillConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: DistillConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(config_text(cfg))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 import os
 import signal
 import sys
@@ -25,7 +26,7 @@ from dmd2.registry import to_uint8
 from dmd2.sampling import student_sample
 from dmd2.schedule import student_timesteps
 from training import losses
-from training.config import ConfigError, DistillConfig, load_config, save_config
+from training.config import ConfigError, DistillConfig, config_text, load_config, save_config
 from training.critic import Critic
 from training.data import InfiniteSampler, load_dataset
 from training.runs import Run, RunError
@@ -36,8 +37,16 @@ class NonFiniteLoss(FloatingPointError):
     """A loss became NaN or inf; the message names the step and the loss."""
 
 
-def _warmup(warmup_steps: int):
-    return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def lr_factor(schedule: str, warmup_steps: int, horizon: int, min_ratio: float):
+    """LR multiplier per optimiser step: linear warm-up, then constant or cosine down to `min_ratio`."""
+    def factor(s: int) -> float:
+        if warmup_steps > 0 and s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if schedule == "constant" or horizon <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (s - warmup_steps) / (horizon - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
 
 
 class DMD2Trainer:
@@ -72,8 +81,11 @@ class DMD2Trainer:
         opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.generator_lr, **adamw)
         opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, **adamw)
         self.generator, self.critic, self.opt_g, self.opt_c = self.acc.prepare(generator, critic, opt_g, opt_c)
-        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, _warmup(cfg.warmup_steps))
-        self.sched_c = torch.optim.lr_scheduler.LambdaLR(self.opt_c, _warmup(cfg.warmup_steps))
+        # Horizons in each optimiser's own steps: the generator steps once per `ttur` critic steps.
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(
+            self.opt_g, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.steps // cfg.ttur, cfg.lr_min_ratio))
+        self.sched_c = torch.optim.lr_scheduler.LambdaLR(
+            self.opt_c, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.steps, cfg.lr_min_ratio))
 
         # Every random draw of training goes through these, so a checkpoint can restore them exactly.
         self.rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
@@ -217,6 +229,15 @@ class DMD2Trainer:
         self.opt_c.load_state_dict(state["opt_c"])
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_c.load_state_dict(state["sched_c"])
+        # The config is the truth for the base LRs (a resume may change them with --set), and the
+        # current LR follows from the schedule at the restored step.
+        for sched, lr in ((self.sched_g, self.cfg.generator_lr), (self.sched_c, self.cfg.critic_lr)):
+            sched.base_lrs = [lr for _ in sched.base_lrs]
+            factor = sched.lr_lambdas[0](sched.last_epoch)
+            for group in sched.optimizer.param_groups:
+                group["lr"] = lr * factor
+                group["initial_lr"] = lr
+            sched._last_lr = [lr * factor for _ in sched.base_lrs]
         self.rng.set_state(state["rng"])
         self.sampler.load_state_dict(state["sampler"])
         self.step = state["step"]
@@ -276,6 +297,10 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
         trainer.load_state_dict(run.load_checkpoint())
         if main:
             run.truncate_metrics(trainer.step)
+            if run.config_path.is_file() and run.config_path.read_text() != config_text(cfg):
+                # A resume with changed values (--set): keep the old config beside the new one.
+                run.config_path.rename(run.path / f"config.before-step-{trainer.step}.yaml")
+                save_config(cfg, run.config_path)
     elif main:
         run.create()
         save_config(cfg, run.config_path)

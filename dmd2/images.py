@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 
 
 def save_grid(images: np.ndarray, path, cols: int = 10) -> None:
-    """uint8 N x H x W x C -> one PNG, `cols` images per row."""
+    """uint8 N x H x W x C -> one PNG, `cols` images per row.
+
+    Written to a temporary file and renamed, so a reader (the Train tab) never sees half a PNG;
+    the folder is created if missing.
+    """
     from PIL import Image
 
     n, h, w, c = images.shape
@@ -14,4 +21,8 @@ def save_grid(images: np.ndarray, path, cols: int = 10) -> None:
     grid = np.zeros((rows * h, cols * w, c), np.uint8)
     for i, img in enumerate(images):
         grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format="PNG")
+    os.replace(tmp, path)

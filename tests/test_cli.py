@@ -95,3 +95,16 @@ def test_grid_writes_one_column_per_class(tiny_teacher, tmp_path):
     r = run("grid", "--model", str(tiny_teacher), "--rows", "2", "--steps", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size == (10 * 32, 2 * 32)
+
+
+def test_save_grid_creates_the_folder_and_leaves_no_temporary_file(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dmd2.images import save_grid
+
+    images = np.arange(3 * 4 * 4, dtype=np.uint8).reshape(3, 4, 4, 1)
+    save_grid(images, tmp_path / "new" / "grid.png", cols=2)
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["grid.png"]
+    grid = np.asarray(Image.open(tmp_path / "new" / "grid.png"))
+    assert grid.shape == (8, 8) and (grid[:4, 4:] == images[1, ..., 0]).all() and (grid[4:, 4:] == 0).all()

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import math
 import os
+import resource
 import signal
 import sys
 import time
@@ -322,7 +323,8 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
                 n_steps = len(window["critic/fake_denoise"])
                 record = {"step": step, "generator_updates": trainer.generator_updates,
                           "seconds": round(time.time() - start, 2),
-                          "images_per_s": n_steps * cfg.batch_size * acc.num_processes / max(elapsed, 1e-9)}
+                          "images_per_s": n_steps * cfg.batch_size * acc.num_processes / max(elapsed, 1e-9),
+                          "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
                 record.update({k: float(np.mean(v)) for k, v in window.items()})
                 run.log_metrics(record)
                 run.set_status("running", step=step, total_steps=cfg.steps)

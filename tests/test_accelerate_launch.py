@@ -1,4 +1,8 @@
-"""The documented multi-process command: `accelerate launch --num_processes 2 -m training distill` on CPU."""
+"""The documented multi-process command on CPU: `accelerate launch --multi_gpu --num_processes 2 -m training distill`.
+
+`--multi_gpu` picks accelerate's torchrun launcher; without GPUs the Accelerator then runs DDP over gloo
+on CPU. (`--cpu` would start a single process: accelerate's CPU launcher needs MPI for more.)
+"""
 
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ def test_accelerate_launch_two_cpu_processes_finishes_a_run(tmp_path):
     (tmp_path / "cfg.yaml").write_text(json.dumps(cfg.to_dict()))
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    r = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                         "-m", "training", "distill", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -21,14 +21,16 @@ import torch
 
 from dmd2.cli import invocation
 from dmd2.images import save_grid
-from dmd2.families.pixel import PixelFamily, load_pixel_unet
+from dmd2.families import PixelFamily, family_class
 from dmd2.registry import to_uint8
 from dmd2.sampling import student_sample
 from dmd2.schedule import student_timesteps
 from training import losses
 from training.config import ConfigError, DistillConfig, config_text, load_config, save_config
 from training.critic import Critic
+from training.lora import add_lora
 from training.data import InfiniteSampler, load_dataset
+from training.text_data import captioned_images, cached_latents, read_prompts
 from training.runs import Run, RunError
 from training.simulate import generator_input, randn
 
@@ -54,31 +56,57 @@ class DMD2Trainer:
 
     def __init__(self, cfg: DistillConfig, accelerator=None, teacher: torch.nn.Module | None = None,
                  data: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`teacher` / `data`: a pixel teacher UNet and (images, labels) already in memory (tests, scripts)."""
         from accelerate import Accelerator
 
         self.cfg = cfg
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.acc.device
         rank = self.acc.process_index
+        text = cfg.family != "pixel"
+        # Prompts and captions first: a bad data path fails before any model is loaded.
+        images = captioned_images(cfg.data) if text else None
+        self.prompts = read_prompts(cfg.prompts) if cfg.prompts else None
 
-        teacher = load_pixel_unet(cfg.teacher) if teacher is None else teacher
-        self.family = PixelFamily.from_unet(teacher)
+        frozen_dtype = torch.bfloat16 if cfg.frozen_dtype == "bf16" else torch.float32
+        if teacher is None:
+            self.family, teacher = family_class(cfg.family).for_training(
+                cfg.teacher, device=self.device, frozen_dtype=frozen_dtype, resolution=cfg.resolution)
+        elif cfg.family == "pixel":
+            self.family = PixelFamily.from_unet(teacher)
+        else:
+            raise ConfigError(f"family {cfg.family}: pass the teacher as a config path, not a module")
         self.timesteps = student_timesteps(cfg.student_steps, self.family.schedule.num_train_timesteps,
                                            first=cfg.first_timestep)
-        images, labels = load_dataset(cfg.data, self.family.image_size, self.family.channels) if data is None else data
-        if int(labels.max()) >= self.family.num_classes:
-            raise ConfigError(f"data {cfg.data!r} has label {int(labels.max())}, the teacher knows "
-                              f"{self.family.num_classes} classes")
-        self.images, self.labels = images, labels
+        if text:
+            with self.acc.main_process_first():  # rank 0 encodes (or checks) the cache, the others then read it
+                self.images, self.labels = cached_latents(self.family, images, self.family.height,
+                                                          cfg.latent_cache_dir, log=self.acc.print)
+            self.prompts = self.prompts or list(self.labels)  # no prompt file: the generator uses the captions
+        else:
+            images, labels = load_dataset(cfg.data, self.family.image_size, self.family.channels) if data is None else data
+            if int(labels.max()) >= self.family.num_classes:
+                raise ConfigError(f"data {cfg.data!r} has label {int(labels.max())}, the teacher knows "
+                                  f"{self.family.num_classes} classes")
+            self.images, self.labels = images, labels
 
         torch.manual_seed(cfg.seed)  # the GAN head's initialisation
         self.real_unet = teacher.to(self.device).eval().requires_grad_(False)
         generator = copy.deepcopy(self.real_unet).train().requires_grad_(True)
         critic = Critic(self.family, self.real_unet, use_gan=cfg.use_gan).to(self.device)
+        if cfg.lora_rank:
+            add_lora(generator, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules or self.family.lora_target_modules,
+                     base_dtype=frozen_dtype)
+        if cfg.gradient_checkpointing:
+            generator.enable_gradient_checkpointing()
+            critic.fake_unet.enable_gradient_checkpointing()
+        if frozen_dtype != torch.float32:  # after the copies above, which train in fp32
+            self.real_unet.to(frozen_dtype)
         self.ema = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
 
         adamw = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.generator_lr, **adamw)
+        trainable = [p for p in generator.parameters() if p.requires_grad]  # all of them, or only the LoRA's
+        opt_g = torch.optim.AdamW(trainable, lr=cfg.generator_lr, **adamw)
         opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, **adamw)
         self.generator, self.critic, self.opt_g, self.opt_c = self.acc.prepare(generator, critic, opt_g, opt_c)
         # Horizons in each optimiser's own steps: the generator steps once per `ttur` critic steps.
@@ -90,6 +118,8 @@ class DMD2Trainer:
         # Every random draw of training goes through these, so a checkpoint can restore them exactly.
         self.rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
         self.sampler = InfiniteSampler(len(self.images), cfg.batch_size, seed=cfg.seed * 1000 + rank)
+        self.prompt_sampler = (InfiniteSampler(len(self.prompts), cfg.batch_size, seed=cfg.seed * 1000 + rank + 500)
+                               if text else None)
         self.step = 0
         self.generator_updates = 0
 
@@ -107,8 +137,16 @@ class DMD2Trainer:
                               enabled=self.cfg.mixed_precision == "bf16")
 
     def real_batch(self):
+        """Real images (UNet space) and their own conditions (class labels or captions)."""
         idx = self.sampler.next()
-        return self.images[idx].to(self.device), self.family.condition(self.labels[idx]).to(self.device)
+        specs = self.labels[idx] if isinstance(self.labels, torch.Tensor) else [self.labels[i] for i in idx.tolist()]
+        return self.images[idx].to(self.device).float(), self.family.condition(specs).to(self.device)
+
+    def generator_condition(self, real_cond):
+        """The generator's conditions: the real batch's labels (pixel) or prompts drawn from the prompt list."""
+        if self.prompt_sampler is None:
+            return real_cond
+        return self.family.condition([self.prompts[i] for i in self.prompt_sampler.next().tolist()])
 
     def _randint(self, low: int, high: int, n: int) -> torch.Tensor:
         return torch.randint(low, high, (n,), generator=self.rng).to(self.device)
@@ -119,8 +157,11 @@ class DMD2Trainer:
                 raise NonFiniteLoss(f"step {self.step}: loss {name} is {value.item()}")
 
     # --- the two updates ------------------------------------------------------------------
-    def critic_step(self, real_x0, cond) -> dict:
-        """One update of the fake score (denoising on detached generator samples) and the GAN head."""
+    def critic_step(self, real_x0, cond, real_cond=None) -> dict:
+        """One update of the fake score (denoising on detached generator samples) and the GAN head.
+
+        `cond` conditions the generator; `real_cond` the real images (default: the same).
+        """
         cfg, fam, n = self.cfg, self.family, real_x0.shape[0]
         T = fam.schedule.num_train_timesteps
         with torch.no_grad(), self.autocast():
@@ -132,7 +173,7 @@ class DMD2Trainer:
             draws.update(gan_t_fake=self._randint(0, cfg.gan_max_t, n), gan_noise_fake=randn(fake_x0.shape, self.rng, self.device),
                          gan_t_real=self._randint(0, cfg.gan_max_t, n), gan_noise_real=randn(real_x0.shape, self.rng, self.device))
         with self.autocast():
-            out = self.critic(fake_x0, cond, real_x0, cond, draws)
+            out = self.critic(fake_x0, cond, real_x0, cond if real_cond is None else real_cond, draws)
         total = out["fake_denoise"]
         if cfg.use_gan:
             total = total + cfg.gan_critic_weight * out["gan_critic"]
@@ -184,7 +225,8 @@ class DMD2Trainer:
         if self.ema is not None:
             with torch.no_grad():
                 for pe, p in zip(self.ema.parameters(), self.generator_module.parameters()):
-                    pe.lerp_(p, 1 - cfg.ema_decay)
+                    if p.requires_grad:  # a LoRA's frozen base stays as it is
+                        pe.lerp_(p, 1 - cfg.ema_decay)
         stats = {f"generator/{k}": v.item() for k, v in parts.items()}
         stats["generator/grad_norm"] = float(grad_norm)
         stats["generator/lr"] = self.sched_g.get_last_lr()[0]
@@ -193,9 +235,11 @@ class DMD2Trainer:
     def train_step(self) -> dict:
         """One step: a critic update, plus a generator update on every `ttur`-th step (TTUR)."""
         self.step += 1
-        stats = self.critic_step(*self.real_batch())
+        real_x0, real_cond = self.real_batch()
+        stats = self.critic_step(real_x0, self.generator_condition(real_cond), real_cond)
         if self.step % self.cfg.ttur == 0:
-            stats.update(self.generator_step(*self.real_batch()))
+            real_x0, real_cond = self.real_batch()
+            stats.update(self.generator_step(real_x0, self.generator_condition(real_cond)))
         return stats
 
     # --- state ----------------------------------------------------------------------------
@@ -216,6 +260,7 @@ class DMD2Trainer:
             "sched_c": self.sched_c.state_dict(),
             "rng": self.rng.get_state(),
             "sampler": self.sampler.state_dict(),
+            "prompt_sampler": self.prompt_sampler.state_dict() if self.prompt_sampler else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -240,8 +285,16 @@ class DMD2Trainer:
             sched._last_lr = [lr * factor for _ in sched.base_lrs]
         self.rng.set_state(state["rng"])
         self.sampler.load_state_dict(state["sampler"])
+        if self.prompt_sampler is not None:
+            self.prompt_sampler.load_state_dict(state["prompt_sampler"])
         self.step = state["step"]
         self.generator_updates = state["generator_updates"]
+
+    def grid_specs(self) -> list:
+        """The fixed conditions of the sample grids: 100 labels cycling the classes, or the first 4 prompts."""
+        if self.prompt_sampler is None:
+            return np.arange(100) % self.family.num_classes
+        return [self.prompts[i % len(self.prompts)] for i in range(4)]
 
     @torch.no_grad()
     def sample(self, labels, seed: int, unet=None) -> torch.Tensor:
@@ -249,7 +302,7 @@ class DMD2Trainer:
         unet = unet or self.student()
         noise = torch.randn(self.family.latent_shape(len(labels)), generator=torch.Generator().manual_seed(seed))
         x = student_sample(self.family, unet, self.family.condition(labels).to(self.device),
-                           noise.to(self.device), self.timesteps, seed=seed)
+                           noise.to(self.device), self.timesteps, seed=seed, autocast=self.cfg.frozen_dtype == "bf16")
         return self.family.decode(x)
 
 
@@ -308,7 +361,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
     if main:
         run.set_status("running", step=trainer.step, total_steps=cfg.steps, pid=os.getpid(), error=None,
                        started=time.time())
-    fixed_labels = np.arange(100) % trainer.family.num_classes
+    fixed_labels = trainer.grid_specs()
     start, window, window_start = time.time(), defaultdict(list), time.time()
     last = stop_after if stop_after is not None else cfg.steps
     try:
@@ -329,8 +382,8 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
                 window, window_start = defaultdict(list), time.time()
             if main and cfg.sample_every and step % cfg.sample_every == 0:
                 grid = to_uint8(trainer.sample(fixed_labels, seed=1234))
-                save_grid(grid, run.samples / f"step-{step:08d}.png")
-                save_grid(grid, run.samples / "latest.png")
+                save_grid(grid, run.samples / f"step-{step:08d}.png", cols=min(10, len(grid)))
+                save_grid(grid, run.samples / "latest.png", cols=min(10, len(grid)))
             if main and cfg.eval_every and step % cfg.eval_every == 0:
                 run.log_metrics({"step": step, "seconds": round(time.time() - start, 2), **quick_eval(trainer, cfg.eval_num)})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:

@@ -328,9 +328,20 @@ def write_student_card(run: Run, cfg: DistillConfig, trainer: DMD2Trainer, secon
         f"- wall time: {seconds / 60:.1f} min on {trainer.acc.num_processes} process(es), device {trainer.device}",
         f"- weights: {'EMA (decay %s)' % cfg.ema_decay if cfg.ema_decay > 0 else 'raw generator'}",
         f"- command: `{command}`",
-        "",
-        "Config: see `config.yaml` in the run folder.",
     ]
+    if cfg.family != "pixel":
+        pipe = trainer.family.pipeline_class
+        lines[3:3] = [f"- family: {cfg.family}, {trainer.family.height}x{trainer.family.width}, real-score CFG "
+                      f"{cfg.real_guidance}" + (f", LoRA rank {cfg.lora_rank} alpha {cfg.lora_alpha}" if cfg.lora_rank else "")]
+        load = ("pipe.load_lora_weights('student')  # this folder" if cfg.lora_rank else
+                "pipe.unet = UNet2DConditionModel.from_pretrained('student')  # this folder")
+        lines += ["", "Use in plain diffusers (sampling as DMD2's README: LCMScheduler, its timesteps, no CFG):", "",
+                  "```python", f"from diffusers import {pipe}, LCMScheduler, UNet2DConditionModel",
+                  f"pipe = {pipe}.from_pretrained('{cfg.teacher}')", load,
+                  "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)",
+                  f"image = pipe('a photo of a cat', timesteps={list(trainer.timesteps)}, guidance_scale=0).images[0]",
+                  "```"]
+    lines += ["", "Config: see `config.yaml` in the run folder."]
     (run.student / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
 
 

@@ -18,7 +18,7 @@ from training.runs import Run
 from training.simulate import backward_simulate
 
 import tiny_sd
-from test_text_data import make_caption_folder
+from conftest import make_caption_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,6 +154,19 @@ def test_sdxl_lora_trains_only_the_adapter_and_loads_in_plain_diffusers(world, t
                                          fam.condition(["a cat"]))).abs().max() > 1e-6  # the LoRA does something
     same_outputs(student, pipe.unet, fam)
     same_outputs(student, fam.load_student(run.student), fam)  # our loader fuses it with the same alpha
+
+
+def test_bf16_frozen_parts_under_bf16_autocast_with_lora_and_checkpointing(world, tmp_path):
+    cfg = sd_config(world, lora_rank=4, mixed_precision="bf16", frozen_dtype="bf16", gradient_checkpointing=True,
+                    ema_decay=0.5)
+    run = distill(cfg, tmp_path / "run")
+    tr = run.trainer
+    assert tr.real_unet.dtype == tr.family.vae.dtype == tr.family.text_encoder_2.dtype == torch.bfloat16
+    dtypes = {(".lora_" in n, p.dtype) for n, p in tr.generator_module.named_parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}  # bf16 frozen base, fp32 LoRA
+    assert {p.dtype for p in tr.critic_module.parameters()} == {torch.float32}  # the fake score trains in fp32
+    assert all(torch.isfinite(torch.tensor(v)) for v in run.metrics()[-1].values())
+    assert (run.samples / "latest.png").is_file() and (run.student / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_sd15_1step_trains_and_exports(world, tmp_path):

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dmd2.families.sdxl import SDXLFamily
 from training.config import ConfigError, DistillConfig, load_config
@@ -16,19 +14,7 @@ from training.data import DataError
 from training.text_data import cached_latents, captioned_images, image_folder, read_prompts, to_tensor
 
 import tiny_sd
-
-CAPTIONS = ["a photo of a cat", "a red dog", "a blue cat", "a dog", "a photo of a red cat"]
-
-
-def make_caption_folder(root, captions=CAPTIONS, size=(24, 20)):
-    """root/<i>.png (random RGB, not square) + metadata.jsonl in the Hugging Face imagefolder layout."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    with open(root / "metadata.jsonl", "w") as f:
-        for i, text in enumerate(captions):
-            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": text}) + "\n")
-    return root
+from conftest import CAPTIONS, make_caption_folder
 
 
 @pytest.fixture(scope="module")

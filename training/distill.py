@@ -32,6 +32,7 @@ from training.lora import add_lora
 from training.data import InfiniteSampler, load_dataset
 from training.text_data import captioned_images, cached_latents, read_prompts
 from training.runs import Run, RunError
+from training import sharding
 from training.simulate import generator_input, randn
 
 
@@ -58,11 +59,16 @@ class DMD2Trainer:
                  data: tuple[torch.Tensor, torch.Tensor] | None = None):
         """`teacher` / `data`: a pixel teacher UNet and (images, labels) already in memory (tests, scripts)."""
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
         self.cfg = cfg
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.acc.device
         rank = self.acc.process_index
+        self.sharded = self.acc.distributed_type == DistributedType.FSDP  # then some calls must run on every rank
+        if self.sharded and cfg.ema_decay > 0:
+            raise ConfigError("ema_decay > 0 with FSDP: the EMA would be a full copy of the generator on every GPU; "
+                              "set ema_decay: 0 (as the SDXL presets do) or use DDP")
         text = cfg.family != "pixel"
         # Prompts and captions first: a bad data path fails before any model is loaded.
         images = captioned_images(cfg.data) if text else None
@@ -198,20 +204,20 @@ class DMD2Trainer:
         with self.autocast():
             x = fam.denoise(self.generator, x_t, t, cond).float()
         parts = {}
-        critic = self.critic_module
-        with critic.frozen():
+        # Frozen: no weight gradients for the critic; no_sync: its DDP wrapper expects none.
+        with self.critic_module.frozen(), self.acc.no_sync(self.critic):
             if cfg.dm_weight > 0:
                 T = fam.schedule.num_train_timesteps
                 t_dm = self._randint(int(cfg.dm_min_t * T), int(cfg.dm_max_t * T) + 1, n).clamp(max=T - 1)
                 noisy = fam.schedule.add_noise(x.detach(), randn(x.shape, self.rng, self.device), t_dm)
                 with torch.no_grad(), self.autocast():
                     x0_real = fam.denoise(self.real_unet, noisy, t_dm, cond, guidance=cfg.real_guidance).float()
-                    x0_fake = critic.fake_x0(noisy, t_dm, cond).float()
+                    x0_fake = self.critic(noisy, t_dm, cond, call="fake_x0").float()
                 parts["dm"] = losses.distribution_matching_loss(x, x0_real, x0_fake)
             if cfg.gan_generator_weight > 0:
                 with self.autocast():
-                    logits = critic.realism_logits(x, cond, self._randint(0, cfg.gan_max_t, n),
-                                                   randn(x.shape, self.rng, self.device))
+                    logits = self.critic(x, cond, self._randint(0, cfg.gan_max_t, n),
+                                         randn(x.shape, self.rng, self.device), call="realism_logits")
                 parts["gan_generator"] = losses.gan_generator_loss(logits)
             self._check(parts)
             total = cfg.dm_weight * parts.get("dm", 0.0) + cfg.gan_generator_weight * parts.get("gan_generator", 0.0)
@@ -247,15 +253,36 @@ class DMD2Trainer:
         """The network to export and evaluate: the EMA if kept, else the raw generator."""
         return self.ema if self.ema is not None else self.generator_module
 
+    def full_student(self) -> torch.nn.Module | None:
+        """`student()` as a plain module; under FSDP gathered from the shards (call on every rank; None off rank 0)."""
+        if not self.sharded:
+            return self.student()
+        state = sharding.full_model_state(self.generator)
+        if not self.acc.is_main_process:
+            return None
+        unet = copy.deepcopy(self.real_unet).to("cpu", torch.float32)
+        if self.cfg.lora_rank:
+            add_lora(unet, self.cfg.lora_rank, self.cfg.lora_alpha,
+                     self.cfg.lora_target_modules or self.family.lora_target_modules)
+        unet.load_state_dict(state)
+        return unet
+
     def state_dict(self) -> dict:
+        """Everything a checkpoint holds (under FSDP a collective: every rank calls it, rank 0 gets the states)."""
+        if self.sharded:
+            generator, opt_g = sharding.full_state(self.generator, self.opt_g.optimizer)
+            critic, opt_c = sharding.full_state(self.critic, self.opt_c.optimizer)
+        else:
+            generator, critic = self.generator_module.state_dict(), self.critic_module.state_dict()
+            opt_g, opt_c = self.opt_g.state_dict(), self.opt_c.state_dict()
         return {
             "step": self.step,
             "generator_updates": self.generator_updates,
-            "generator": self.generator_module.state_dict(),
+            "generator": generator,
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "critic": self.critic_module.state_dict(),
-            "opt_g": self.opt_g.state_dict(),
-            "opt_c": self.opt_c.state_dict(),
+            "critic": critic,
+            "opt_g": opt_g,
+            "opt_c": opt_c,
             "sched_g": self.sched_g.state_dict(),
             "sched_c": self.sched_c.state_dict(),
             "rng": self.rng.get_state(),
@@ -264,14 +291,18 @@ class DMD2Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator_module.load_state_dict(state["generator"])
+        if self.sharded:
+            sharding.load_full_state(self.generator, self.opt_g.optimizer, state["generator"], state["opt_g"])
+            sharding.load_full_state(self.critic, self.opt_c.optimizer, state["critic"], state["opt_c"])
+        else:
+            self.generator_module.load_state_dict(state["generator"])
+            self.critic_module.load_state_dict(state["critic"])
+            self.opt_g.load_state_dict(state["opt_g"])
+            self.opt_c.load_state_dict(state["opt_c"])
         if self.ema is not None:
             if state["ema"] is None:
                 raise RunError("the checkpoint has no EMA weights but the config asks for ema_decay > 0")
             self.ema.load_state_dict(state["ema"])
-        self.critic_module.load_state_dict(state["critic"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_c.load_state_dict(state["opt_c"])
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_c.load_state_dict(state["sched_c"])
         # The config is the truth for the base LRs (a resume may change them with --set), and the
@@ -391,25 +422,34 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
                 run.log_metrics(record)
                 run.set_status("running", step=step, total_steps=cfg.steps)
                 window, window_start = defaultdict(list), time.time()
-            if main and cfg.sample_every and step % cfg.sample_every == 0:
+            # Under FSDP every rank runs the sharded generator's forwards; rank 0 writes.
+            if (main or trainer.sharded) and cfg.sample_every and step % cfg.sample_every == 0:
                 grid = to_uint8(trainer.sample(fixed_labels, seed=1234))
-                save_grid(grid, run.samples / f"step-{step:08d}.png", cols=min(10, len(grid)))
-                save_grid(grid, run.samples / "latest.png", cols=min(10, len(grid)))
-            if main and cfg.eval_every and step % cfg.eval_every == 0:
-                run.log_metrics({"step": step, "seconds": round(time.time() - start, 2), **quick_eval(trainer, cfg.eval_num)})
+                if main:
+                    save_grid(grid, run.samples / f"step-{step:08d}.png", cols=min(10, len(grid)))
+                    save_grid(grid, run.samples / "latest.png", cols=min(10, len(grid)))
+            if (main or trainer.sharded) and cfg.eval_every and step % cfg.eval_every == 0:
+                scores = quick_eval(trainer, cfg.eval_num)
+                if main:
+                    run.log_metrics({"step": step, "seconds": round(time.time() - start, 2), **scores})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 acc.wait_for_everyone()
+                state = trainer.state_dict()
                 if main:
-                    run.save_checkpoint(step, trainer.state_dict(), keep=cfg.keep_checkpoints)
+                    run.save_checkpoint(step, state, keep=cfg.keep_checkpoints)
     except NonFiniteLoss as e:
         if main:
             run.set_status("failed", step=trainer.step, error=str(e))
         raise
     acc.wait_for_everyone()
-    if trainer.step >= cfg.steps and main:
-        if not cfg.checkpoint_every or trainer.step % cfg.checkpoint_every:
-            run.save_checkpoint(trainer.step, trainer.state_dict(), keep=cfg.keep_checkpoints)
-        trainer.family.save_student(trainer.student(), run.student, timesteps=trainer.timesteps,
+    finished = trainer.step >= cfg.steps
+    if finished:
+        state = trainer.state_dict() if not cfg.checkpoint_every or trainer.step % cfg.checkpoint_every else None
+        student = trainer.full_student()
+    if finished and main:
+        if state is not None:
+            run.save_checkpoint(trainer.step, state, keep=cfg.keep_checkpoints)
+        trainer.family.save_student(student, run.student, timesteps=trainer.timesteps,
                                     family=trainer.family.name, teacher=cfg.teacher)
         write_student_card(run, cfg, trainer, time.time() - start, command)
         run.set_status("finished", step=trainer.step, total_steps=cfg.steps)

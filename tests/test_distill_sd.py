@@ -241,3 +241,18 @@ def test_accelerate_configs_load_with_accelerates_loader():
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16" and env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
     for cls in env["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(","):
         assert hasattr(unet_2d_blocks, cls), cls  # every wrapped class exists in diffusers
+
+
+def test_cli_with_a_preset_and_bad_data_fails_in_one_line_before_loading_models(tmp_path):
+    """The SDXL LoRA preset from the command line: a missing data folder is reported before the
+    (Hub) teacher is touched, as one line without a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "training", "distill", "--config", "configs/sdxl-4step-lora.yaml",
+                        "--out", str(tmp_path / "run"), "--set", f"data={tmp_path / 'nowhere'}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1
+    assert "image folder not found" in p.stderr and "Traceback" not in p.stderr

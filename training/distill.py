@@ -84,6 +84,7 @@ class DMD2Trainer:
             raise ConfigError(f"family {cfg.family}: pass the teacher as a config path, not a module")
         self.timesteps = student_timesteps(cfg.student_steps, self.family.schedule.num_train_timesteps,
                                            first=cfg.first_timestep)
+        # self.images / self.labels: pixel images and class labels, or VAE latents and captions.
         if text:
             with self.acc.main_process_first():  # rank 0 encodes (or checks) the cache, the others then read it
                 self.images, self.labels = cached_latents(self.family, images, self.family.height,

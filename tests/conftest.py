@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -63,6 +65,20 @@ def make_two_class_folder(root, per_class: int = 6):
 @pytest.fixture
 def two_class_folder(tmp_path):
     return make_two_class_folder(tmp_path / "images")
+
+
+CAPTIONS = ["a photo of a cat", "a red dog", "a blue cat", "a dog", "a photo of a red cat"]
+
+
+def make_caption_folder(root, captions=CAPTIONS, size=(24, 20)):
+    """root/<i>.png (random RGB, not square) + metadata.jsonl in the Hugging Face imagefolder layout."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    with open(root / "metadata.jsonl", "w") as f:
+        for i, text in enumerate(captions):
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": text}) + "\n")
+    return root
 
 
 def tiny_pixel_unet(seed: int = 0):

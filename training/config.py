@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from dmd2.families import FAMILIES
+
 
 class ConfigError(ValueError):
     """A config file or value is invalid; the message names the key and the problem."""
@@ -18,9 +20,19 @@ class DistillConfig:
     """Every knob of a DMD2 run. Defaults are the embedded MNIST 1-step preset."""
 
     # models and data
-    family: str = "pixel"                      # model family (pixel; sdxl/sd15 come with their issue)
-    teacher: str = "assets/mnist/teacher"      # teacher folder (diffusers format)
-    data: str = "mnist5k"                      # real images: 'mnist5k' or a class-per-folder path
+    family: str = "pixel"                      # pixel (class labels), sdxl or sd15 (text prompts)
+    teacher: str = "assets/mnist/teacher"      # teacher: diffusers folder (pixel, sd*) or Hub repo id (sd*)
+    data: str = "mnist5k"                      # real images. pixel: 'mnist5k' or a class-per-folder path;
+                                               # sd*: a folder with metadata.jsonl (file_name, text) or 'hf:<dataset>'
+    prompts: str | None = None                 # sd*: generator prompts, .txt (one a line) or .parquet; None: the captions
+    resolution: int | None = None              # sd*: image size to train at (None: the teacher's, e.g. 1024 for SDXL)
+    latent_cache_dir: str = "~/.cache/dmd2/latents"  # sd*: VAE latents of the real images, computed once
+    frozen_dtype: str = "fp32"                 # teacher, text encoders, VAE (and a LoRA's base): "fp32" or "bf16"
+    # the generator's parameterisation
+    lora_rank: int = 0                         # sd*: > 0 trains a LoRA of this rank instead of the full UNet
+    lora_alpha: float = 8.0                    # LoRA scale alpha / rank (official SDXL: rank 64, alpha 8)
+    lora_target_modules: list | None = None    # module-name suffixes; None: the family's (DMD2's list)
+    gradient_checkpointing: bool = False       # recompute activations of the generator and fake score
     # the student
     student_steps: int = 1                     # 1 -> [999]; 4 -> [999, 749, 499, 249]
     first_timestep: int | None = None          # 1-step only: condition on this t (SDXL official: 399)
@@ -68,7 +80,26 @@ class DistillConfig:
             if not ok:
                 raise ConfigError(f"config {key}={getattr(self, key)!r}: {why}")
 
-        need(self.family in ("pixel",), "family", "must be 'pixel' (sdxl and sd15 are not available yet)")
+        need(self.family in FAMILIES, "family", f"must be one of {', '.join(FAMILIES)}")
+        text = self.family != "pixel"
+        need(text or self.prompts is None, "prompts", "only for the text families (sdxl, sd15); pixel uses class labels")
+        need(self.prompts is None or Path(str(self.prompts)).suffix.lower() in (".txt", ".parquet"), "prompts",
+             "must be a .txt file (one prompt a line) or a .parquet file (a prompt/text/caption column)")
+        need(not text or self.data != "mnist5k", "data",
+             f"family {self.family} needs images with captions: a folder with metadata.jsonl or 'hf:<dataset>'")
+        need(self.resolution is None or (isinstance(self.resolution, int) and not isinstance(self.resolution, bool)
+                                         and self.resolution >= 8), "resolution", "must be an integer >= 8 or null")
+        need(self.frozen_dtype in ("fp32", "bf16"), "frozen_dtype", "must be 'fp32' or 'bf16'")
+        need(self.frozen_dtype == "fp32" or self.mixed_precision == "bf16", "frozen_dtype",
+             "bf16 frozen parts need mixed_precision: bf16")
+        need(isinstance(self.lora_rank, int) and self.lora_rank >= 0, "lora_rank", "must be an integer >= 0")
+        need(self.lora_rank == 0 or text, "lora_rank", "LoRA generators are for the sdxl and sd15 families")
+        need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
+        need(self.lora_target_modules is None or (isinstance(self.lora_target_modules, list) and self.lora_target_modules
+                                                  and all(isinstance(m, str) and m for m in self.lora_target_modules)),
+             "lora_target_modules", "must be null or a non-empty list of module names")
+        need(not text or self.eval_every == 0, "eval_every",
+             "the quick evaluation scores MNIST digits; set eval_every: 0 for sdxl/sd15")
         need(isinstance(self.student_steps, int) and 1 <= self.student_steps <= 1000, "student_steps", "must be an integer in 1..1000")
         need(self.first_timestep is None or (self.student_steps == 1 and 0 <= self.first_timestep < 1000),
              "first_timestep", "only for 1-step students, in 0..999")

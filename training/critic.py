@@ -35,9 +35,10 @@ class GanHead(nn.Module):
 class Critic(nn.Module):
     """Trainable fake score (initialised from the teacher) + GAN head.
 
-    `forward` is the critic's own objective, so that DDP/FSDP see one module with one forward;
-    the generator side uses `fake_x0` and `realism_logits` on the unwrapped module with
-    `frozen()` so no weight gradients are computed for the critic there.
+    Every use goes through `forward(..., call=<method>)`, so that a DDP/FSDP wrapper sees it (FSDP
+    gathers the sharded weights only inside a forward): `losses` is the critic's own objective; the
+    generator side calls `fake_x0` and `realism_logits` inside `frozen()`, so no weight gradients are
+    computed for the critic there.
     """
 
     def __init__(self, family: Family, teacher: nn.Module, use_gan: bool = True):
@@ -66,7 +67,13 @@ class Critic(nn.Module):
         x_t = self.family.schedule.add_noise(x0, noise, t)
         return self.gan_head(self.family.bottleneck(self.fake_unet, x_t, t, cond))
 
-    def forward(self, fake_x0, fake_cond, real_x0, real_cond, draws: dict) -> dict:
+    def forward(self, *args, call: str = "losses", **kwargs):
+        """Dispatch to the method named by `call` (losses, fake_x0 or realism_logits)."""
+        if call not in ("losses", "fake_x0", "realism_logits"):
+            raise ValueError(f"unknown critic call {call!r}")
+        return getattr(self, call)(*args, **kwargs)
+
+    def losses(self, fake_x0, fake_cond, real_x0, real_cond, draws: dict) -> dict:
         """Critic losses on detached generator samples and real images; `draws` holds the random t/noise.
 
         Returns {"fake_denoise": ..., "gan_critic": ...} (the latter only with a GAN head).

@@ -22,15 +22,18 @@ import torch
 
 from dmd2.cli import invocation
 from dmd2.images import save_grid
-from dmd2.families.pixel import PixelFamily, load_pixel_unet
+from dmd2.families import PixelFamily, family_class
 from dmd2.registry import to_uint8
 from dmd2.sampling import student_sample
 from dmd2.schedule import student_timesteps
 from training import losses
 from training.config import ConfigError, DistillConfig, config_text, load_config, save_config
 from training.critic import Critic
+from training.lora import add_lora
 from training.data import InfiniteSampler, load_dataset
+from training.text_data import captioned_images, cached_latents, read_prompts
 from training.runs import Run, RunError
+from training import sharding
 from training.simulate import generator_input, randn
 
 
@@ -55,31 +58,63 @@ class DMD2Trainer:
 
     def __init__(self, cfg: DistillConfig, accelerator=None, teacher: torch.nn.Module | None = None,
                  data: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`teacher` / `data`: a pixel teacher UNet and (images, labels) already in memory (tests, scripts)."""
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
         self.cfg = cfg
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.acc.device
         rank = self.acc.process_index
+        self.sharded = self.acc.distributed_type == DistributedType.FSDP  # then some calls must run on every rank
+        if self.sharded and cfg.ema_decay > 0:
+            raise ConfigError("ema_decay > 0 with FSDP: the EMA would be a full copy of the generator on every GPU; "
+                              "set ema_decay: 0 (as the SDXL presets do) or use DDP")
+        text = cfg.family != "pixel"
+        # Prompts and captions first: a bad data path fails before any model is loaded.
+        images = captioned_images(cfg.data) if text else None
+        self.prompts = read_prompts(cfg.prompts) if cfg.prompts else None
 
-        teacher = load_pixel_unet(cfg.teacher) if teacher is None else teacher
-        self.family = PixelFamily.from_unet(teacher)
+        frozen_dtype = torch.bfloat16 if cfg.frozen_dtype == "bf16" else torch.float32
+        if teacher is None:
+            self.family, teacher = family_class(cfg.family).for_training(
+                cfg.teacher, device=self.device, frozen_dtype=frozen_dtype, resolution=cfg.resolution)
+        elif cfg.family == "pixel":
+            self.family = PixelFamily.from_unet(teacher)
+        else:
+            raise ConfigError(f"family {cfg.family}: pass the teacher as a config path, not a module")
         self.timesteps = student_timesteps(cfg.student_steps, self.family.schedule.num_train_timesteps,
                                            first=cfg.first_timestep)
-        images, labels = load_dataset(cfg.data, self.family.image_size, self.family.channels) if data is None else data
-        if int(labels.max()) >= self.family.num_classes:
-            raise ConfigError(f"data {cfg.data!r} has label {int(labels.max())}, the teacher knows "
-                              f"{self.family.num_classes} classes")
-        self.images, self.labels = images, labels
+        # self.images / self.labels: pixel images and class labels, or VAE latents and captions.
+        if text:
+            with self.acc.main_process_first():  # rank 0 encodes (or checks) the cache, the others then read it
+                self.images, self.labels = cached_latents(self.family, images, self.family.height,
+                                                          cfg.latent_cache_dir, log=self.acc.print)
+            self.prompts = self.prompts or list(self.labels)  # no prompt file: the generator uses the captions
+        else:
+            images, labels = load_dataset(cfg.data, self.family.image_size, self.family.channels) if data is None else data
+            if int(labels.max()) >= self.family.num_classes:
+                raise ConfigError(f"data {cfg.data!r} has label {int(labels.max())}, the teacher knows "
+                                  f"{self.family.num_classes} classes")
+            self.images, self.labels = images, labels
 
         torch.manual_seed(cfg.seed)  # the GAN head's initialisation
         self.real_unet = teacher.to(self.device).eval().requires_grad_(False)
         generator = copy.deepcopy(self.real_unet).train().requires_grad_(True)
         critic = Critic(self.family, self.real_unet, use_gan=cfg.use_gan).to(self.device)
+        if cfg.lora_rank:
+            add_lora(generator, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules or self.family.lora_target_modules,
+                     base_dtype=frozen_dtype)
+        if cfg.gradient_checkpointing:
+            generator.enable_gradient_checkpointing()
+            critic.fake_unet.enable_gradient_checkpointing()
+        if frozen_dtype != torch.float32:  # after the copies above, which train in fp32
+            self.real_unet.to(frozen_dtype)
         self.ema = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
 
         adamw = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.generator_lr, **adamw)
+        trainable = [p for p in generator.parameters() if p.requires_grad]  # all of them, or only the LoRA's
+        opt_g = torch.optim.AdamW(trainable, lr=cfg.generator_lr, **adamw)
         opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, **adamw)
         self.generator, self.critic, self.opt_g, self.opt_c = self.acc.prepare(generator, critic, opt_g, opt_c)
         # Horizons in each optimiser's own steps: the generator steps once per `ttur` critic steps.
@@ -91,6 +126,8 @@ class DMD2Trainer:
         # Every random draw of training goes through these, so a checkpoint can restore them exactly.
         self.rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
         self.sampler = InfiniteSampler(len(self.images), cfg.batch_size, seed=cfg.seed * 1000 + rank)
+        self.prompt_sampler = (InfiniteSampler(len(self.prompts), cfg.batch_size, seed=cfg.seed * 1000 + rank + 500)
+                               if text else None)
         self.step = 0
         self.generator_updates = 0
 
@@ -108,8 +145,16 @@ class DMD2Trainer:
                               enabled=self.cfg.mixed_precision == "bf16")
 
     def real_batch(self):
+        """Real images (UNet space) and their own conditions (class labels or captions)."""
         idx = self.sampler.next()
-        return self.images[idx].to(self.device), self.family.condition(self.labels[idx]).to(self.device)
+        specs = self.labels[idx] if isinstance(self.labels, torch.Tensor) else [self.labels[i] for i in idx.tolist()]
+        return self.images[idx].to(self.device).float(), self.family.condition(specs).to(self.device)
+
+    def generator_condition(self, real_cond):
+        """The generator's conditions: the real batch's labels (pixel) or prompts drawn from the prompt list."""
+        if self.prompt_sampler is None:
+            return real_cond
+        return self.family.condition([self.prompts[i] for i in self.prompt_sampler.next().tolist()])
 
     def _randint(self, low: int, high: int, n: int) -> torch.Tensor:
         return torch.randint(low, high, (n,), generator=self.rng).to(self.device)
@@ -120,8 +165,11 @@ class DMD2Trainer:
                 raise NonFiniteLoss(f"step {self.step}: loss {name} is {value.item()}")
 
     # --- the two updates ------------------------------------------------------------------
-    def critic_step(self, real_x0, cond) -> dict:
-        """One update of the fake score (denoising on detached generator samples) and the GAN head."""
+    def critic_step(self, real_x0, cond, real_cond=None) -> dict:
+        """One update of the fake score (denoising on detached generator samples) and the GAN head.
+
+        `cond` conditions the generator; `real_cond` the real images (default: the same).
+        """
         cfg, fam, n = self.cfg, self.family, real_x0.shape[0]
         T = fam.schedule.num_train_timesteps
         with torch.no_grad(), self.autocast():
@@ -133,7 +181,7 @@ class DMD2Trainer:
             draws.update(gan_t_fake=self._randint(0, cfg.gan_max_t, n), gan_noise_fake=randn(fake_x0.shape, self.rng, self.device),
                          gan_t_real=self._randint(0, cfg.gan_max_t, n), gan_noise_real=randn(real_x0.shape, self.rng, self.device))
         with self.autocast():
-            out = self.critic(fake_x0, cond, real_x0, cond, draws)
+            out = self.critic(fake_x0, cond, real_x0, cond if real_cond is None else real_cond, draws)
         total = out["fake_denoise"]
         if cfg.use_gan:
             total = total + cfg.gan_critic_weight * out["gan_critic"]
@@ -158,20 +206,20 @@ class DMD2Trainer:
         with self.autocast():
             x = fam.denoise(self.generator, x_t, t, cond).float()
         parts = {}
-        critic = self.critic_module
-        with critic.frozen():
+        # Frozen: no weight gradients for the critic; no_sync: its DDP wrapper expects none.
+        with self.critic_module.frozen(), self.acc.no_sync(self.critic):
             if cfg.dm_weight > 0:
                 T = fam.schedule.num_train_timesteps
                 t_dm = self._randint(int(cfg.dm_min_t * T), int(cfg.dm_max_t * T) + 1, n).clamp(max=T - 1)
                 noisy = fam.schedule.add_noise(x.detach(), randn(x.shape, self.rng, self.device), t_dm)
                 with torch.no_grad(), self.autocast():
                     x0_real = fam.denoise(self.real_unet, noisy, t_dm, cond, guidance=cfg.real_guidance).float()
-                    x0_fake = critic.fake_x0(noisy, t_dm, cond).float()
+                    x0_fake = self.critic(noisy, t_dm, cond, call="fake_x0").float()
                 parts["dm"] = losses.distribution_matching_loss(x, x0_real, x0_fake)
             if cfg.gan_generator_weight > 0:
                 with self.autocast():
-                    logits = critic.realism_logits(x, cond, self._randint(0, cfg.gan_max_t, n),
-                                                   randn(x.shape, self.rng, self.device))
+                    logits = self.critic(x, cond, self._randint(0, cfg.gan_max_t, n),
+                                         randn(x.shape, self.rng, self.device), call="realism_logits")
                 parts["gan_generator"] = losses.gan_generator_loss(logits)
             self._check(parts)
             total = cfg.dm_weight * parts.get("dm", 0.0) + cfg.gan_generator_weight * parts.get("gan_generator", 0.0)
@@ -185,7 +233,8 @@ class DMD2Trainer:
         if self.ema is not None:
             with torch.no_grad():
                 for pe, p in zip(self.ema.parameters(), self.generator_module.parameters()):
-                    pe.lerp_(p, 1 - cfg.ema_decay)
+                    if p.requires_grad:  # a LoRA's frozen base stays as it is
+                        pe.lerp_(p, 1 - cfg.ema_decay)
         stats = {f"generator/{k}": v.item() for k, v in parts.items()}
         stats["generator/grad_norm"] = float(grad_norm)
         stats["generator/lr"] = self.sched_g.get_last_lr()[0]
@@ -194,9 +243,11 @@ class DMD2Trainer:
     def train_step(self) -> dict:
         """One step: a critic update, plus a generator update on every `ttur`-th step (TTUR)."""
         self.step += 1
-        stats = self.critic_step(*self.real_batch())
+        real_x0, real_cond = self.real_batch()
+        stats = self.critic_step(real_x0, self.generator_condition(real_cond), real_cond)
         if self.step % self.cfg.ttur == 0:
-            stats.update(self.generator_step(*self.real_batch()))
+            real_x0, real_cond = self.real_batch()
+            stats.update(self.generator_step(real_x0, self.generator_condition(real_cond)))
         return stats
 
     # --- state ----------------------------------------------------------------------------
@@ -204,30 +255,56 @@ class DMD2Trainer:
         """The network to export and evaluate: the EMA if kept, else the raw generator."""
         return self.ema if self.ema is not None else self.generator_module
 
+    def full_student(self) -> torch.nn.Module | None:
+        """`student()` as a plain module; under FSDP gathered from the shards (call on every rank; None off rank 0)."""
+        if not self.sharded:
+            return self.student()
+        state = sharding.full_model_state(self.generator)
+        if not self.acc.is_main_process:
+            return None
+        unet = copy.deepcopy(self.real_unet).to("cpu", torch.float32)
+        if self.cfg.lora_rank:
+            add_lora(unet, self.cfg.lora_rank, self.cfg.lora_alpha,
+                     self.cfg.lora_target_modules or self.family.lora_target_modules)
+        unet.load_state_dict(state)
+        return unet
+
     def state_dict(self) -> dict:
+        """Everything a checkpoint holds (under FSDP a collective: every rank calls it, rank 0 gets the states)."""
+        if self.sharded:
+            generator, opt_g = sharding.full_state(self.generator, self.opt_g.optimizer)
+            critic, opt_c = sharding.full_state(self.critic, self.opt_c.optimizer)
+        else:
+            generator, critic = self.generator_module.state_dict(), self.critic_module.state_dict()
+            opt_g, opt_c = self.opt_g.state_dict(), self.opt_c.state_dict()
         return {
             "step": self.step,
             "generator_updates": self.generator_updates,
-            "generator": self.generator_module.state_dict(),
+            "generator": generator,
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "critic": self.critic_module.state_dict(),
-            "opt_g": self.opt_g.state_dict(),
-            "opt_c": self.opt_c.state_dict(),
+            "critic": critic,
+            "opt_g": opt_g,
+            "opt_c": opt_c,
             "sched_g": self.sched_g.state_dict(),
             "sched_c": self.sched_c.state_dict(),
             "rng": self.rng.get_state(),
             "sampler": self.sampler.state_dict(),
+            "prompt_sampler": self.prompt_sampler.state_dict() if self.prompt_sampler else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator_module.load_state_dict(state["generator"])
+        if self.sharded:
+            sharding.load_full_state(self.generator, self.opt_g.optimizer, state["generator"], state["opt_g"])
+            sharding.load_full_state(self.critic, self.opt_c.optimizer, state["critic"], state["opt_c"])
+        else:
+            self.generator_module.load_state_dict(state["generator"])
+            self.critic_module.load_state_dict(state["critic"])
+            self.opt_g.load_state_dict(state["opt_g"])
+            self.opt_c.load_state_dict(state["opt_c"])
         if self.ema is not None:
             if state["ema"] is None:
                 raise RunError("the checkpoint has no EMA weights but the config asks for ema_decay > 0")
             self.ema.load_state_dict(state["ema"])
-        self.critic_module.load_state_dict(state["critic"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_c.load_state_dict(state["opt_c"])
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_c.load_state_dict(state["sched_c"])
         # The config is the truth for the base LRs (a resume may change them with --set), and the
@@ -241,8 +318,16 @@ class DMD2Trainer:
             sched._last_lr = [lr * factor for _ in sched.base_lrs]
         self.rng.set_state(state["rng"])
         self.sampler.load_state_dict(state["sampler"])
+        if self.prompt_sampler is not None:
+            self.prompt_sampler.load_state_dict(state["prompt_sampler"])
         self.step = state["step"]
         self.generator_updates = state["generator_updates"]
+
+    def grid_specs(self) -> list:
+        """The fixed conditions of the sample grids: 100 labels cycling the classes, or the first 4 prompts."""
+        if self.prompt_sampler is None:
+            return np.arange(100) % self.family.num_classes
+        return [self.prompts[i % len(self.prompts)] for i in range(4)]
 
     @torch.no_grad()
     def sample(self, labels, seed: int, unet=None) -> torch.Tensor:
@@ -250,7 +335,7 @@ class DMD2Trainer:
         unet = unet or self.student()
         noise = torch.randn(self.family.latent_shape(len(labels)), generator=torch.Generator().manual_seed(seed))
         x = student_sample(self.family, unet, self.family.condition(labels).to(self.device),
-                           noise.to(self.device), self.timesteps, seed=seed)
+                           noise.to(self.device), self.timesteps, seed=seed, autocast=self.cfg.frozen_dtype == "bf16")
         return self.family.decode(x)
 
 
@@ -276,9 +361,20 @@ def write_student_card(run: Run, cfg: DistillConfig, trainer: DMD2Trainer, secon
         f"- wall time: {seconds / 60:.1f} min on {trainer.acc.num_processes} process(es), device {trainer.device}",
         f"- weights: {'EMA (decay %s)' % cfg.ema_decay if cfg.ema_decay > 0 else 'raw generator'}",
         f"- command: `{command}`",
-        "",
-        "Config: see `config.yaml` in the run folder.",
     ]
+    if cfg.family != "pixel":
+        pipe = trainer.family.pipeline_class
+        lines[3:3] = [f"- family: {cfg.family}, {trainer.family.height}x{trainer.family.width}, real-score CFG "
+                      f"{cfg.real_guidance}" + (f", LoRA rank {cfg.lora_rank} alpha {cfg.lora_alpha}" if cfg.lora_rank else "")]
+        load = ("pipe.load_lora_weights('student')  # this folder" if cfg.lora_rank else
+                "pipe.unet = UNet2DConditionModel.from_pretrained('student')  # this folder")
+        lines += ["", "Use in plain diffusers (sampling as DMD2's README: LCMScheduler, its timesteps, no CFG):", "",
+                  "```python", f"from diffusers import {pipe}, LCMScheduler, UNet2DConditionModel",
+                  f"pipe = {pipe}.from_pretrained('{cfg.teacher}')", load,
+                  "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)",
+                  f"image = pipe('a photo of a cat', timesteps={list(trainer.timesteps)}, guidance_scale=0).images[0]",
+                  "```"]
+    lines += ["", "Config: see `config.yaml` in the run folder."]
     (run.student / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
 
 
@@ -309,7 +405,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
     if main:
         run.set_status("running", step=trainer.step, total_steps=cfg.steps, pid=os.getpid(), error=None,
                        started=time.time())
-    fixed_labels = np.arange(100) % trainer.family.num_classes
+    fixed_labels = trainer.grid_specs()
     start, window, window_start = time.time(), defaultdict(list), time.time()
     last = stop_after if stop_after is not None else cfg.steps
     try:
@@ -329,25 +425,34 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
                 run.log_metrics(record)
                 run.set_status("running", step=step, total_steps=cfg.steps)
                 window, window_start = defaultdict(list), time.time()
-            if main and cfg.sample_every and step % cfg.sample_every == 0:
+            # Under FSDP every rank runs the sharded generator's forwards; rank 0 writes.
+            if (main or trainer.sharded) and cfg.sample_every and step % cfg.sample_every == 0:
                 grid = to_uint8(trainer.sample(fixed_labels, seed=1234))
-                save_grid(grid, run.samples / f"step-{step:08d}.png")
-                save_grid(grid, run.samples / "latest.png")
-            if main and cfg.eval_every and step % cfg.eval_every == 0:
-                run.log_metrics({"step": step, "seconds": round(time.time() - start, 2), **quick_eval(trainer, cfg.eval_num)})
+                if main:
+                    save_grid(grid, run.samples / f"step-{step:08d}.png", cols=min(10, len(grid)))
+                    save_grid(grid, run.samples / "latest.png", cols=min(10, len(grid)))
+            if (main or trainer.sharded) and cfg.eval_every and step % cfg.eval_every == 0:
+                scores = quick_eval(trainer, cfg.eval_num)
+                if main:
+                    run.log_metrics({"step": step, "seconds": round(time.time() - start, 2), **scores})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 acc.wait_for_everyone()
+                state = trainer.state_dict()
                 if main:
-                    run.save_checkpoint(step, trainer.state_dict(), keep=cfg.keep_checkpoints)
+                    run.save_checkpoint(step, state, keep=cfg.keep_checkpoints)
     except NonFiniteLoss as e:
         if main:
             run.set_status("failed", step=trainer.step, error=str(e))
         raise
     acc.wait_for_everyone()
-    if trainer.step >= cfg.steps and main:
-        if not cfg.checkpoint_every or trainer.step % cfg.checkpoint_every:
-            run.save_checkpoint(trainer.step, trainer.state_dict(), keep=cfg.keep_checkpoints)
-        trainer.family.save_student(trainer.student(), run.student, timesteps=trainer.timesteps,
+    finished = trainer.step >= cfg.steps
+    if finished:
+        state = trainer.state_dict() if not cfg.checkpoint_every or trainer.step % cfg.checkpoint_every else None
+        student = trainer.full_student()
+    if finished and main:
+        if state is not None:
+            run.save_checkpoint(trainer.step, state, keep=cfg.keep_checkpoints)
+        trainer.family.save_student(student, run.student, timesteps=trainer.timesteps,
                                     family=trainer.family.name, teacher=cfg.teacher)
         write_student_card(run, cfg, trainer, time.time() - start, command)
         run.set_status("finished", step=trainer.step, total_steps=cfg.steps)

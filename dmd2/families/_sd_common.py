@@ -19,6 +19,11 @@ from dmd2.schedule import NoiseSchedule
 
 # The SD 1.x / XL noise schedule: NoiseSchedule("scaled_linear") hard-codes these betas.
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+# DMD2's LoRA targets for the SD UNet (module-name suffixes, as PEFT matches them): attention
+# projections, transformer in/out and feed-forward, resnet convs and time projections, resamplers.
+LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                       "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file diffusers' load_lora_weights(folder) looks for
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -94,6 +99,20 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ModelLoadError(f"{path} does not hold a flat state dict of tensors")
     return sd
+
+
+def lora_alpha_in_metadata(path) -> float | None:
+    """The UNet LoRA's alpha that diffusers' `save_lora_weights` keeps in the safetensors metadata, if any."""
+    from safetensors import safe_open
+
+    if Path(path).suffix != ".safetensors":
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None
+    alpha = json.loads(raw).get("unet.lora_alpha")
+    return None if alpha is None else float(alpha)
 
 
 # --- LoRA ----------------------------------------------------------------------------------
@@ -199,6 +218,8 @@ class StableDiffusionFamily(Family):
     """
 
     unet_subfolder = "unet"
+    pipeline_class: str = "StableDiffusionPipeline"  # the diffusers pipeline whose save/load_lora_weights we match
+    lora_target_modules = LORA_TARGET_MODULES
     published: dict[str, PublishedStudent] = {}
     real_guidance: float = 1.0  # CFG of DMD2's real score (the frozen teacher), per the paper
 
@@ -364,6 +385,20 @@ class StableDiffusionFamily(Family):
     def _ready(self, unet: nn.Module) -> nn.Module:
         return _to(unet, self.device, self.dtype).eval().requires_grad_(False)
 
+    @classmethod
+    def for_training(cls, teacher, *, device=None, frozen_dtype=torch.float32, resolution=None):
+        """Text encoders and VAE in `frozen_dtype` and the teacher UNet in fp32 (the trainer copies it
+        into the generator and the fake score, which train in fp32 master weights)."""
+        from diffusers import UNet2DConditionModel
+
+        family = cls.from_pretrained(teacher, device=device, dtype=frozen_dtype, height=resolution, width=resolution)
+        down = 2 ** (len(family.unet_config["block_out_channels"]) - 1) * family.vae_scale_factor
+        if family.height % down or family.width % down:
+            raise ValueError(f"resolution {family.height}: must be a multiple of {down} for the UNet of {teacher}")
+        unet = cls._load(UNet2DConditionModel, teacher, subfolder=cls.unet_subfolder, dtype=torch.float32,
+                         **family.load_kwargs)
+        return family, unet.to(family.device).eval().requires_grad_(False)
+
     def load_teacher(self, path=None, **kwargs) -> nn.Module:
         """The teacher UNet from a diffusers pipeline folder or Hub repo (default: the family's source).
 
@@ -415,25 +450,48 @@ class StableDiffusionFamily(Family):
         if str(path) in self.published:
             path = self.published_file(str(path), **kwargs)
         path = Path(path)
+        if path.is_dir() and (path / LORA_WEIGHT_NAME).is_file() and not (path / "config.json").is_file():
+            path = path / LORA_WEIGHT_NAME  # a LoRA student of ours (save_student)
         if path.is_dir():
             if not (path / "config.json").is_file():
-                raise ModelLoadError(f"{path} has no config.json: not a diffusers UNet folder")
+                raise ModelLoadError(f"{path} has no config.json: not a diffusers UNet folder "
+                                     f"(nor a LoRA folder with {LORA_WEIGHT_NAME})")
             return self._ready(self._load(UNet2DConditionModel, path, dtype=self.dtype))
         state_dict = load_state_dict_file(path)
         if any("lora" in k for k in state_dict):
             teacher = self.load_teacher()
-            fuse_lora(teacher, state_dict, scale=lora_scale)
+            fuse_lora(teacher, state_dict, scale=lora_scale, alpha=lora_alpha_in_metadata(path))
             return teacher
         return self.unet_from_state_dict(state_dict, what=str(path))
 
     def save_student(self, unet, path, **extra) -> None:
-        """A diffusers UNet folder (config.json + safetensors, loads in plain diffusers) and dmd2.json
-        with `extra` (e.g. timesteps) and the family and teacher it belongs to."""
+        """A diffusers UNet folder (config.json + safetensors, loads in plain diffusers), or for a UNet
+        with a PEFT LoRA adapter only the LoRA (`pytorch_lora_weights.safetensors`, loads with the
+        pipeline's `load_lora_weights(folder)`); and dmd2.json with `extra` (e.g. timesteps) and the
+        family and teacher it belongs to."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        unet.save_pretrained(path, safe_serialization=True)
+        if getattr(unet, "peft_config", None):
+            self.save_lora(unet, path)
+            extra = {"kind": "lora", **extra}
+        else:
+            unet.save_pretrained(path, safe_serialization=True)
         meta = {"family": self.name, "teacher": self.source, **extra}
         (path / "dmd2.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
+
+    def save_lora(self, unet, path) -> Path:
+        """The UNet's one LoRA adapter as diffusers writes it (PEFT keys under `unet.`, rank and alpha
+        in the safetensors metadata), so `load_lora_weights` restores the same scaling."""
+        import diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        (name, config), = unet.peft_config.items()
+        layers = {k: v.detach().float().cpu().contiguous()
+                  for k, v in get_peft_model_state_dict(unet, adapter_name=name).items()}
+        getattr(diffusers, self.pipeline_class).save_lora_weights(
+            path, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict(), weight_name=LORA_WEIGHT_NAME,
+            safe_serialization=True)
+        return Path(path) / LORA_WEIGHT_NAME
 
     def timesteps_of(self, student) -> tuple[int, ...]:
         """The sampling timesteps of a published student name or of a student folder with dmd2.json."""

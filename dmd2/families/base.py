@@ -72,6 +72,19 @@ class Family:
         # guiding x0 equals guiding eps or v.
         return x0_uncond + guidance * (x0_cond - x0_uncond)
 
+    # --- training (used by training/distill.py) ------------------------------------------
+    lora_target_modules: tuple[str, ...] = ()  # default LoRA targets (module name suffixes); () = no LoRA
+
+    @classmethod
+    def for_training(cls, teacher: str | Path, *, device=None, frozen_dtype: torch.dtype = torch.float32,
+                     resolution: int | None = None) -> tuple["Family", torch.nn.Module]:
+        """The family and its teacher UNet (fp32, frozen) for distillation.
+
+        `teacher`: a diffusers folder or Hub repo; `frozen_dtype`: the parts that never train
+        (text encoders, VAE); `resolution`: the image size to train at (None: the teacher's).
+        """
+        raise NotImplementedError
+
     # --- weights ------------------------------------------------------------------------
     def load_teacher(self, path: str | Path, **kwargs) -> torch.nn.Module:
         raise NotImplementedError

@@ -76,6 +76,15 @@ class PixelFamily(Family):
         return unet.config.block_out_channels[-1]
 
     # --- weights ------------------------------------------------------------------------
+    @classmethod
+    def for_training(cls, teacher, *, device=None, frozen_dtype=torch.float32, resolution=None):
+        unet = load_pixel_unet(teacher)
+        family = cls.from_unet(unet)
+        if resolution not in (None, family.image_size):
+            raise ValueError(f"resolution {resolution}: the pixel teacher {teacher} works at {family.image_size}x"
+                             f"{family.image_size} only")
+        return family, unet.to(device or "cpu")
+
     def new_unet(self, **overrides) -> UNet2DModel:
         cfg = dict(DEFAULT_UNET_CONFIG, sample_size=self.image_size, in_channels=self.channels,
                    out_channels=self.channels, num_class_embeds=self.num_classes + 1)

@@ -40,6 +40,7 @@ class SDXLFamily(StableDiffusionFamily):
     """SDXL behind the `Family` interface; build it with `SDXLFamily.from_pretrained(folder_or_repo)`."""
 
     name = "sdxl"
+    pipeline_class = "StableDiffusionXLPipeline"
     published = PUBLISHED
     real_guidance = 8.0
     default_guidance = 5.0

@@ -152,3 +152,22 @@ def reference_stats(folder, feature_net, limit: int | None = None, patch_size: i
     for batch in iter_image_batches(files, batch_size):
         acc.add(batch)
     return dict(acc.stats(), n=acc.n)
+
+
+def evaluate_text_model(model, prompts: list[str], metrics: TextToImageMetrics, reference: dict | None = None,
+                        seed: int = 0, steps=None, guidance=None, batch_size: int = 8, autocast: bool = False,
+                        progress=None) -> dict:
+    """Sample one image per prompt (batch b from seed + b), feed each batch to `metrics`, return the scores
+    with NFE and ms per image. `model` is a registry text model (anything with `generate(prompts=...)`)."""
+    seconds, nfe = 0.0, None
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        batch = prompts[start:start + batch_size]
+        out = model.generate(prompts=batch, seed=seed + b, steps=steps, guidance=guidance, autocast=autocast)
+        metrics.add(out.images, batch)
+        seconds += out.seconds
+        nfe = out.nfe
+        if progress is not None:
+            progress(start + len(batch), len(prompts))
+    result = {"nfe": nfe, "ms_per_image": 1000 * seconds / max(len(prompts), 1)}
+    result.update(metrics.result(reference))
+    return result

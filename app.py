@@ -1,11 +1,11 @@
-"""Launch the dmd2-studio Gradio app: `python app.py [--host H] [--port P] [--share] [--family pixel] [--votes PATH]`."""
+"""Launch the dmd2-studio Gradio app: `python app.py [--host H] [--port P] [--share] [--family pixel|sdxl|sd15] [--model NAME_OR_PATH ...] [--votes PATH]`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-FAMILIES = ("pixel", "sdxl")
+FAMILIES = ("pixel", "sdxl", "sd15")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,18 +14,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 to serve the network)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="open a public gradio.live link")
-    p.add_argument("--family", default="pixel", choices=FAMILIES, help="model family to serve")
+    p.add_argument("--family", default="pixel", choices=FAMILIES,
+                   help="model family to serve: pixel (class-conditional MNIST) or a text-to-image family")
     p.add_argument("--model", action="append", metavar="NAME_OR_PATH",
                    help="a registry name or model folder to show (repeatable; default: all available)")
     p.add_argument("--votes", metavar="PATH", help="SQLite file for arena votes "
                    "(default: $DMD2_VOTES or data/votes.sqlite)")
     args = p.parse_args(argv)
-    if args.family != "pixel":
-        print(f"error: --family {args.family} is not available yet; only 'pixel' (the embedded MNIST "
-              "default) can be served for now", file=sys.stderr)
-        return 2
 
+    from dmd2 import registry
     from dmd2.arena import VoteStore
+    from dmd2.families.base import ModelLoadError
     from dmd2.ui.app import build_app, default_votes_path  # imported late: gradio is slow to import
 
     votes = args.votes or default_votes_path()
@@ -34,7 +33,24 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         print(f"error: cannot open the votes database {votes}: {e}", file=sys.stderr)
         return 2
-    build_app(args.model, votes).launch(server_name=args.host, server_port=args.port, share=args.share)
+    for name in args.model or []:
+        try:
+            family = registry.spec_for(name).family
+        except ModelLoadError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if family != args.family:
+            print(f"error: --model {name} is a {family} model; this app serves --family {args.family}",
+                  file=sys.stderr)
+            return 2
+    if args.model is None and not registry.available(args.family):
+        print(f"warning: no {args.family} model is available here" + (
+            ": the SDXL names load from the Hugging Face cache, filled on first use on a GPU machine with "
+            "internet; pass local pipeline or student folders with --model" if args.family != "pixel" else ""),
+            file=sys.stderr)
+
+    build_app(args.model, votes, family=args.family).launch(server_name=args.host, server_port=args.port,
+                                                            share=args.share)
     return 0
 
 

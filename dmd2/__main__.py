@@ -1,4 +1,4 @@
-"""Command line: `python -m dmd2 sample ...` and `python -m dmd2 evaluate ...`."""
+"""Command line: `python -m dmd2 sample | evaluate | grid | push ...`."""
 
 from __future__ import annotations
 
@@ -89,26 +89,97 @@ def _labels(a, model):
     return np.full(a.num, a.label, dtype=np.int64)
 
 
+def _print_result(result: dict) -> None:
+    for k, v in result.items():
+        print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
+
+
 def cmd_evaluate(a) -> None:
     from dmd2 import registry
-    from dmd2.metrics.mnist import evaluate_images
 
     out = _check_writable(a.json) if a.json else None
-    if a.num < 2:
-        raise UsageError(f"--num must be at least 2 to estimate FID, got {a.num}")
+    spec = registry.spec_for(a.model)
+    if spec.conditioning == "text":
+        return _evaluate_text(a, out)
+    text_only = [f for f, v in (("--prompts", a.prompts), ("--ref-images", a.ref_images),
+                                ("--inception-weights", a.inception_weights), ("--clip-weights", a.clip_weights)) if v]
+    if text_only:
+        raise UsageError(f"{', '.join(text_only)}: only for text-to-image models; {a.model} is class-conditional")
+    from dmd2.metrics.mnist import evaluate_images
+
+    num = 5000 if a.num is None else a.num
+    if num < 2:
+        raise UsageError(f"--num must be at least 2 to estimate FID, got {num}")
     model = registry.load(a.model)
-    images, labels, sec_per_image, nfe = generate_many(model, a.num, a.seed, a.steps, a.guidance, autocast=a.bf16)
-    result = {"model": a.model, "num": a.num, "seed": a.seed, "nfe": nfe, "ms_per_image": 1000 * sec_per_image,
+    images, labels, sec_per_image, nfe = generate_many(model, num, a.seed, a.steps, a.guidance, autocast=a.bf16)
+    result = {"model": a.model, "num": num, "seed": a.seed, "nfe": nfe, "ms_per_image": 1000 * sec_per_image,
               "precision": "bf16" if a.bf16 else "fp32"}
     result.update(evaluate_images(images, labels))
     if a.steps is not None:
         result["steps"] = a.steps
     if a.guidance is not None:
         result["guidance"] = a.guidance
-    for k, v in result.items():
-        print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
+    _print_result(result)
     if out:
         out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _evaluate_text(a, out) -> None:
+    """FID and patch FID against --ref-images, CLIP score, NFE and ms/image of a text-to-image model."""
+    import torch
+
+    from dmd2 import registry
+    from dmd2.metrics.text_to_image import TextToImageMetrics, evaluate_text_model, reference_stats
+    from dmd2.prompts import read_prompts
+
+    if a.prompts is None:
+        raise UsageError(f"{a.model} is a text-to-image model: give it --prompts FILE (.txt, one per line, or .parquet)")
+    if a.no_clip and not a.ref_images:
+        raise UsageError("nothing to compute: --no-clip without --ref-images (FID needs reference images)")
+    prompts = read_prompts(a.prompts)
+    num = len(prompts) if a.num is None else a.num
+    if num > len(prompts):
+        raise UsageError(f"--num {num}, but {a.prompts} holds only {len(prompts)} prompts")
+    if num < (2 if a.ref_images else 1):
+        raise UsageError(f"--num must be at least {2 if a.ref_images else 1}, got {num}")
+    prompts = prompts[:num]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # The metric networks and the reference statistics first: a missing file fails before any sampling.
+    inception, reference, clip = None, None, None
+    if a.ref_images:
+        from dmd2.metrics.inception import load_fid_inception
+
+        inception = load_fid_inception(a.inception_weights, device=device)
+        reference = reference_stats(a.ref_images, inception, device=device)
+    if not a.no_clip:
+        from dmd2.metrics.clip_score import load_clip_scorer
+
+        clip = load_clip_scorer(a.clip_weights, device=device)
+    model = registry.load(a.model)
+    metrics = TextToImageMetrics(inception, clip, device=device)
+    result = {"model": a.model, "prompts": str(a.prompts), "num": num, "seed": a.seed,
+              "precision": "bf16" if a.bf16 else "fp32"}
+    result.update(evaluate_text_model(model, prompts, metrics, reference, a.seed, a.steps, a.guidance,
+                                      a.batch_size, a.bf16))
+    if reference is not None:
+        result.update(ref_images=str(a.ref_images), ref_num=reference["n"], fid_network="pt_inception-2015-12-05")
+    if clip is not None:
+        from dmd2.metrics.clip_score import CLIP_MODEL, CLIP_PRETRAINED
+
+        result["clip_model"] = f"{CLIP_MODEL}/{CLIP_PRETRAINED}"
+    for key in ("steps", "guidance"):
+        if getattr(a, key) is not None:
+            result[key] = getattr(a, key)
+    _print_result(result)
+    if out:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def cmd_push(a) -> None:
+    from dmd2.push import push_run
+
+    url = push_run(a.run, a.repo, private=a.private)
+    print(f"pushed {Path(a.run) / 'student'} to {url}")
 
 
 def cmd_grid(a) -> None:
@@ -136,14 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", type=int, default=None, help="one class for every sample (default: cycle 0..9)")
     s.set_defaults(fn=cmd_sample)
 
-    e = sub.add_parser("evaluate", help="FID, class alignment, diversity, NFE and ms/image")
+    e = sub.add_parser("evaluate", help="class models: FID, class alignment, diversity; text models: FID, patch FID, "
+                                        "CLIP score; both: NFE and ms/image")
     e.add_argument("--model", default="mnist-teacher")
-    e.add_argument("--num", type=_non_negative("--num"), default=5000)
+    e.add_argument("--num", type=_non_negative("--num"), default=None,
+                   help="samples (class models: default 5000; text models: default one per prompt)")
     e.add_argument("--seed", type=_non_negative("--seed"), default=0)
     e.add_argument("--steps", type=_positive("--steps"), default=None)
     e.add_argument("--guidance", type=float, default=None)
     e.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (default fp32)")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    t = e.add_argument_group("text-to-image models (SDXL, SD1.5)")
+    t.add_argument("--prompts", default=None, help="prompt file: .txt (one per line) or .parquet (prompt/caption column)")
+    t.add_argument("--ref-images", default=None, help="folder of reference images for FID and patch FID")
+    t.add_argument("--inception-weights", default=None,
+                   help="pt_inception-2015-12-05-6726825d.pth (default: torch hub's checkpoints folder)")
+    t.add_argument("--clip-weights", default=None, help="open_clip ViT-g-14 laion2b_s12b_b42k weight file "
+                   "(default: the Hugging Face cache)")
+    t.add_argument("--no-clip", action="store_true", help="skip the CLIP score (FID only)")
+    t.add_argument("--batch-size", type=_positive("--batch-size"), default=8, help="prompts per sampling batch")
     e.set_defaults(fn=cmd_evaluate)
     g = sub.add_parser("grid", help="a PNG grid: one column per class, --rows samples each")
     g.add_argument("--model", default="mnist-teacher")
@@ -153,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=None)
     g.add_argument("--out", required=True)
     g.set_defaults(fn=cmd_grid)
+    u = sub.add_parser("push", help="upload a finished run's student (weights, dmd2.json, model card) to the Hub")
+    u.add_argument("--run", required=True, help="run folder, e.g. runs/sdxl-4step")
+    u.add_argument("--repo", required=True, help="Hub model repo, e.g. your-name/dmd2-sdxl-4step")
+    u.add_argument("--private", action="store_true", help="create the repo private")
+    u.set_defaults(fn=cmd_push)
     return p
 
 

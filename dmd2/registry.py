@@ -1,4 +1,12 @@
-"""Named generators (the teacher, students, local runs): where they live, how they sample, a cache."""
+"""Named generators (the teacher, students, local runs): where they live, how they sample, a cache.
+
+Two kinds of conditioning: class labels (the pixel family, the embedded MNIST models) and text
+prompts (SDXL and SD1.5: the teacher pipeline, DMD2's published students, our own runs).
+Text models of the same base share one family object, so the text encoders and the VAE are
+loaded once however many students sit beside their teacher.
+Hub-backed names are "available" only when their files are already in the local Hugging Face
+cache; nothing here touches the network at import or in `available()`.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmd2.families.base import ModelLoadError
+from dmd2.families.base import Family, ModelLoadError
 from dmd2.families.pixel import PixelFamily, load_pixel_unet
+from dmd2.families.sdxl import PUBLISHED as SDXL_PUBLISHED
+from dmd2.families.sdxl import SDXL_BASE
+from dmd2.hub import cached_file, hub_reachable, is_repo_id
+from dmd2.prompts import check_prompt
 from dmd2.sampling import ddim_sample, initial_noise, student_sample
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -23,13 +35,30 @@ class ModelSpec:
     """What a named generator is: a teacher sampled by DDIM+CFG, or a few-step student."""
 
     name: str
-    path: Path
+    path: Path | None                  # pixel: the model folder; text: the student's UNet folder or weight file
     kind: str                          # "teacher" or "student"
-    family: str = "pixel"
+    family: str = "pixel"              # "pixel", "sdxl" or "sd15"
     steps: int = 50                    # teacher default DDIM steps
     guidance: float | None = None      # teacher CFG scale; None = the family's default
     timesteps: tuple[int, ...] = ()    # student timesteps (read from dmd2.json when empty)
     description: str = ""
+    base: str | None = None            # text families: the teacher pipeline (Hub repo or folder) giving text encoders + VAE
+    weights: str | None = None         # text students: a published name (e.g. "dmd2-sdxl-4step") or a file / folder
+
+    @property
+    def conditioning(self) -> str:
+        """"class" (labels) for the pixel family, "text" (prompts) for SDXL and SD1.5."""
+        return "class" if self.family == "pixel" else "text"
+
+
+TEXT_FAMILIES = ("sdxl", "sd15")
+PIPELINE_FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd15"}
+
+
+def _published(name: str, description: str) -> ModelSpec:
+    p = SDXL_PUBLISHED[name]
+    return ModelSpec(name, None, "student", "sdxl", timesteps=p.timesteps, base=SDXL_BASE, weights=name,
+                     description=description)
 
 
 BUILTIN = {
@@ -39,6 +68,12 @@ BUILTIN = {
                                   description="DMD2 1-step student of the MNIST teacher"),
     "mnist-dmd2-4step": ModelSpec("mnist-dmd2-4step", ASSETS / "mnist" / "dmd2-4step", "student",
                                   description="DMD2 4-step student of the MNIST teacher"),
+    "sdxl-teacher": ModelSpec("sdxl-teacher", None, "teacher", "sdxl", steps=50, base=SDXL_BASE,
+                              description="SDXL base 1.0, DDIM 50 steps with CFG 5 (needs a GPU)"),
+    "dmd2-sdxl-4step": _published("dmd2-sdxl-4step", "DMD2's published 4-step SDXL student (tianweiy/DMD2)"),
+    "dmd2-sdxl-1step": _published("dmd2-sdxl-1step", "DMD2's published 1-step SDXL student (tianweiy/DMD2)"),
+    "dmd2-sdxl-4step-lora": _published("dmd2-sdxl-4step-lora",
+                                       "DMD2's published 4-step SDXL LoRA (tianweiy/DMD2), fused into SDXL base"),
 }
 
 
@@ -46,11 +81,12 @@ BUILTIN = {
 class Generated:
     """A batch of samples and what it cost."""
 
-    images: np.ndarray      # uint8, N x H x W x C
-    labels: np.ndarray      # int64, N
-    nfe: int                # network evaluations per image (CFG counts 2 per step)
-    seconds: float          # wall time of the whole batch
+    images: np.ndarray          # uint8, N x H x W x C
+    labels: np.ndarray | None   # int64, N (class models; None for text models)
+    nfe: int                    # network evaluations per image (CFG counts 2 per step)
+    seconds: float              # wall time of the whole batch
     extra: dict = field(default_factory=dict)
+    prompts: list[str] | None = None   # text models: the prompt of each image
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -63,32 +99,63 @@ class LoadedModel:
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
-        if spec.family != "pixel":
-            raise ModelLoadError(f"model {spec.name!r}: family {spec.family!r} is not available here")
-        # channels_last: about 1.5x faster convolutions on CPU (benchmarks/sampling.py)
-        self.unet = load_pixel_unet(spec.path).to(memory_format=torch.channels_last)
-        self.family = PixelFamily.from_unet(self.unet)
+        if spec.family == "pixel":
+            # channels_last: about 1.5x faster convolutions on CPU (benchmarks/sampling.py)
+            self.unet = load_pixel_unet(spec.path).to(memory_format=torch.channels_last)
+            self.family: Family = PixelFamily.from_unet(self.unet)
+        elif spec.family in TEXT_FAMILIES:
+            base, weights = _hub_sources(spec)
+            self.family = text_family(spec.family, base)
+            self.unet = self.family.load_teacher() if spec.kind == "teacher" else self.family.load_student(weights)
+        else:
+            raise ModelLoadError(f"model {spec.name!r}: unknown family {spec.family!r} "
+                                 f"(known: pixel, {', '.join(TEXT_FAMILIES)})")
         timesteps = spec.timesteps
         if spec.kind == "student" and not timesteps:
-            meta = spec.path / "dmd2.json"
-            if not meta.is_file():
+            meta = spec.path / "dmd2.json" if spec.path is not None else None
+            if meta is None or not meta.is_file():
                 raise ModelLoadError(f"student {spec.name!r} has no {meta} naming its timesteps")
             timesteps = tuple(json.loads(meta.read_text())["timesteps"])
         self.timesteps = tuple(int(t) for t in timesteps)
 
     @property
-    def num_classes(self) -> int:
-        return self.family.num_classes
+    def conditioning(self) -> str:
+        """"class" (generate takes labels) or "text" (generate takes prompts)."""
+        return self.spec.conditioning
+
+    @property
+    def num_classes(self) -> int | None:
+        """Class models: the number of classes; text models: None."""
+        return self.family.num_classes if self.conditioning == "class" else None
 
     def default_steps(self) -> int:
         return self.spec.steps if self.spec.kind == "teacher" else len(self.timesteps)
 
-    def generate(self, labels, seed: int, steps: int | None = None, guidance: float | None = None,
-                 autocast: bool = False, callback=None) -> Generated:
-        """Sample one image per label from `seed` (same seed, same starting noise for every model)."""
-        labels = np.asarray(labels, dtype=np.int64)
-        cond = self.family.condition(labels)
-        noise = initial_noise(self.family, len(labels), seed)
+    def check_prompt(self, prompt) -> str:
+        """The cleaned prompt, or ValueError if it is empty, too long, or more tokens than the text encoder reads."""
+        return check_prompt(prompt, getattr(self.family, "tokenizer", None))
+
+    def generate(self, labels=None, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+                 autocast: bool = False, callback=None, prompts=None) -> Generated:
+        """Sample one image per label (class models) or per prompt (text models) from `seed`
+        (same seed, same starting noise for every model of a family). For text models the prompts
+        may come as `prompts=` or in place of the labels."""
+        if self.conditioning == "text":
+            prompts = labels if prompts is None else prompts
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts if prompts is not None else [])
+            if not prompts:
+                raise ValueError(f"model {self.spec.name!r} is a text-to-image model: give it prompts")
+            labels = None
+            cond = self.family.condition(prompts)
+            n = len(prompts)
+        else:
+            if prompts is not None:
+                raise ValueError(f"model {self.spec.name!r} is class-conditional: give it labels, not prompts")
+            labels = np.asarray(labels, dtype=np.int64)
+            cond = self.family.condition(labels)
+            n = len(labels)
+        device = getattr(self.family, "device", "cpu")
+        noise = initial_noise(self.family, n, seed, device=device)
         start = time.perf_counter()
         if self.spec.kind == "teacher":
             steps = self.spec.steps if steps is None else int(steps)
@@ -104,27 +171,148 @@ class LoadedModel:
             nfe = len(self.timesteps)
             extra = {"timesteps": list(self.timesteps), "steps": nfe}
         images = to_uint8(self.family.decode(x))
-        return Generated(images, labels, nfe, time.perf_counter() - start, extra)
+        return Generated(images, labels, nfe, time.perf_counter() - start, extra, prompts)
 
 
 _cache: dict[str, LoadedModel] = {}
 _lock = threading.Lock()
+_families: dict[tuple[str, str], Family] = {}
+_family_lock = threading.Lock()
+
+
+def text_family(family: str, base: str) -> Family:
+    """The SDXL / SD1.5 family (text encoders, tokenizers, VAE) of `base`, loaded once and shared."""
+    key = (family, str(base))
+    with _family_lock:
+        if key not in _families:
+            if family == "sdxl":
+                from dmd2.families.sdxl import SDXLFamily as cls
+            elif family == "sd15":
+                from dmd2.families.sd15 import SD15Family as cls
+            else:
+                raise ModelLoadError(f"{family!r} is not a text-to-image family (known: {', '.join(TEXT_FAMILIES)})")
+            _families[key] = cls.from_pretrained(base)
+        return _families[key]
+
+
+def _hub_needs(spec: ModelSpec) -> list[tuple[str, str]]:
+    """(repo, file) pairs a text model needs from the Hub (beyond what local folders provide)."""
+    needs = []
+    if spec.base is not None and is_repo_id(spec.base):
+        needs.append((spec.base, "model_index.json"))
+    if spec.kind == "student" and spec.weights in SDXL_PUBLISHED:
+        p = SDXL_PUBLISHED[spec.weights]
+        needs.append((p.repo, p.filename))
+    return needs
+
+
+def _hub_sources(spec: ModelSpec) -> tuple[str | None, str | None]:
+    """(base, weights) to load from. Hub files that are neither cached nor downloadable (offline) fail at
+    once, saying what to do; with the Hub unreachable but everything cached, the cached paths are used,
+    so no loader waits for network retries."""
+    needs = _hub_needs(spec)
+    if not needs:
+        return spec.base, spec.weights
+    cached = {need: cached_file(*need) for need in needs}
+    missing = [need for need, path in cached.items() if path is None]
+    if not hub_reachable():
+        if missing:
+            what = ", ".join(f"{repo}/{f}" if f != "model_index.json" else repo for repo, f in missing)
+            how = " and ".join(f"`hf download {repo}" + ("`" if f == "model_index.json" else f" {f}`")
+                               for repo, f in missing)
+            raise ModelLoadError(
+                f"model {spec.name!r} needs {what} from the Hugging Face Hub, which is not in the local cache and "
+                f"the Hub is not reachable from here. SDXL wants a GPU (about 7 GB of fp16 weights per UNet; a CPU "
+                f"takes minutes per image): on a GPU machine with internet it downloads on first use, or fill the "
+                f"cache with {how}")
+        base, weights = spec.base, spec.weights
+        if (spec.base, "model_index.json") in cached:
+            base = str(cached[(spec.base, "model_index.json")].parent)     # the cached snapshot folder
+        if spec.weights in SDXL_PUBLISHED:
+            p = SDXL_PUBLISHED[spec.weights]
+            weights = str(cached[(p.repo, p.filename)])
+        return base, weights
+    return spec.base, spec.weights
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    return meta
+
+
+def _resolve_base(teacher: str, folder: Path) -> str:
+    """dmd2.json's teacher: a path as given (from the working directory), else beside the student, else a Hub repo."""
+    if Path(teacher).exists():
+        return teacher
+    if (folder / teacher).exists():
+        return str(folder / teacher)
+    return teacher
+
+
+def _text_student_spec(name: str, weights: Path, meta_path: Path) -> ModelSpec:
+    meta = _read_meta(meta_path)
+    family = meta.get("family")
+    if family not in TEXT_FAMILIES:
+        raise ModelLoadError(f"{meta_path}: family {family!r} is not a text-to-image family "
+                             f"({', '.join(TEXT_FAMILIES)})")
+    if not meta.get("teacher") or not meta.get("timesteps"):
+        raise ModelLoadError(f"{meta_path} must name the student's 'teacher' (pipeline folder or Hub repo) "
+                             f"and its 'timesteps'")
+    return ModelSpec(name, weights, "student", family, timesteps=tuple(int(t) for t in meta["timesteps"]),
+                     base=_resolve_base(str(meta["teacher"]), meta_path.parent), weights=str(weights),
+                     description=f"local {family} student {weights}")
+
+
+def _lora_file(folder: Path, meta: dict) -> Path:
+    if meta.get("lora"):
+        return folder / meta["lora"]
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ModelLoadError(f"{folder} has dmd2.json but no config.json and {len(files)} .safetensors files: "
+                             f"expected one LoRA file (or name it in dmd2.json as \"lora\")")
+    return files[0]
 
 
 def spec_for(name: str) -> ModelSpec:
-    """The spec of a built-in name, or of a model folder path."""
+    """The spec of a built-in name, or of a local model: a pixel model folder, an SD/SDXL pipeline folder
+    (a teacher), or a text student (a diffusers UNet folder with dmd2.json, a folder with a LoRA
+    .safetensors and dmd2.json, or such a weight file whose folder holds dmd2.json)."""
     if name in BUILTIN:
         return BUILTIN[name]
     path = Path(name)
+    if path.is_file() and path.suffix in (".safetensors", ".bin") and (path.parent / "dmd2.json").is_file():
+        return _text_student_spec(str(path), path, path.parent / "dmd2.json")
+    if path.is_dir() and (path / "model_index.json").is_file():
+        cls = _read_meta(path / "model_index.json").get("_class_name")
+        if cls not in PIPELINE_FAMILIES:
+            raise ModelLoadError(f"{path} is a {cls} pipeline; supported: {', '.join(PIPELINE_FAMILIES)}")
+        return ModelSpec(str(path), path, "teacher", PIPELINE_FAMILIES[cls], base=str(path),
+                         description=f"local {PIPELINE_FAMILIES[cls]} pipeline {path}")
+    if path.is_dir() and (path / "dmd2.json").is_file():
+        meta = _read_meta(path / "dmd2.json")
+        if meta.get("family", "pixel") in TEXT_FAMILIES:
+            weights = path if (path / "config.json").is_file() else _lora_file(path, meta)
+            return _text_student_spec(str(path), weights, path / "dmd2.json")
     if path.is_dir() and (path / "config.json").is_file():
         kind = "student" if (path / "dmd2.json").is_file() else "teacher"
         return ModelSpec(str(path), path, kind, description=f"local model {path}")
     raise ModelLoadError(f"unknown model {name!r}; known: {', '.join(BUILTIN)} (or a model folder path)")
 
 
-def available() -> list[str]:
-    """Built-in names whose weights are present."""
-    return [n for n, s in BUILTIN.items() if (s.path / "config.json").is_file()]
+def _is_available(spec: ModelSpec) -> bool:
+    if spec.family == "pixel":
+        return spec.path is not None and (spec.path / "config.json").is_file()
+    return all(cached_file(repo, f) is not None for repo, f in _hub_needs(spec))
+
+
+def available(family: str | None = None) -> list[str]:
+    """Built-in names whose weights are here (Hub models: already in the local cache; no network), of `family` if given."""
+    return [n for n, s in BUILTIN.items() if (family is None or s.family == family) and _is_available(s)]
 
 
 def load(name: str) -> LoadedModel:

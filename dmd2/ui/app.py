@@ -13,20 +13,12 @@ from dmd2 import registry
 from dmd2.arena import VoteStore
 from dmd2.ui.arena import Arena, build_arena_tab
 from dmd2.ui.compare import build_compare_tab
+from dmd2.ui.gpu import gpu
 from dmd2.ui.leaderboard import build_leaderboard_tab
 
 TITLE = "DMD2 studio"
 VOTES_ENV = "DMD2_VOTES"
 DEFAULT_VOTES = Path("data") / "votes.sqlite"
-
-
-def gpu(fn: Callable) -> Callable:
-    """`spaces.GPU(fn)` on Hugging Face Spaces (ZeroGPU), `fn` unchanged elsewhere."""
-    try:
-        import spaces
-    except ImportError:
-        return fn
-    return spaces.GPU(fn)
 
 
 def default_votes_path() -> Path:
@@ -49,17 +41,23 @@ def lazy_store(path: str | os.PathLike) -> Callable[[], VoteStore]:
     return store
 
 
-def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | None = None) -> gr.Blocks:
-    """The app; `models` are registry names or model folders (default: every built-in with weights).
+def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | None = None,
+              family: str | None = None) -> gr.Blocks:
+    """The app; `models` are registry names or model folders (default: every built-in of `family`
+    with weights here; `family` defaults to "pixel"). Text-to-image families ("sdxl", "sd15") get a
+    prompt box where the class models have a class picker; given only `models`, theirs decides.
 
     Arena votes are stored in the SQLite file `votes_path` (default: `default_votes_path()`).
     """
-    models = registry.available() if models is None else list(models)
+    if models is None:
+        models = registry.available(family or "pixel")
+    models = list(models)
+    mode = ("class" if family == "pixel" else "text") if family else None
     store = lazy_store(default_votes_path() if votes_path is None else votes_path)
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nFew-step DMD2 students (Yin et al., 2024) beside their many-step teacher.")
         with gr.Tabs():
-            build_compare_tab(models, wrap=gpu)
-            build_arena_tab(Arena(models, store), wrap=gpu)
+            mode = build_compare_tab(models, wrap=gpu, mode=mode)["mode"]
+            build_arena_tab(Arena(models, store, mode=mode), wrap=gpu)
             build_leaderboard_tab(models, store)
     return demo

@@ -25,7 +25,8 @@ from dmd2.arena import BattleBook, DuplicateVote, InvalidToken, NotVotable, Rate
 from dmd2.arena.store import OUTCOMES
 from dmd2.families.base import ModelLoadError
 from dmd2.families.pixel import PixelFamily
-from dmd2.ui.compare import DISPLAY_SCALE, display_name, make_grid
+from dmd2.prompts import check_prompt, example_prompts
+from dmd2.ui.compare import DISPLAY_SCALE, conditioning, display_name, make_grid, prompt_box
 
 IMAGES_PER_SIDE = 4          # a 2 x 2 grid per side: one digit is too little to judge a model by
 RANDOM = "random"
@@ -111,8 +112,9 @@ class Arena:
 
     def __init__(self, models: Sequence[str], store: "VoteStore | Callable[[], VoteStore]",
                  book: BattleBook | None = None, rng: np.random.Generator | None = None,
-                 images_per_side: int = IMAGES_PER_SIDE):
+                 images_per_side: int = IMAGES_PER_SIDE, mode: str | None = None):
         self.models = list(dict.fromkeys(models))
+        self.mode = mode or conditioning(self.models)     # "class": battles on a class; "text": on a prompt
         self._store = store
         self.book = BattleBook() if book is None else book
         self.rng = np.random.default_rng() if rng is None else rng
@@ -133,29 +135,45 @@ class Arena:
                 continue
         return min(counts) if counts else PixelFamily().num_classes
 
-    def _side(self, name: str, label: int, seed: int) -> tuple[np.ndarray | None, str | None]:
-        """(grid, None) for one side, or (None, error); teachers use their default steps and guidance."""
+    def _side(self, name: str, label, seed: int) -> tuple[np.ndarray | None, str | None]:
+        """(grid, None) for one side, or (None, error); teachers use their default steps and guidance.
+        `label` is a class (class mode) or the prompt (text mode)."""
         try:
             m = registry.load(name)
-            if label >= m.num_classes:
+            if self.mode == "class" and label >= m.num_classes:
                 raise ValueError(f"class {label} is outside the model's 0..{m.num_classes - 1}")
             out = m.generate([label] * self.images_per_side, seed)
         except Exception as e:     # one broken model must not take the server down
             return None, str(e) if isinstance(e, (ModelLoadError, ValueError)) else f"{type(e).__name__}: {e}"
-        grid = make_grid(out.images, scale=DISPLAY_SCALE)
+        grid = make_grid(out.images, scale=DISPLAY_SCALE if self.mode == "class" else 1)
         return (grid[..., 0] if grid.shape[-1] == 1 else grid), None    # grayscale: H x W for PIL
+
+    def check_prompt(self, prompt) -> str:
+        """The cleaned prompt, checked against every loadable model's text encoder (ValueError says what is wrong)."""
+        prompt = check_prompt(prompt)
+        for name in self.models:
+            try:
+                m = registry.load(name)
+            except Exception:     # that side will report its own failure
+                continue
+            prompt = m.check_prompt(prompt)
+        return prompt
 
     def new_round(self, label=None) -> Round:
         """Draw two distinct models (random sides), a class (unless given) and a seed; generate both.
+        In text mode `label` is the prompt (required).
 
-        Raises ValueError for fewer than two models or a bad class. A side that fails gives a
-        Round without a token and a message saying which side failed and why.
+        Raises ValueError for fewer than two models, a bad class or a bad prompt. A side that fails
+        gives a Round without a token and a message saying which side failed and why.
         """
         if len(self.models) < 2:
             raise ValueError(f"the arena needs at least two models, got {len(self.models)}: "
                              "train or download another one first")
+        if self.mode == "text":
+            label = self.check_prompt(label)
         with self._rng_lock:
-            label = parse_class(label, self.num_classes(), self.rng)
+            if self.mode == "class":
+                label = parse_class(label, self.num_classes(), self.rng)
             battle = new_battle(self.models, str(label), self.rng)
         battle.image_a, battle.error_a = self._side(battle.model_a, label, battle.seed)
         battle.image_b, battle.error_b = self._side(battle.model_b, label, battle.seed)
@@ -166,6 +184,9 @@ class Arena:
                                                                        ("B", battle.error_b)) if e]
             return Round(None, battle.prompt, battle.image_a, battle.image_b,
                          "This round cannot be voted on: " + "; ".join(failed) + ". Start a new round.")
+        if self.mode == "text":
+            return Round(token, battle.prompt, battle.image_a, battle.image_b,
+                         "Same prompt, same seed for both sides. Which side shows it better?")
         return Round(token, battle.prompt, battle.image_a, battle.image_b,
                      f"Class **{label}**, same seed for both. Which side drew it better?")
 
@@ -186,8 +207,9 @@ class Arena:
             raise VoteRejected("rate_limited", f"Too many votes: at most {e.max_votes} per {e.window_s:g} s. "
                                f"Try again in {max(e.retry_after_s, 1.0):.0f} s.", e.retry_after_s) from e
         a, b = display_name(battle["model_a"]), display_name(battle["model_b"])
+        what = "the same prompt" if self.mode == "text" else f"class {battle['prompt']}"
         message = (f"Vote recorded ({OUTCOME_TEXT[outcome]}). **A** was **{a}**, **B** was **{b}** "
-                   f"(class {battle['prompt']}, seed {battle['seed']}).")
+                   f"({what}, seed {battle['seed']}).")
         return Verdict(a, b, outcome, battle["prompt"], int(battle["seed"]), message)
 
 
@@ -195,13 +217,20 @@ def build_arena_tab(arena: Arena, wrap: Callable = lambda f: f) -> dict:
     """The Arena tab (inside an open gr.Blocks); `wrap` decorates the sampling function (spaces.GPU)."""
     import gradio as gr
 
+    text = arena.mode == "text"
     with gr.Tab("Arena", id="arena"):
-        gr.Markdown("Two anonymous models draw the same digit class from the same seed. Vote for the "
-                    "better side; the names are revealed after your vote.")
+        gr.Markdown(f"Two anonymous models draw the same {'prompt' if text else 'digit class'} from the same "
+                    "seed. Vote for the better side; the names are revealed after your vote.")
+        examples = example_prompts() if text else []
         with gr.Row():
-            choices = [("Random", RANDOM)] + [(str(i), str(i)) for i in range(arena.num_classes())]
-            label = gr.Dropdown(choices=choices, value=RANDOM, label="Class")
+            if text:
+                label = prompt_box(examples)
+            else:
+                choices = [("Random", RANDOM)] + [(str(i), str(i)) for i in range(arena.num_classes())]
+                label = gr.Dropdown(choices=choices, value=RANDOM, label="Class")
             new = gr.Button("New round", variant="primary")
+        if text:
+            gr.Examples([[p] for p in examples], inputs=[label], label="Example prompts")
         if len(arena.models) < 2:
             gr.Markdown(f"**The arena needs at least two models**; {len(arena.models)} available.")
         info = gr.Markdown()

@@ -12,6 +12,7 @@ import numpy as np
 from dmd2 import registry
 from dmd2.families.base import ModelLoadError
 from dmd2.families.pixel import PixelFamily
+from dmd2.prompts import check_prompt, example_prompts
 
 MAX_IMAGES = 16
 MAX_SEED = 2**32 - 1
@@ -56,6 +57,20 @@ def _as_int(value, what: str, low: int, high: int) -> int:
     return int(f)
 
 
+def conditioning(models) -> str:
+    """"class" or "text": what the models take (ValueError if they mix); "class" when none is known."""
+    kinds = set()
+    for name in models:
+        try:
+            kinds.add(registry.spec_for(name).conditioning)
+        except Exception:  # an unknown or broken model says so when it is loaded
+            continue
+    if len(kinds) > 1:
+        raise ValueError("class-conditional and text-to-image models cannot be compared in one app: "
+                         "serve them with separate --family values")
+    return kinds.pop() if kinds else "class"
+
+
 def random_seed() -> int:
     """A fresh seed for the 'random' button."""
     return random.randint(0, MAX_SEED)
@@ -63,7 +78,8 @@ def random_seed() -> int:
 
 def compare(models: list[str], label, seed, num_images=4, steps=None, guidance=None,
             scale: int = 1, progress: Progress | None = None) -> list[tuple[np.ndarray | None, str]]:
-    """Sample `num_images` digits of class `label` from `seed` with each model.
+    """Sample `num_images` images of class `label` (class models) or of the prompt `label` (text
+    models) from `seed` with each model.
 
     Returns one (grid, caption) per model, caption "name: NFE n, steps s, x ms"; `steps` and
     `guidance` apply to teachers (students use their own timesteps). Bad input raises ValueError;
@@ -71,8 +87,9 @@ def compare(models: list[str], label, seed, num_images=4, steps=None, guidance=N
     """
     if not models:
         raise ValueError("no models to compare: none is available (train or download one first)")
+    text = conditioning(models) == "text"
     seed = _as_int(seed, "seed", 0, MAX_SEED)
-    label = _as_int(label, "class label", 0, 10**6)
+    label = check_prompt(label) if text else _as_int(label, "class label", 0, 10**6)
     num_images = _as_int(num_images, "number of images", 1, MAX_IMAGES)
     steps = None if steps is None else _as_int(steps, "steps", 1, MAX_STEPS)
     if guidance is not None:
@@ -90,7 +107,11 @@ def compare(models: list[str], label, seed, num_images=4, steps=None, guidance=N
         except Exception as e:  # a missing/corrupt model must not take the others down
             loaded[name] = str(e) if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"
     for name, m in loaded.items():
-        if not isinstance(m, str) and label >= m.num_classes:
+        if isinstance(m, str):
+            continue
+        if text:
+            label = m.check_prompt(label)       # its text encoder's token limit
+        elif label >= m.num_classes:
             raise ValueError(f"class label must be in 0..{m.num_classes - 1} for {display_name(name)}, got {label}")
 
     # Progress counts network calls of the step loop: teacher steps, one unit per student.
@@ -138,17 +159,35 @@ def _defaults(models: list[str]) -> dict:
     return d
 
 
-def build_compare_tab(models: list[str], wrap: Callable = lambda f: f) -> dict:
-    """The Compare tab (inside an open gr.Blocks); `wrap` decorates the sampling function (spaces.GPU)."""
+def prompt_box(examples: list[str]):
+    """A prompt textbox (first example in it) with the examples below it to click (inside an open gr.Blocks)."""
     import gradio as gr
 
+    box = gr.Textbox(value=examples[0] if examples else "", label="Prompt", lines=2, max_lines=4,
+                     placeholder="Describe an image (at most 300 characters, 77 CLIP tokens)")
+    return box
+
+
+def build_compare_tab(models: list[str], wrap: Callable = lambda f: f, mode: str | None = None) -> dict:
+    """The Compare tab (inside an open gr.Blocks); `wrap` decorates the sampling function (spaces.GPU).
+
+    `mode`: "class" (a class picker) or "text" (a prompt box); default: what the models take.
+    """
+    import gradio as gr
+
+    mode = mode or conditioning(models)
+    text = mode == "text"
     d = _defaults(models)
     with gr.Tab("Compare", id="compare"):
-        gr.Markdown("Same class, same seed, same starting noise: the teacher's many steps against the "
-                    "students' few. Captions give network evaluations (NFE; CFG costs 2 per step), "
-                    "steps and measured time.")
+        gr.Markdown(f"Same {'prompt' if text else 'class'}, same seed, same starting noise: the teacher's many "
+                    "steps against the students' few. Captions give network evaluations (NFE; CFG costs 2 per "
+                    "step), steps and measured time.")
+        examples = example_prompts() if text else []
         with gr.Row():
-            label = gr.Dropdown(choices=list(range(d["num_classes"])), value=0, label="Class")
+            if text:
+                label = prompt_box(examples)
+            else:
+                label = gr.Dropdown(choices=list(range(d["num_classes"])), value=0, label="Class")
             # No min/max on the seed box: our own check names the field ("seed must be ...").
             seed = gr.Number(value=0, label="Seed (integer >= 0)")
             dice = gr.Button("Random seed", scale=0)
@@ -157,7 +196,13 @@ def build_compare_tab(models: list[str], wrap: Callable = lambda f: f) -> dict:
             steps = gr.Slider(1, 100, value=d["steps"], step=1, label="Teacher steps")
             guidance = gr.Slider(1.0, 8.0, value=d["guidance"], step=0.25, label="Teacher guidance (CFG)")
         button = gr.Button("Generate", variant="primary")
-        if not models:
+        if text:
+            gr.Examples([[p] for p in examples], inputs=[label], label="Example prompts")
+        if not models and text:
+            gr.Markdown("**No text-to-image model is available here.** SDXL and DMD2's students load from the "
+                        "Hugging Face cache (filled on first use on a GPU machine with internet); local pipeline "
+                        "or student folders work with `python app.py --family sdxl --model PATH`.")
+        elif not models:
             gr.Markdown("**No models are available.** Train the teacher (see README) or pass a model "
                         "folder with `python app.py --model PATH`.")
         images, captions = [], []
@@ -170,7 +215,7 @@ def build_compare_tab(models: list[str], wrap: Callable = lambda f: f) -> dict:
 
         def run(label, seed, num_images, steps, guidance, progress=gr.Progress()):
             try:
-                results = compare(models, label, seed, num_images, steps, guidance, scale=DISPLAY_SCALE,
+                results = compare(models, label, seed, num_images, steps, guidance, scale=1 if text else DISPLAY_SCALE,
                                   progress=lambda f, desc: progress(f, desc=desc))
             except ValueError as e:
                 raise gr.Error(str(e)) from None
@@ -190,4 +235,4 @@ def build_compare_tab(models: list[str], wrap: Callable = lambda f: f) -> dict:
         button.click(wrap(run), [label, seed, num_images, steps, guidance], outputs, api_name="compare")
         dice.click(random_seed, None, seed, api_visibility="private")
     return dict(label=label, seed=seed, num_images=num_images, steps=steps, guidance=guidance,
-                images=images, captions=captions, generate=button)
+                images=images, captions=captions, generate=button, mode=mode)

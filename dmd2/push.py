@@ -1,0 +1,67 @@
+"""`python -m dmd2 push`: a finished run's exported student to a Hugging Face Hub model repo, in one commit.
+
+The run folder layout is training.runs's (status.json, student/ with the weights, dmd2.json and
+MODEL_CARD.md); it is read as files here, since `dmd2` never imports `training`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from dmd2.cli import UsageError
+from dmd2.hub import endpoint, is_repo_id
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _front_matter(meta: dict) -> str:
+    """The Hub's model-card metadata: library, tags and (when it is a Hub repo) the teacher as base_model."""
+    family = meta.get("family", "pixel")
+    lines = ["---", "library_name: diffusers", "tags:", "- dmd2", "- distillation",
+             f"- {'text-to-image' if family in ('sdxl', 'sd15') else 'class-conditional'}"]
+    teacher = str(meta.get("teacher", ""))
+    if teacher and is_repo_id(teacher):
+        lines.append(f"base_model: {teacher}")
+    return "\n".join(lines + ["---", "", ""])
+
+
+def push_run(run, repo: str, private: bool = False) -> str:
+    """Upload `run`/student (and its MODEL_CARD.md as the repo's README.md) to `repo`; returns the repo URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+
+    run = Path(run)
+    if not run.is_dir():
+        raise UsageError(f"run folder not found: {run}")
+    try:
+        state = json.loads((run / "status.json").read_text()).get("state")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        state = None
+    student = run / "student"
+    if state != "finished":
+        raise UsageError(f"{run} is not a finished run (state: {state or 'unknown'}): only a finished run has an "
+                         f"exported student; finish it first (python -m training distill --resume --out {run})")
+    for needed in ("dmd2.json", "MODEL_CARD.md"):
+        if not (student / needed).is_file():
+            raise UsageError(f"{student / needed} is missing: the run's export is incomplete")
+    if not REPO_ID.match(repo or ""):
+        raise UsageError(f"--repo must look like owner/name, got {repo!r}")
+    token = get_token()
+    if not token:
+        raise UsageError("not logged in to the Hugging Face Hub: run `hf auth login` (or set HF_TOKEN) with a "
+                         "token that can write, then push again")
+    meta = json.loads((student / "dmd2.json").read_text())
+    card = _front_matter(meta) + (student / "MODEL_CARD.md").read_text()
+    files = sorted(p for p in student.rglob("*") if p.is_file())
+    ops = [CommitOperationAdd(path_in_repo=p.relative_to(student).as_posix(), path_or_fileobj=str(p)) for p in files]
+    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
+        api.create_commit(repo, operations=ops, commit_message=f"DMD2 student from run {run.name}",
+                          repo_type="model")
+    except Exception as e:  # network, permissions, name taken by someone else: one line, not a traceback
+        raise UsageError(f"could not push to {repo}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    return f"{endpoint()}/{repo}"

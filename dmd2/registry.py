@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dmd2.families._sd_common import student_lora_file
 from dmd2.families.base import Family, ModelLoadError
 from dmd2.families.pixel import PixelFamily, load_pixel_unet
 from dmd2.families.sdxl import PUBLISHED as SDXL_PUBLISHED
@@ -268,16 +269,6 @@ def _text_student_spec(name: str, weights: Path, meta_path: Path) -> ModelSpec:
                      description=f"local {family} student {weights}")
 
 
-def _lora_file(folder: Path, meta: dict) -> Path:
-    if meta.get("lora"):
-        return folder / meta["lora"]
-    files = sorted(folder.glob("*.safetensors"))
-    if len(files) != 1:
-        raise ModelLoadError(f"{folder} has dmd2.json but no config.json and {len(files)} .safetensors files: "
-                             f"expected one LoRA file (or name it in dmd2.json as \"lora\")")
-    return files[0]
-
-
 def spec_for(name: str) -> ModelSpec:
     """The spec of a built-in name, or of a local model: a pixel model folder, an SD/SDXL pipeline folder
     (a teacher), or a text student (a diffusers UNet folder with dmd2.json, a folder with a LoRA
@@ -296,7 +287,7 @@ def spec_for(name: str) -> ModelSpec:
     if path.is_dir() and (path / "dmd2.json").is_file():
         meta = _read_meta(path / "dmd2.json")
         if meta.get("family", "pixel") in TEXT_FAMILIES:
-            weights = path if (path / "config.json").is_file() else _lora_file(path, meta)
+            weights = path if (path / "config.json").is_file() else student_lora_file(path)
             return _text_student_spec(str(path), weights, path / "dmd2.json")
     if path.is_dir() and (path / "config.json").is_file():
         kind = "student" if (path / "dmd2.json").is_file() else "teacher"

@@ -192,6 +192,25 @@ def fuse_lora(unet: nn.Module, state_dict: dict[str, torch.Tensor], scale: float
     return len(deltas)
 
 
+def student_lora_file(folder) -> Path:
+    """The LoRA file of a student folder without config.json: the one dmd2.json names as "lora" (our
+    exports do), else the folder's only .safetensors file. Used by `load_student` and the registry alike."""
+    folder = Path(folder)
+    meta = {}
+    if (folder / "dmd2.json").is_file():
+        try:
+            meta = json.loads((folder / "dmd2.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"cannot read {folder / 'dmd2.json'}: {type(e).__name__}: {e}") from None
+    if isinstance(meta, dict) and meta.get("lora"):
+        return folder / str(meta["lora"])
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ModelLoadError(f"{folder} has no config.json (not a diffusers UNet folder) and {len(files)} "
+                             f".safetensors files: expected one LoRA file (or name it in dmd2.json as \"lora\")")
+    return files[0]
+
+
 # --- the family -------------------------------------------------------------------------------
 def hub_kwargs(kwargs: dict) -> dict:
     """The from_pretrained kwargs that also apply to configs, tokenizers and VAEs (all but `variant`)."""
@@ -444,18 +463,16 @@ class StableDiffusionFamily(Family):
     def load_student(self, path, lora_scale: float = 1.0, **kwargs) -> nn.Module:
         """A student UNet from: a published name (see `published`), a full UNet state dict
         (.bin read with weights_only=True, or .safetensors), a LoRA file (fused into the teacher),
-        or a diffusers UNet folder (our own runs, `save_student`). kwargs go to hf_hub_download."""
+        or a student folder of our own runs (`save_student`: a diffusers UNet folder, or a LoRA folder,
+        see `student_lora_file`). kwargs go to hf_hub_download."""
         from diffusers import UNet2DConditionModel
 
         if str(path) in self.published:
             path = self.published_file(str(path), **kwargs)
         path = Path(path)
-        if path.is_dir() and (path / LORA_WEIGHT_NAME).is_file() and not (path / "config.json").is_file():
-            path = path / LORA_WEIGHT_NAME  # a LoRA student of ours (save_student)
+        if path.is_dir() and not (path / "config.json").is_file():
+            path = student_lora_file(path)  # a LoRA student folder (save_student)
         if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise ModelLoadError(f"{path} has no config.json: not a diffusers UNet folder "
-                                     f"(nor a LoRA folder with {LORA_WEIGHT_NAME})")
             return self._ready(self._load(UNet2DConditionModel, path, dtype=self.dtype))
         state_dict = load_state_dict_file(path)
         if any("lora" in k for k in state_dict):
@@ -467,13 +484,12 @@ class StableDiffusionFamily(Family):
     def save_student(self, unet, path, **extra) -> None:
         """A diffusers UNet folder (config.json + safetensors, loads in plain diffusers), or for a UNet
         with a PEFT LoRA adapter only the LoRA (`pytorch_lora_weights.safetensors`, loads with the
-        pipeline's `load_lora_weights(folder)`); and dmd2.json with `extra` (e.g. timesteps) and the
-        family and teacher it belongs to."""
+        pipeline's `load_lora_weights(folder)`); and dmd2.json with `extra` (e.g. timesteps), the family
+        and teacher it belongs to, and for a LoRA its file name (`"lora"`)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if getattr(unet, "peft_config", None):
-            self.save_lora(unet, path)
-            extra = {"kind": "lora", **extra}
+            extra = {"lora": self.save_lora(unet, path).name, **extra}  # the file the readers load
         else:
             unet.save_pretrained(path, safe_serialization=True)
         meta = {"family": self.name, "teacher": self.source, **extra}

@@ -23,8 +23,14 @@ Progress = Callable[[float, str], None]
 
 
 def display_name(name: str) -> str:
-    """A short panel title: the built-in name, or the folder name of a model path."""
-    return name if name in registry.BUILTIN else Path(name).name or name
+    """A short panel title: the built-in name, or the folder name of a model path (for a trainer's
+    export, `RUN/student`, the run's name: every run's student folder is called `student`)."""
+    if name in registry.BUILTIN:
+        return name
+    path = Path(name)
+    if path.name == "student" and path.parent.name:
+        return path.parent.name
+    return path.name or name
 
 
 def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:

@@ -16,17 +16,18 @@ def read_prompts(path) -> list[str]:
         raise FileNotFoundError(f"prompt file not found: {path}")
     if path.suffix.lower() == ".parquet":
         try:
-            import pandas as pd
-
-            table = pd.read_parquet(path)
-        except ImportError as e:
-            raise ValueError(f"reading {path} needs a parquet engine: pip install pyarrow ({e})") from None
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"reading {path} needs pyarrow (pip install pyarrow), or give the prompts as a "
+                             f".txt file, one per line") from None
+        try:
+            table = pq.read_table(path)
         except Exception as e:
             raise ValueError(f"cannot read {path} as parquet: {type(e).__name__}: {e}") from None
-        column = next((c for c in PARQUET_COLUMNS if c in table.columns), None)
+        column = next((c for c in PARQUET_COLUMNS if c in table.column_names), None)
         if column is None:
-            raise ValueError(f"{path} has no {' / '.join(PARQUET_COLUMNS)} column (columns: {', '.join(map(str, table.columns))})")
-        prompts = [str(p).strip() for p in table[column].dropna().tolist() if str(p).strip()]
+            raise ValueError(f"{path} has no {' / '.join(PARQUET_COLUMNS)} column (columns: {', '.join(table.column_names)})")
+        prompts = [str(p).strip() for p in table.column(column).to_pylist() if p is not None and str(p).strip()]
     else:
         try:
             text = path.read_text(encoding="utf-8")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dmd2.prompts import read_prompts as dmd2_read_prompts
 from training.data import IMAGE_SUFFIXES, DataError
 
 TEXT_COLUMNS = ("text", "caption", "prompt")
@@ -116,27 +117,11 @@ def captioned_images(spec: str) -> CaptionedImages:
 
 
 def read_prompts(path) -> list[str]:
-    """Prompts from a .txt file (one a line, blank lines skipped) or a .parquet file (prompt/text/caption column)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"prompt file not found: {path}")
-    if path.suffix.lower() == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError(f"reading {path} needs pyarrow (pip install pyarrow), or give the prompts as a .txt "
-                            f"file, one a line") from None
-        table = pq.read_table(path)
-        column = next((c for c in ("prompt", "text", "caption") if c in table.column_names), None)
-        if column is None:
-            raise DataError(f"{path} has no prompt, text or caption column (columns: {table.column_names})")
-        prompts = [str(p).strip() for p in table.column(column).to_pylist() if p is not None]
-    else:
-        prompts = [line.strip() for line in path.read_text().splitlines()]
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        raise DataError(f"no prompts in {path}")
-    return prompts
+    """The generator's prompts (dmd2.prompts.read_prompts: .txt one per line, or .parquet), errors as DataError."""
+    try:
+        return dmd2_read_prompts(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(str(e)) from None
 
 
 def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:

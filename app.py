@@ -1,4 +1,4 @@
-"""Launch the dmd2-studio Gradio app: `python app.py [--host H] [--port P] [--share] [--family pixel] [--votes PATH]`."""
+"""Launch the dmd2-studio Gradio app: `python app.py [--host H] [--port P] [--share] [--family pixel] [--votes PATH] [--runs DIR]`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a registry name or model folder to show (repeatable; default: all available)")
     p.add_argument("--votes", metavar="PATH", help="SQLite file for arena votes "
                    "(default: $DMD2_VOTES or data/votes.sqlite)")
+    p.add_argument("--runs", metavar="DIR", help="folder of training runs for the Train tab "
+                   "(default: $DMD2_RUNS or runs/)")
     args = p.parse_args(argv)
     if args.family != "pixel":
         print(f"error: --family {args.family} is not available yet; only 'pixel' (the embedded MNIST "
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dmd2.arena import VoteStore
     from dmd2.ui.app import build_app, default_votes_path  # imported late: gradio is slow to import
+    from dmd2.ui.train import is_public
 
     votes = args.votes or default_votes_path()
     try:
@@ -34,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         print(f"error: cannot open the votes database {votes}: {e}", file=sys.stderr)
         return 2
-    build_app(args.model, votes).launch(server_name=args.host, server_port=args.port, share=args.share)
+    build_app(args.model, votes, runs_root=args.runs, public=is_public(args.share)).launch(
+        server_name=args.host, server_port=args.port, share=args.share)
     return 0
 
 

@@ -14,6 +14,7 @@ from dmd2.arena import VoteStore
 from dmd2.ui.arena import Arena, build_arena_tab
 from dmd2.ui.compare import build_compare_tab
 from dmd2.ui.leaderboard import build_leaderboard_tab
+from dmd2.ui.train import TOKEN_ENV, TrainManager, build_train_tab, default_runs_root, is_public
 
 TITLE = "DMD2 studio"
 VOTES_ENV = "DMD2_VOTES"
@@ -49,17 +50,30 @@ def lazy_store(path: str | os.PathLike) -> Callable[[], VoteStore]:
     return store
 
 
-def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | None = None) -> gr.Blocks:
+def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | None = None,
+              runs_root: str | os.PathLike | None = None, public: bool | None = None,
+              trainer: TrainManager | None = None) -> gr.Blocks:
     """The app; `models` are registry names or model folders (default: every built-in with weights).
 
     Arena votes are stored in the SQLite file `votes_path` (default: `default_votes_path()`).
+    Runs go to `runs_root` (default: `default_runs_root()`); the students of its finished runs join
+    Compare, Arena and Leaderboard while the app runs. `public` (default: on a Hugging Face Space)
+    disables training unless $DMD2_ADMIN_TOKEN is set. `trainer` replaces the default TrainManager.
     """
     models = registry.available() if models is None else list(models)
     store = lazy_store(default_votes_path() if votes_path is None else votes_path)
+    if trainer is None:
+        trainer = TrainManager(default_runs_root() if runs_root is None else runs_root,
+                               admin_token=os.environ.get(TOKEN_ENV), public=is_public() if public is None else public)
+
+    def current_models() -> list[str]:
+        """The fixed models, then the students of finished runs (read per request)."""
+        return list(dict.fromkeys(models + registry.run_students(trainer.runs_root)))
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nFew-step DMD2 students (Yin et al., 2024) beside their many-step teacher.")
         with gr.Tabs():
-            build_compare_tab(models, wrap=gpu)
-            build_arena_tab(Arena(models, store), wrap=gpu)
-            build_leaderboard_tab(models, store)
+            build_compare_tab(models, wrap=gpu, more_models=current_models)
+            build_arena_tab(Arena(current_models, store), wrap=gpu)
+            build_leaderboard_tab(current_models, store)
+            build_train_tab(trainer)
     return demo

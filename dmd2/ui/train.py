@@ -360,15 +360,19 @@ class TrainManager:
             self._start(path, [self.python, "-m", "training", "distill", "--out", str(path), "--resume"], total)
         return self.view(path.name)
 
-    def stop(self, name: str, token: Optional[str] = None) -> dict:
-        """SIGTERM to the run's process group; the trainer saves status 'stopped' and exits."""
+    def stop(self, name: str, token: Optional[str] = None, wait_s: float = STOP_WAIT_S) -> dict:
+        """SIGTERM to the run's process group; the trainer saves status 'stopped' and exits.
+
+        Waits up to `wait_s` for the process to end, so a launch right after a stop is not refused.
+        """
         from training.runs import Run
 
         self.authorize(token)
         path = self.run_dir(name)
         with self._lock:
             proc = self._procs.get(path.name)
-            if proc is not None and proc.alive():
+            owned = proc is not None and proc.alive()
+            if owned:
                 proc.stop_requested = True
                 group = proc.popen.pid                    # start_new_session: the trainer leads its group
             else:
@@ -381,6 +385,16 @@ class TrainManager:
                 os.killpg(group, signal.SIGTERM)
             except ProcessLookupError:
                 pass                                      # it ended meanwhile
+        if owned:
+            try:
+                proc.popen.wait(wait_s)
+                proc.waiter.join(wait_s)                  # its final status is written
+            except subprocess.TimeoutExpired:
+                pass                                      # still saving: the view says "stopping"
+        else:
+            deadline = time.monotonic() + wait_s
+            while _trainer_alive(group) and time.monotonic() < deadline:
+                time.sleep(0.1)
         return self.view(path.name)
 
     def close(self, wait_s: float = STOP_WAIT_S) -> None:
@@ -462,7 +476,9 @@ class TrainManager:
             owned_alive = proc is not None and proc.alive()
             fresh = proc is not None and status.get("updated", 0) >= proc.started
         state = status.get("state")
-        if owned_alive and not fresh:
+        if owned_alive and proc.stop_requested:
+            state = "stopping"
+        elif owned_alive and not fresh:
             state = "starting"                            # status.json is still the previous session's
         elif proc is not None and not owned_alive and (state in (None, "running") or not fresh):
             state = "ending"                              # the reaper is about to write the final state

@@ -1,4 +1,5 @@
-"""Launch the dmd2-studio Gradio app: `python app.py [--host H] [--port P] [--share] [--family pixel|sdxl|sd15] [--model NAME_OR_PATH ...] [--votes PATH]`."""
+"""Launch the dmd2-studio Gradio app:
+`python app.py [--host H] [--port P] [--share] [--family pixel|sdxl|sd15] [--model NAME_OR_PATH ...] [--votes PATH] [--runs DIR]`."""
 
 from __future__ import annotations
 
@@ -20,12 +21,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="a registry name or model folder to show (repeatable; default: all available)")
     p.add_argument("--votes", metavar="PATH", help="SQLite file for arena votes "
                    "(default: $DMD2_VOTES or data/votes.sqlite)")
+    p.add_argument("--runs", metavar="DIR", help="folder of training runs for the Train tab "
+                   "(default: $DMD2_RUNS or runs/)")
     args = p.parse_args(argv)
 
     from dmd2 import registry
     from dmd2.arena import VoteStore
     from dmd2.families.base import ModelLoadError
     from dmd2.ui.app import build_app, default_votes_path  # imported late: gradio is slow to import
+    from dmd2.ui.train import is_public
 
     votes = args.votes or default_votes_path()
     try:
@@ -49,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             "internet; pass local pipeline or student folders with --model" if args.family != "pixel" else ""),
             file=sys.stderr)
 
-    build_app(args.model, votes, family=args.family).launch(server_name=args.host, server_port=args.port,
-                                                            share=args.share)
+    build_app(args.model, votes, family=args.family, runs_root=args.runs, public=is_public(args.share)).launch(
+        server_name=args.host, server_port=args.port, share=args.share)
     return 0
 
 

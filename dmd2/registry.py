@@ -312,3 +312,30 @@ def load(name: str) -> LoadedModel:
         if name not in _cache:
             _cache[name] = LoadedModel(spec_for(name))
         return _cache[name]
+
+
+def run_students(runs_root: str | Path) -> list[str]:
+    """Student folders of the finished runs under `runs_root` (runs/<name>/student), sorted by run name.
+
+    A run counts as finished when its status.json says so and its student has weights; read per
+    call, so a run that finishes while the app is up shows up on the next request.
+    """
+    root = Path(runs_root)
+    if not root.is_dir():
+        return []
+    found = []
+    for run in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            state = json.loads((run / "status.json").read_text()).get("state")
+        except (OSError, ValueError, AttributeError):
+            continue
+        student = run / "student"
+        if state == "finished" and (student / "config.json").is_file() and (student / "dmd2.json").is_file():
+            found.append(str(student))
+    return found
+
+
+def forget(name: str) -> None:
+    """Drop `name` from the cache (a resumed run rewrites its student folder)."""
+    with _lock:
+        _cache.pop(name, None)

@@ -97,3 +97,18 @@ def write_broken_model(folder, like):
             (folder / name).write_text((like / name).read_text())
     (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     return folder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_runs_root(tmp_path_factory):
+    """No test sees the developer's runs/: the app's Train tab and run listing default to an empty folder
+    (session-wide, so module-scoped app fixtures get it too; tests that need runs pass their own root)."""
+    import os
+
+    old = os.environ.get("DMD2_RUNS")
+    os.environ["DMD2_RUNS"] = str(tmp_path_factory.mktemp("runs-root"))
+    yield
+    if old is None:
+        os.environ.pop("DMD2_RUNS", None)
+    else:
+        os.environ["DMD2_RUNS"] = old

@@ -1,4 +1,4 @@
-"""The Gradio app: one module per tab (compare now; arena, leaderboard, train later).
+"""The Gradio app: one module per tab (compare, arena, leaderboard, train).
 
 `from dmd2.ui import build_app` works; gradio is imported only when the app is built.
 """

@@ -15,6 +15,7 @@ from dmd2.ui.arena import Arena, build_arena_tab
 from dmd2.ui.compare import build_compare_tab
 from dmd2.ui.gpu import gpu
 from dmd2.ui.leaderboard import build_leaderboard_tab
+from dmd2.ui.train import TOKEN_ENV, TrainManager, build_train_tab, default_runs_root, is_public
 
 TITLE = "DMD2 studio"
 VOTES_ENV = "DMD2_VOTES"
@@ -41,23 +42,45 @@ def lazy_store(path: str | os.PathLike) -> Callable[[], VoteStore]:
     return store
 
 
+def _same_family(student: str, models: list[str], family: str | None) -> bool:
+    """Does a run's student belong in an app of `family` (default: the family of the fixed models, else pixel)?"""
+    try:
+        want = family or (registry.spec_for(models[0]).family if models else "pixel")
+        return registry.spec_for(student).family == want
+    except Exception:      # an unreadable run is left out, not fatal
+        return False
+
+
 def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | None = None,
-              family: str | None = None) -> gr.Blocks:
+              family: str | None = None, runs_root: str | os.PathLike | None = None, public: bool | None = None,
+              trainer: TrainManager | None = None) -> gr.Blocks:
     """The app; `models` are registry names or model folders (default: every built-in of `family`
     with weights here; `family` defaults to "pixel"). Text-to-image families ("sdxl", "sd15") get a
     prompt box where the class models have a class picker; given only `models`, theirs decides.
 
     Arena votes are stored in the SQLite file `votes_path` (default: `default_votes_path()`).
+    Runs go to `runs_root` (default: `default_runs_root()`); the students of its finished runs join
+    Compare, Arena and Leaderboard while the app runs. `public` (default: on a Hugging Face Space)
+    disables training unless $DMD2_ADMIN_TOKEN is set. `trainer` replaces the default TrainManager.
     """
     if models is None:
         models = registry.available(family or "pixel")
     models = list(models)
     mode = ("class" if family == "pixel" else "text") if family else None
     store = lazy_store(default_votes_path() if votes_path is None else votes_path)
+    if trainer is None:
+        trainer = TrainManager(default_runs_root() if runs_root is None else runs_root,
+                               admin_token=os.environ.get(TOKEN_ENV), public=is_public() if public is None else public)
+
+    def current_models() -> list[str]:
+        """The fixed models, then the students of finished runs of the same conditioning (read per request)."""
+        runs = [r for r in registry.run_students(trainer.runs_root) if _same_family(r, models, family)]
+        return list(dict.fromkeys(models + runs))
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nFew-step DMD2 students (Yin et al., 2024) beside their many-step teacher.")
         with gr.Tabs():
-            mode = build_compare_tab(models, wrap=gpu, mode=mode)["mode"]
-            build_arena_tab(Arena(models, store, mode=mode), wrap=gpu)
-            build_leaderboard_tab(models, store)
+            mode = build_compare_tab(models, wrap=gpu, mode=mode, more_models=current_models)["mode"]
+            build_arena_tab(Arena(current_models, store, mode=mode), wrap=gpu)
+            build_leaderboard_tab(current_models, store)
+            build_train_tab(trainer)
     return demo

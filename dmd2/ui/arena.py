@@ -108,18 +108,28 @@ def client_id(request) -> str:
 
 
 class Arena:
-    """Battles between `models` (registry names or folders); votes go to `store` (or a function giving it)."""
+    """Battles between `models` (registry names or folders); votes go to `store` (or a function giving it).
 
-    def __init__(self, models: Sequence[str], store: "VoteStore | Callable[[], VoteStore]",
+    `models` may be a function giving the current list, read on every round: a training run that
+    finishes while the app is up joins the arena without a restart.
+    """
+
+    def __init__(self, models: "Sequence[str] | Callable[[], Sequence[str]]",
+                 store: "VoteStore | Callable[[], VoteStore]",
                  book: BattleBook | None = None, rng: np.random.Generator | None = None,
                  images_per_side: int = IMAGES_PER_SIDE, mode: str | None = None):
-        self.models = list(dict.fromkeys(models))
+        self._models = models if callable(models) else list(models)
         self.mode = mode or conditioning(self.models)     # "class": battles on a class; "text": on a prompt
         self._store = store
         self.book = BattleBook() if book is None else book
         self.rng = np.random.default_rng() if rng is None else rng
         self.images_per_side = images_per_side
         self._rng_lock = threading.Lock()      # numpy Generators are not thread-safe
+
+    @property
+    def models(self) -> list[str]:
+        """The models battles are drawn from, now (duplicates dropped)."""
+        return list(dict.fromkeys(self._models() if callable(self._models) else self._models))
 
     @property
     def store(self) -> VoteStore:
@@ -166,15 +176,16 @@ class Arena:
         Raises ValueError for fewer than two models, a bad class or a bad prompt. A side that fails
         gives a Round without a token and a message saying which side failed and why.
         """
-        if len(self.models) < 2:
-            raise ValueError(f"the arena needs at least two models, got {len(self.models)}: "
+        models = self.models
+        if len(models) < 2:
+            raise ValueError(f"the arena needs at least two models, got {len(models)}: "
                              "train or download another one first")
         if self.mode == "text":
             label = self.check_prompt(label)
         with self._rng_lock:
             if self.mode == "class":
                 label = parse_class(label, self.num_classes(), self.rng)
-            battle = new_battle(self.models, str(label), self.rng)
+            battle = new_battle(models, str(label), self.rng)
         battle.image_a, battle.error_a = self._side(battle.model_a, label, battle.seed)
         battle.image_b, battle.error_b = self._side(battle.model_b, label, battle.seed)
         try:

@@ -174,17 +174,20 @@ def prompt_box(examples: list[str]):
     return box
 
 
-def build_compare_tab(models: list[str], wrap: Callable = lambda f: f, mode: str | None = None) -> dict:
+def build_compare_tab(models: list[str], wrap: Callable = lambda f: f, mode: str | None = None,
+                      more_models: Callable[[], list[str]] | None = None) -> dict:
     """The Compare tab (inside an open gr.Blocks); `wrap` decorates the sampling function (spaces.GPU).
 
     `mode`: "class" (a class picker) or "text" (a prompt box); default: what the models take.
+    `more_models()` lists models that may appear while the app runs (finished training runs):
+    they are picked from a refreshable dropdown and drawn in a gallery under the fixed panels.
     """
     import gradio as gr
 
     mode = mode or conditioning(models)
     text = mode == "text"
     d = _defaults(models)
-    with gr.Tab("Compare", id="compare"):
+    with gr.Tab("Compare", id="compare") as tab:
         gr.Markdown(f"Same {'prompt' if text else 'class'}, same seed, same starting noise: the teacher's many "
                     "steps against the students' few. Captions give network evaluations (NFE; CFG costs 2 per "
                     "step), steps and measured time.")
@@ -240,5 +243,55 @@ def build_compare_tab(models: list[str], wrap: Callable = lambda f: f, mode: str
         outputs = [c for pair in zip(images, captions) for c in pair]
         button.click(wrap(run), [label, seed, num_images, steps, guidance], outputs, api_name="compare")
         dice.click(random_seed, None, seed, api_visibility="private")
+        extra = _build_more_models(models, more_models, button, [label, seed, num_images, steps, guidance],
+                                   tab, wrap, scale=1 if text else DISPLAY_SCALE) if more_models is not None else {}
     return dict(label=label, seed=seed, num_images=num_images, steps=steps, guidance=guidance,
-                images=images, captions=captions, generate=button, mode=mode)
+                images=images, captions=captions, generate=button, mode=mode, **extra)
+
+
+def _build_more_models(models: list[str], more_models: Callable[[], list[str]], button, inputs: list,
+                       tab, wrap: Callable, scale: int = DISPLAY_SCALE) -> dict:
+    """The dropdown of models that appeared since start (read per request) and their gallery."""
+    import gradio as gr
+
+    def current() -> dict[str, str]:
+        """Display name -> model, for the models not already shown in a panel."""
+        fixed = set(models)
+        return {display_name(m): m for m in more_models() if m not in fixed}
+
+    with gr.Row():
+        picked = gr.Dropdown(choices=list(current()), value=[], multiselect=True, elem_id="compare-more",
+                             allow_custom_value=True,     # the list grows while the app runs; run_more checks
+                             label="Also compare: finished training runs (the Train tab)")
+        refresh = gr.Button("Refresh list", scale=0, elem_id="compare-more-refresh")
+    gallery = gr.Gallery(label="Training runs", columns=4, object_fit="contain", elem_id="compare-more-gallery", format="png",
+                         interactive=False)
+
+    def choices():
+        return gr.Dropdown(choices=list(current()))
+
+    def run_more(picked, label, seed, num_images, steps, guidance):
+        if not picked:
+            return []
+        known = current()
+        unknown = [p for p in picked if p not in known]
+        if unknown:
+            raise gr.Error(f"unknown model {unknown[0]!r}: it is not a finished run (any more); "
+                           "press Refresh list")
+        try:
+            results = compare([known[p] for p in picked], label, seed, num_images, steps, guidance, scale=scale)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        for img, cap in results:
+            if img is None:
+                gr.Warning(cap)
+        return [(img[..., 0] if img.shape[-1] == 1 else img, cap) for img, cap in results if img is not None]
+
+    def names() -> list[str]:
+        """Models that can be added to the comparison now (finished training runs)."""
+        return list(current())
+
+    button.click(wrap(run_more), [picked, *inputs], gallery, api_name="compare_more")
+    gr.on([refresh.click, tab.select], choices, None, picked, api_visibility="private")
+    gr.api(names, api_name="compare_more_models")
+    return dict(more=picked, more_gallery=gallery, more_refresh=refresh)

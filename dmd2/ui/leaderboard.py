@@ -47,11 +47,15 @@ def export_votes(store: VoteStore, fmt: str, folder: str | Path | None = None) -
     return path
 
 
-def build_leaderboard_tab(models: Sequence[str], store: Callable[[], VoteStore]) -> dict:
-    """The Leaderboard tab (inside an open gr.Blocks); `store()` gives the vote store (opened on first use)."""
+def build_leaderboard_tab(models: Sequence[str] | Callable[[], Sequence[str]],
+                          store: Callable[[], VoteStore]) -> dict:
+    """The Leaderboard tab (inside an open gr.Blocks); `store()` gives the vote store (opened on first use).
+
+    `models` may be a function giving the current list (read on every refresh).
+    """
     import gradio as gr
 
-    models = list(models)
+    current = models if callable(models) else (lambda fixed=list(models): fixed)
     with gr.Tab("Leaderboard", id="leaderboard") as tab:
         gr.Markdown("Bradley-Terry ratings on the Elo scale (mean 1000; 400 points = 10:1 odds) from "
                     "the arena votes, with 95% bootstrap intervals. Ties and 'both bad' count half a win "
@@ -65,8 +69,8 @@ def build_leaderboard_tab(models: Sequence[str], store: Callable[[], VoteStore])
         file = gr.File(label="Votes", interactive=False)
 
         def show():
-            votes = store().votes()
-            return leaderboard_table(votes, models), leaderboard_plot(votes, models)
+            votes, names = store().votes(), list(current())
+            return leaderboard_table(votes, names), leaderboard_plot(votes, names)
 
         refresh.click(show, None, [table, plot], api_name="leaderboard")
         tab.select(show, None, [table, plot], api_visibility="private")

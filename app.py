@@ -1,4 +1,7 @@
-"""Launch the dmd2-studio Gradio app: `python app.py [--host H] [--port P] [--share] [--family pixel] [--votes PATH] [--runs DIR]`."""
+"""Launch the dmd2-studio Gradio app.
+
+    python app.py [--host H] [--port P] [--share] [--family pixel] [--votes PATH] [--runs DIR]
+"""
 
 from __future__ import annotations
 

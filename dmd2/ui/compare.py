@@ -264,8 +264,8 @@ def _build_more_models(models: list[str], more_models: Callable[[], list[str]], 
                              allow_custom_value=True,     # the list grows while the app runs; run_more checks
                              label="Also compare: finished training runs (the Train tab)")
         refresh = gr.Button("Refresh list", scale=0, elem_id="compare-more-refresh")
-    gallery = gr.Gallery(label="Training runs", columns=4, object_fit="contain", elem_id="compare-more-gallery", format="png",
-                         interactive=False)
+    gallery = gr.Gallery(label="Training runs", columns=4, fit_columns=False, height=360, object_fit="contain",
+                         preview=False, format="png", interactive=False, elem_id="compare-more-gallery")
 
     def choices():
         return gr.Dropdown(choices=list(current()))

@@ -61,7 +61,7 @@ def build_leaderboard_tab(models: Sequence[str] | Callable[[], Sequence[str]],
                     "the arena votes, with 95% bootstrap intervals. Ties and 'both bad' count half a win "
                     "to each side. Rank = 1 + the number of models whose whole interval is above.")
         refresh = gr.Button("Refresh")
-        table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Leaderboard")
+        table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Leaderboard", elem_id="leaderboard-table")
         plot = gr.Plot(label="Win rates")
         with gr.Row():
             csv_button = gr.Button("Export CSV")

@@ -462,8 +462,8 @@ class TrainManager:
                 run.set_status("failed", error=f"the trainer exited with code {code}: {why}", pid=None)
 
     # --- watching -------------------------------------------------------------------------
-    def view(self, name: str, eta: bool = True) -> dict:
-        """A run as the tab shows it: state, step, total, percent, ETA (when `eta`), error, pid, loss lines."""
+    def view(self, name: str, with_eta: bool = True) -> dict:
+        """A run as the tab shows it: state, step, total, percent, ETA (if `with_eta`), error, pid, loss lines."""
         from training.runs import Run
 
         path = self.run_dir(name)
@@ -490,7 +490,7 @@ class TrainManager:
         total = int(status.get("total_steps") or 0) if fresh or proc is None else proc.total
         if not total and run.config_path.is_file():
             total = _config_steps(run.config_path)
-        records = run.metrics() if eta else []
+        records = run.metrics() if with_eta else []
         eta = eta_seconds(records, step, total) if state in ("running", "starting") else None
         return dict(name=path.name, state=state, step=step, total=total,
                     percent=round(100.0 * step / total, 1) if total else 0.0,
@@ -503,7 +503,7 @@ class TrainManager:
         rows = []
         for name in self.run_names():
             try:
-                v = self.view(name, eta=False)
+                v = self.view(name, with_eta=False)
             except TrainError:
                 continue
             updated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v["updated"])) if v["updated"] else ""

@@ -282,8 +282,7 @@ def test_stop_ends_the_process_group_and_resume_continues_from_the_checkpoint(ap
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records]
     assert steps == sorted(set(steps)) and steps[0] == 1                         # resumed, not restarted
-    clock = [r["seconds"] for r in records]
-    assert any(b < a for a, b in zip(clock, clock[1:]))                          # the second session's clock
+    assert steps[-1] > stopped_at                                                # ... and went on past the stop
 
 
 def test_launch_needs_the_token_and_a_good_name_and_values(app, teacher):

@@ -251,7 +251,7 @@ def test_stop_ends_the_process_group_and_resume_continues_from_the_checkpoint(ap
     run = manager.runs_root / "long"
     launch(client, "long", *tiny(teacher, steps=100_000))
     v = wait_for(client, "long", lambda v: v["state"] == "running" and v["step"] >= 3, "step 3")
-    assert (run / "checkpoints" / "step-00000002" / "state.pt").is_file()
+    assert list((run / "checkpoints").glob("step-*/state.pt"))                   # something to resume from
     assert v["eta_s"] is not None and v["eta_s"] > 0 and v["percent"] == round(100 * v["step"] / 100_000, 1)
     pid = v["pid"]
     assert os.getpgid(pid) == pid                                               # its own process group

@@ -6,38 +6,25 @@ on CPU. (`--cpu` would start a single process: accelerate's CPU launcher needs M
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
-from conftest import TINY_UNET, make_two_class_folder
-from dmd2.families.pixel import PixelFamily
-from test_ddp import free_port
-from training.config import DistillConfig
+from test_ddp import free_port, tiny_run_config
 from training.runs import Run
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_accelerate_launch_two_cpu_processes_finishes_a_run(tmp_path):
-    fam = PixelFamily(num_classes=3, image_size=8)
-    torch.manual_seed(0)
-    fam.save_student(fam.new_unet(**TINY_UNET), tmp_path / "teacher")
-    data = make_two_class_folder(tmp_path / "images")
-    cfg = DistillConfig(teacher=str(tmp_path / "teacher"), data=str(data), batch_size=4, steps=4, ttur=2,
-                        warmup_steps=1, log_every=1, sample_every=0, eval_every=0, checkpoint_every=4,
-                        mixed_precision="no").validate()
-    (tmp_path / "cfg.yaml").write_text(json.dumps(cfg.to_dict()))
+    cfg_file = tiny_run_config(tmp_path, steps=4, ttur=2, checkpoint_every=4)
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                        "-m", "training", "distill", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")],
+                        "-m", "training", "distill", "--config", str(cfg_file), "--out", str(tmp_path / "run")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     run = Run(tmp_path / "run")

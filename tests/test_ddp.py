@@ -25,16 +25,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_keeps_ranks_identical(tmp_path):
+def tiny_run_config(tmp_path: Path, **overrides) -> Path:
+    """A tiny random teacher, a two-class image folder and a run config over them, written to cfg.yaml."""
     fam = PixelFamily(num_classes=3, image_size=8)
     torch.manual_seed(0)
     fam.save_student(fam.new_unet(**TINY_UNET), tmp_path / "teacher")
     data = make_two_class_folder(tmp_path / "images")
-    cfg = DistillConfig(teacher=str(tmp_path / "teacher"), data=str(data), batch_size=4, steps=6, ttur=3,
-                        warmup_steps=1, log_every=1, sample_every=0, eval_every=0, checkpoint_every=6,
-                        mixed_precision="no", generator_lr=1e-3, critic_lr=1e-3).validate()
+    cfg = DistillConfig(teacher=str(tmp_path / "teacher"), data=str(data), batch_size=4, warmup_steps=1,
+                        log_every=1, sample_every=0, eval_every=0, mixed_precision="no", **overrides).validate()
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
+    return cfg_file
+
+
+def test_two_process_ddp_keeps_ranks_identical(tmp_path):
+    cfg_file = tiny_run_config(tmp_path, steps=6, ttur=3, checkpoint_every=6, generator_lr=1e-3, critic_lr=1e-3)
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
     r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

@@ -254,3 +254,30 @@ def test_resume_with_a_changed_lr_uses_it_and_keeps_the_old_config(setup, tmp_pa
     assert (tmp_path / "run" / "config.before-step-5.yaml").is_file()
     assert load_config(tmp_path / "run" / "config.yaml").critic_lr == 2e-4
     assert load_config(tmp_path / "run" / "config.before-step-5.yaml").critic_lr == 1e-3
+
+
+def test_generator_init_starts_generator_and_ema_from_a_student_the_critic_from_the_teacher(setup, family, tmp_path):
+    torch.manual_seed(1)
+    family.save_student(family.new_unet(**TINY_UNET), tmp_path / "student")  # same network, other weights
+    student, teacher = load_pixel_unet(tmp_path / "student"), load_pixel_unet(setup[0])
+    tr = DMD2Trainer(tiny_config(setup, generator_init=str(tmp_path / "student")))
+    for name, module, source in [("generator", tr.generator_module, student), ("ema", tr.ema, student),
+                                 ("fake score", tr.critic_module.fake_unet, teacher), ("real score", tr.real_unet, teacher)]:
+        theirs = source.state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in module.state_dict().items()), name
+    assert not torch.equal(student.conv_in.weight, teacher.conv_in.weight)  # the check above can tell them apart
+
+
+def test_generator_init_rejects_a_missing_folder_and_a_different_network(setup, family, tmp_path):
+    with pytest.raises(ConfigError, match="generator_init.*existing student folder"):
+        tiny_config(setup, generator_init=str(tmp_path / "nowhere"))
+    family.save_student(family.new_unet(**dict(TINY_UNET, block_out_channels=(8, 8))), tmp_path / "other")
+    with pytest.raises(ConfigError, match="generator_init.*differs from the teacher's"):
+        DMD2Trainer(tiny_config(setup, generator_init=str(tmp_path / "other")))
+
+
+def test_string_overrides_keep_yaml_booleans_as_words():
+    assert load_config(None, ["mixed_precision=no"]).mixed_precision == "no"
+    from training.config import _coerce
+    with pytest.raises(ConfigError, match="quote it"):
+        _coerce("mixed_precision", False)  # a YAML file's bare `no`: named, not silently taken

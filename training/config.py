@@ -33,6 +33,8 @@ class DistillConfig:
     lora_alpha: float = 8.0                    # LoRA scale alpha / rank (official SDXL: rank 64, alpha 8)
     lora_target_modules: list | None = None    # module-name suffixes; None: the family's (DMD2's list)
     gradient_checkpointing: bool = False       # recompute activations of the generator and fake score
+    generator_init: str | None = None          # a student folder of the same network to start the generator from
+                                               # (e.g. a 1-step student for a 4-step run); None: the teacher
     # the student
     student_steps: int = 1                     # 1 -> [999]; 4 -> [999, 749, 499, 249]
     first_timestep: int | None = None          # 1-step only: condition on this t (SDXL official: 399)
@@ -100,6 +102,10 @@ class DistillConfig:
              "lora_target_modules", "must be null or a non-empty list of module names")
         need(not text or self.eval_every == 0, "eval_every",
              "the quick evaluation scores MNIST digits; set eval_every: 0 for sdxl/sd15")
+        need(self.generator_init is None or Path(str(self.generator_init)).expanduser().is_dir(), "generator_init",
+             "must be an existing student folder (e.g. assets/mnist/dmd2-1step) or null")
+        need(self.generator_init is None or self.lora_rank == 0, "generator_init",
+             "a LoRA generator starts from the teacher; drop generator_init or set lora_rank: 0")
         need(isinstance(self.student_steps, int) and 1 <= self.student_steps <= 1000, "student_steps", "must be an integer in 1..1000")
         need(self.first_timestep is None or (self.student_steps == 1 and 0 <= self.first_timestep < 1000),
              "first_timestep", "only for 1-step students, in 0..999")
@@ -167,7 +173,8 @@ def _coerce(key: str, value):
             raise ConfigError(f"config {key}={value!r}: must be a number")
         return float(value)
     if isinstance(default, str) and not isinstance(value, str):
-        raise ConfigError(f"config {key}={value!r}: must be a string")
+        hint = " (YAML reads yes/no/on/off as true/false: quote it, e.g. 'no')" if isinstance(value, bool) else ""
+        raise ConfigError(f"config {key}={value!r}: must be a string{hint}")
     return value
 
 
@@ -189,8 +196,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Di
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
+        key = key.strip()
+        default = FIELDS[key].default if key in FIELDS else None
+        if isinstance(default, str) and raw.strip().lower() in ("yes", "no", "on", "off", "true", "false"):
+            values[key] = raw.strip()  # a string field: `--set mixed_precision=no` means the word, not false
+            continue
         try:
-            values[key.strip()] = yaml.safe_load(raw)
+            values[key] = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: value is not valid YAML") from None
     return DistillConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()

@@ -101,6 +101,8 @@ class DMD2Trainer:
         torch.manual_seed(cfg.seed)  # the GAN head's initialisation
         self.real_unet = teacher.to(self.device).eval().requires_grad_(False)
         generator = copy.deepcopy(self.real_unet).train().requires_grad_(True)
+        if cfg.generator_init:
+            init_generator(generator, self.family.load_student(cfg.generator_init), cfg.generator_init)
         critic = Critic(self.family, self.real_unet, use_gan=cfg.use_gan).to(self.device)
         if cfg.lora_rank:
             add_lora(generator, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules or self.family.lora_target_modules,
@@ -337,6 +339,18 @@ class DMD2Trainer:
         x = student_sample(self.family, unet, self.family.condition(labels).to(self.device),
                            noise.to(self.device), self.timesteps, seed=seed, autocast=self.cfg.frozen_dtype == "bf16")
         return self.family.decode(x)
+
+
+def init_generator(generator: torch.nn.Module, student: torch.nn.Module, source) -> None:
+    """Copy a saved student's weights into the generator (a copy of the teacher), which must match it exactly."""
+    ours, theirs = generator.state_dict(), student.state_dict()
+    missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    shapes = [k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape]
+    if missing or extra or shapes:
+        first = (missing or extra or shapes)[0]
+        raise ConfigError(f"generator_init {str(source)!r}: its network differs from the teacher's "
+                          f"({len(missing)} missing, {len(extra)} extra, {len(shapes)} reshaped tensors, e.g. {first})")
+    generator.load_state_dict(theirs)
 
 
 # --- the run -------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             "internet; pass local pipeline or student folders with --model" if args.family != "pixel" else ""),
             file=sys.stderr)
 
-    build_app(args.model, votes, family=args.family, runs_root=args.runs, public=is_public(args.share)).launch(
+    build_app(args.model, votes, family=args.family, runs_root=args.runs, public=is_public(args.share, args.host)).launch(
         server_name=args.host, server_port=args.port, share=args.share)
     return 0
 

@@ -91,6 +91,40 @@ def test_admin_token_and_public_apps(tmp_path):
     assert TrainManager(tmp_path, admin_token="").token_required is False       # empty = not configured
 
 
+def test_wrong_tokens_lock_the_admin_actions_for_a_while(tmp_path):
+    from dmd2.ui.train import LOCKOUT_S, MAX_WRONG_TOKENS
+
+    now = [1000.0]
+    guarded = TrainManager(tmp_path, admin_token=TOKEN, clock=lambda: now[0])
+    for _ in range(MAX_WRONG_TOKENS):
+        with pytest.raises(NotAllowed, match="Wrong admin token"):
+            guarded.authorize("guess")
+    with pytest.raises(NotAllowed, match="Too many wrong admin tokens.*try again in 60 s"):
+        guarded.authorize(TOKEN)                                   # even the right one, during the lockout
+    now[0] += LOCKOUT_S / 2
+    with pytest.raises(NotAllowed, match="try again in 30 s"):
+        guarded.authorize(TOKEN)
+    now[0] += LOCKOUT_S / 2
+    guarded.authorize(TOKEN)                                       # the window has passed
+    with pytest.raises(NotAllowed, match="Wrong admin token"):     # and a new window starts from zero
+        guarded.authorize("guess")
+
+
+@pytest.mark.parametrize("share, host, space, public", [
+    (False, None, None, False), (False, "127.0.0.1", None, False), (False, "localhost", None, False),
+    (False, "::1", None, False), (False, "[::1]", None, False), (False, "0.0.0.0", None, True),
+    (False, "192.168.1.5", None, True), (False, "::", None, True), (True, "127.0.0.1", None, True),
+    (False, "127.0.0.1", "user/space", True),
+])
+def test_is_public_counts_network_hosts_shares_and_spaces(monkeypatch, share, host, space, public):
+    from dmd2.ui.train import is_public
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    if space:
+        monkeypatch.setenv("SPACE_ID", space)
+    assert is_public(share, host) is public
+
+
 @pytest.mark.parametrize("name, message", [
     ("../evil", "bad run name"), ("a/b", "bad run name"), ("", "enter a run name"), ("..", "bad run name"),
     ("x" * 65, "bad run name"),

@@ -55,6 +55,10 @@ RUN_COLUMNS = ["Run", "State", "Step", "Of", "Updated (UTC)"]
 FINAL_STATES = ("finished", "failed", "stopped")
 
 
+MAX_WRONG_TOKENS = 5   # wrong admin tokens allowed per LOCKOUT_S window; then every attempt is refused
+LOCKOUT_S = 60.0
+
+
 class TrainError(ValueError):
     """A launch, stop or resume that cannot be done; the message says why and what to do."""
 
@@ -68,9 +72,18 @@ def default_runs_root() -> Path:
     return Path(os.environ.get(RUNS_ENV) or DEFAULT_RUNS)
 
 
-def is_public(share: bool = False) -> bool:
-    """Whether anyone on the internet may reach the app: --share, or a Hugging Face Space ($SPACE_ID)."""
-    return bool(share or os.environ.get("SPACE_ID"))
+LOOPBACK_HOSTS = ("localhost", "::1")
+
+
+def is_public(share: bool = False, host: Optional[str] = None) -> bool:
+    """Whether others may reach the app: --share, a Hugging Face Space ($SPACE_ID), or a --host that is
+    not a loopback address (0.0.0.0 serves every network the machine is on)."""
+    if share or os.environ.get("SPACE_ID"):
+        return True
+    if host is None:
+        return False
+    host = host.strip().strip("[]").lower()
+    return not (host in LOOPBACK_HOSTS or host.startswith("127."))
 
 
 def cuda_available() -> bool:
@@ -234,7 +247,7 @@ class TrainManager:
 
     def __init__(self, runs_root, configs: Path = CONFIGS, admin_token: Optional[str] = None,
                  public: bool = False, python: str = sys.executable, max_running: int = 1,
-                 cuda: Optional[bool] = None):
+                 cuda: Optional[bool] = None, clock=time.monotonic):
         self.runs_root = Path(runs_root).resolve()
         self.configs = Path(configs)
         self.admin_token = admin_token or None            # an empty token would be no protection
@@ -244,6 +257,8 @@ class TrainManager:
         self.cuda = cuda
         self._procs: dict[str, _Process] = {}
         self._lock = threading.RLock()
+        self._clock = clock
+        self._failures: list[float] = []                  # times of recent wrong tokens (lockout)
 
     # --- who may train ----------------------------------------------------------------------
     @property
@@ -253,7 +268,8 @@ class TrainManager:
     def refusal(self) -> Optional[str]:
         """Why training is disabled on this app, or None."""
         if self.public and self.admin_token is None:
-            return (f"Training is disabled: this app is public (--share or a Hugging Face Space) and no "
+            return (f"Training is disabled: this app is public (--share, a Hugging Face Space or a network "
+                    f"--host such as 0.0.0.0) and no "
                     f"admin token is configured. Set {TOKEN_ENV} on the server to enable it.")
         return None
 
@@ -267,8 +283,16 @@ class TrainManager:
         if not token:
             raise NotAllowed("This app needs the admin token to launch, stop or resume runs: "
                              "enter it in the Admin token box.")
-        if not hmac.compare_digest(str(token).encode(), self.admin_token.encode()):
-            raise NotAllowed("Wrong admin token.")
+        with self._lock:
+            now = self._clock()
+            self._failures = [f for f in self._failures if now - f < LOCKOUT_S]
+            if len(self._failures) >= MAX_WRONG_TOKENS:
+                wait = LOCKOUT_S - (now - self._failures[0])
+                raise NotAllowed(f"Too many wrong admin tokens ({MAX_WRONG_TOKENS} in {LOCKOUT_S:.0f} s): "
+                                 f"try again in {wait:.0f} s.")
+            if not hmac.compare_digest(str(token).encode(), self.admin_token.encode()):
+                self._failures.append(now)
+                raise NotAllowed("Wrong admin token.")
 
     # --- presets and run folders ----------------------------------------------------------
     def presets(self) -> list[str]:

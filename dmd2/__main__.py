@@ -38,17 +38,23 @@ def cycled_labels(n: int, num_classes: int) -> np.ndarray:
 
 
 def generate_many(model, n: int, seed: int, steps=None, guidance=None, batch_size: int = 250,
-                  labels: np.ndarray | None = None, autocast: bool = False):
-    """n samples in batches (batch b uses seed+b); returns images, labels, seconds per image."""
+                  labels: np.ndarray | None = None, autocast: bool = False, step_images: list | None = None):
+    """n samples in batches (batch b uses seed+b); returns images, labels, seconds per image.
+
+    `step_images`: a list that receives, per student step, the x0 estimates of all n samples."""
     labels = cycled_labels(n, model.num_classes) if labels is None else labels
-    images, seconds, nfe = [], 0.0, None
+    images, seconds, nfe, steps_seen = [], 0.0, None, []
     for b, start in enumerate(range(0, n, batch_size)):
         out = model.generate(labels[start:start + batch_size], seed=seed + b, steps=steps, guidance=guidance,
-                             autocast=autocast)
+                             autocast=autocast, step_images=step_images is not None)
         images.append(out.images)
+        if step_images is not None:
+            steps_seen.append(out.extra["step_images"])
         seconds += out.seconds
         nfe = out.nfe
     images = np.concatenate(images) if images else np.zeros((0, 32, 32, 1), np.uint8)
+    if step_images is not None and steps_seen:
+        step_images.extend(np.concatenate(per_step) for per_step in zip(*steps_seen))
     return images, labels, seconds / max(n, 1), nfe
 
 
@@ -91,6 +97,12 @@ def _labels(a, model):
 
 def _print_result(result: dict) -> None:
     for k, v in result.items():
+        if k == "per_step":
+            print("  per step (x0 estimate after each step):")
+            for row in v:
+                print(f"    step {row['step']} (t={row['t']:>3}): fid {row['fid']:.4f}  alignment "
+                      f"{row['alignment']:.4f}  diversity_ratio {row['diversity_ratio']:.4f}")
+            continue
         print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
 
 
@@ -100,6 +112,8 @@ def cmd_evaluate(a) -> None:
     out = _check_writable(a.json) if a.json else None
     spec = registry.spec_for(a.model)
     if spec.conditioning == "text":
+        if a.per_step:
+            raise UsageError(f"--per-step: only for class-conditional students; {a.model} is a text-to-image model")
         return _evaluate_text(a, out)
     text_only = [f for f, v in (("--prompts", a.prompts), ("--ref-images", a.ref_images),
                                 ("--inception-weights", a.inception_weights), ("--clip-weights", a.clip_weights)) if v]
@@ -111,10 +125,21 @@ def cmd_evaluate(a) -> None:
     if num < 2:
         raise UsageError(f"--num must be at least 2 to estimate FID, got {num}")
     model = registry.load(a.model)
-    images, labels, sec_per_image, nfe = generate_many(model, num, a.seed, a.steps, a.guidance, autocast=a.bf16)
+    if a.per_step and (model.spec.kind == "teacher" or len(model.timesteps) < 2):
+        raise UsageError(f"--per-step scores each step of a multi-step student; {a.model} "
+                         + ("is a teacher" if model.spec.kind == "teacher" else "takes one step"))
+    step_images = [] if a.per_step else None
+    images, labels, sec_per_image, nfe = generate_many(model, num, a.seed, a.steps, a.guidance, autocast=a.bf16,
+                                                       step_images=step_images)
     result = {"model": a.model, "num": num, "seed": a.seed, "nfe": nfe, "ms_per_image": 1000 * sec_per_image,
               "precision": "bf16" if a.bf16 else "fp32"}
     result.update(evaluate_images(images, labels))
+    if a.per_step:  # the x0 estimate after each step (the last one is the sample scored above)
+        result["per_step"] = []
+        for i, (t, x0_images) in enumerate(zip(model.timesteps, step_images), 1):
+            scores = evaluate_images(x0_images, labels)
+            result["per_step"].append({"step": i, "t": int(t), **{k: scores[k] for k in
+                                                                  ("fid", "alignment", "diversity_ratio")}})
     if a.steps is not None:
         result["steps"] = a.steps
     if a.guidance is not None:
@@ -217,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=None)
     e.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (default fp32)")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    e.add_argument("--per-step", action="store_true",
+                   help="multi-step class students: also score the x0 estimate after each step")
     t = e.add_argument_group("text-to-image models (SDXL, SD1.5)")
     t.add_argument("--prompts", default=None, help="prompt file: .txt (one per line) or .parquet (prompt/caption column)")
     t.add_argument("--ref-images", default=None, help="folder of reference images for FID and patch FID")

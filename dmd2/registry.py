@@ -137,10 +137,11 @@ class LoadedModel:
         return check_prompt(prompt, getattr(self.family, "tokenizer", None))
 
     def generate(self, labels=None, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                 autocast: bool = False, callback=None, prompts=None) -> Generated:
+                 autocast: bool = False, callback=None, prompts=None, step_images: bool = False) -> Generated:
         """Sample one image per label (class models) or per prompt (text models) from `seed`
         (same seed, same starting noise for every model of a family). For text models the prompts
-        may come as `prompts=` or in place of the labels."""
+        may come as `prompts=` or in place of the labels. `step_images` (students): also return each
+        step's decoded x0 estimate in `extra["step_images"]` (the last one is `images`)."""
         if self.conditioning == "text":
             prompts = labels if prompts is None else prompts
             prompts = [prompts] if isinstance(prompts, str) else list(prompts if prompts is not None else [])
@@ -168,9 +169,13 @@ class LoadedModel:
             nfe = steps * (1 if g == 1.0 else 2)
             extra = {"guidance": g, "steps": steps}
         else:
-            x = student_sample(self.family, self.unet, cond, noise, list(self.timesteps), seed=seed, autocast=autocast)
+            steps_x0 = []
+            x = student_sample(self.family, self.unet, cond, noise, list(self.timesteps), seed=seed, autocast=autocast,
+                               on_step=(lambda i, t, x0: steps_x0.append(x0)) if step_images else None)
             nfe = len(self.timesteps)
             extra = {"timesteps": list(self.timesteps), "steps": nfe}
+            if step_images:
+                extra["step_images"] = [to_uint8(self.family.decode(x0)) for x0 in steps_x0]
         images = to_uint8(self.family.decode(x))
         return Generated(images, labels, nfe, time.perf_counter() - start, extra, prompts)
 

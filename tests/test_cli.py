@@ -59,6 +59,24 @@ def test_evaluate_prints_and_writes_metrics(tiny_teacher, tmp_path):
     assert result["num"] == 20 and result["fid"] > 0 and 0 <= result["alignment"] <= 1
 
 
+def test_evaluate_per_step_scores_each_step_of_a_multi_step_student(tiny_teacher, tmp_path):
+    torch.manual_seed(1)
+    student = tmp_path / "tiny-4step"
+    PixelFamily().save_student(PixelFamily().new_unet(**TINY_UNET), student, timesteps=[999, 749, 499, 249],
+                               family="pixel", teacher=str(tiny_teacher))
+    out = tmp_path / "m.json"
+    r = run("evaluate", "--model", str(student), "--num", "20", "--per-step", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "step 4 (t=249)" in r.stdout
+    result = json.loads(out.read_text())
+    rows = result["per_step"]
+    assert [(row["step"], row["t"]) for row in rows] == [(1, 999), (2, 749), (3, 499), (4, 249)]
+    assert rows[-1]["fid"] == pytest.approx(result["fid"])           # the last step's estimate is the sample
+    assert len({round(row["fid"], 6) for row in rows}) == 4          # each step scored on its own images
+    r = run("evaluate", "--model", str(tiny_teacher), "--num", "4", "--per-step")
+    assert r.returncode != 0 and "--per-step scores each step of a multi-step student" in r.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["sample", "--model", "no-such-model", "--out", "{tmp}/x.npz"], "unknown model"),
     (["sample", "--model", "{teacher}", "--label", "12", "--num", "2", "--out", "{tmp}/x.npz"], "--label must be in 0..9"),

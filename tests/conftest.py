@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 
 import numpy as np
 import pytest
@@ -12,6 +14,23 @@ from PIL import Image
 from dmd2.families.pixel import PixelFamily
 
 torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(demo):
+    """Serve a gradio app on a free localhost port for the block's duration; yields its URL."""
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
 
 TINY_UNET = dict(
     block_out_channels=(8, 16),

@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_ddp import free_port, tiny_run_config
+from conftest import free_port
+from test_ddp import tiny_run_config
 from training.runs import Run
 
 ROOT = Path(__file__).resolve().parent.parent

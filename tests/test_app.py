@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_pixel_unet, write_broken_model
+from conftest import served, tiny_pixel_unet, write_broken_model
 from dmd2 import registry
 from dmd2.families.pixel import save_pixel_unet
 from dmd2.ui.compare import compare, make_grid
@@ -108,10 +107,6 @@ def test_compare_with_the_committed_teacher():
 
 # --- the real app on localhost ---------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +116,8 @@ def client(tiny_models, tmp_path_factory):
     from dmd2.ui.app import build_app
 
     demo = build_app(tiny_models)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False,
-                     download_files=str(tmp_path_factory.mktemp("downloads")))
-    finally:
-        demo.close()
+    with served(demo) as url:
+        yield Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
 
 
 def call(client, label=2, seed=5, num_images=4, steps=STEPS, guidance=2.0):

@@ -4,7 +4,6 @@ served on localhost with tiny SDXL pipelines as the models and called with gradi
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import types
@@ -19,7 +18,7 @@ import torch
 from PIL import Image
 
 import tiny_sd
-from conftest import tiny_pixel_unet
+from conftest import served, tiny_pixel_unet
 from dmd2.arena import VoteStore
 from dmd2.families.pixel import save_pixel_unet
 from dmd2.families.sdxl import SDXLFamily
@@ -45,11 +44,6 @@ def text_models(tmp_path_factory):
     return [str(teacher), str(root / "student-1step"), str(broken)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def app(text_models, tmp_path_factory):
@@ -57,12 +51,8 @@ def app(text_models, tmp_path_factory):
 
     votes = tmp_path_factory.mktemp("votes") / "votes.sqlite"
     demo = build_app(text_models, votes_path=votes, family="sdxl")
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield demo, f"http://127.0.0.1:{port}/", votes, tmp_path_factory.mktemp("downloads")
-    finally:
-        demo.close()
+    with served(demo) as url:
+        yield demo, url, votes, tmp_path_factory.mktemp("downloads")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import types
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -12,7 +11,7 @@ os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 import numpy as np
 import pytest
 
-from conftest import tiny_pixel_unet, write_broken_model
+from conftest import served, tiny_pixel_unet, write_broken_model
 from dmd2 import registry
 from dmd2.arena import BattleBook, VoteStore, read_csv, read_jsonl
 from dmd2.families.pixel import save_pixel_unet
@@ -188,10 +187,6 @@ def test_export_votes_round_trips(store, tmp_path):
 
 # --- the real app on localhost -----------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -201,12 +196,8 @@ def app(tiny_models, tmp_path_factory):
 
     votes = tmp_path_factory.mktemp("votes") / "votes.sqlite"
     demo = build_app(tiny_models[:2], votes_path=votes)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/", votes, tmp_path_factory.mktemp("downloads")
-    finally:
-        demo.close()
+    with served(demo) as url:
+        yield url, votes, tmp_path_factory.mktemp("downloads")
 
 
 def new_client(app):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -18,7 +17,7 @@ os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 
 import pytest
 
-from conftest import tiny_pixel_unet
+from conftest import served, tiny_pixel_unet
 from dmd2.arena import VoteStore
 from dmd2.families.pixel import save_pixel_unet
 
@@ -31,11 +30,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 UI_MS = 120_000         # hang guards for the page (a loaded 2-core machine is slow), not timing assertions
 TRAIN_MS = 900_000
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +45,11 @@ def app(tmp_path_factory):
     manager = TrainManager(root / "runs")
     demo = build_app([str(root / "tiny-teacher"), str(root / "tiny-student")], votes_path=root / "votes.sqlite",
                      trainer=manager)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
-        yield dict(url=f"http://127.0.0.1:{port}/", root=root, votes=root / "votes.sqlite", manager=manager)
+        with served(demo) as url:
+            yield dict(url=url, root=root, votes=root / "votes.sqlite", manager=manager)
     finally:
         manager.close()
-        demo.close()
 
 
 @pytest.fixture(scope="module")

@@ -5,24 +5,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from conftest import TINY_UNET, make_two_class_folder
+from conftest import TINY_UNET, free_port, make_two_class_folder
 from dmd2.families.pixel import PixelFamily, load_pixel_unet
 from training.config import DistillConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_run_config(tmp_path: Path, **overrides) -> Path:

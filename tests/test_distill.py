@@ -16,7 +16,6 @@ import torch
 
 from conftest import TINY_UNET, make_two_class_folder
 from dmd2.families.pixel import load_pixel_unet
-from dmd2.sampling import student_sample
 from training.config import ConfigError, DistillConfig, load_config
 from training.distill import DMD2Trainer, NonFiniteLoss, distill
 from training.runs import Run, RunError, safe_run_dir

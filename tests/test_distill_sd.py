@@ -10,11 +10,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-from dmd2.families.sdxl import SDXLFamily
 from dmd2.sampling import initial_noise
 from training.config import DistillConfig, load_config
 from training.distill import DMD2Trainer, distill
-from training.runs import Run
 from training.simulate import backward_simulate
 
 import tiny_sd

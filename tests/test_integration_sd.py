@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
@@ -21,7 +20,7 @@ import torch
 from PIL import Image
 
 import tiny_sd
-from conftest import make_caption_folder
+from conftest import make_caption_folder, served
 from dmd2 import registry
 from dmd2.__main__ import main
 from dmd2.metrics.inception import FIDInception
@@ -162,15 +161,9 @@ def test_sdxl_students_are_models_of_the_apps_sdxl_mode(world, tmp_path):
     models = [str(world["sdxl"]), str(runs["sdxl-1step"].student), str(runs["sdxl-4step-lora"].student)]
     assert {registry.spec_for(m).family for m in models} == {"sdxl"}    # what app.py checks for --family sdxl
     demo = build_app(models, votes_path=tmp_path / "votes.sqlite", family="sdxl")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path / "downloads"))
+    with served(demo) as url:
+        client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
         out = client.predict("a photo of a cat", 5, 1, 1, 1.0, api_name="/compare")
-    finally:
-        demo.close()
     captions = out[1::2]
     assert captions[0].startswith("tiny-sdxl: NFE 1, steps 1, ")
     assert captions[1].startswith("sdxl-1step: NFE 1, steps 1, ")                  # named after the run

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import (AutoencoderKL, AutoencoderTiny, LCMScheduler, StableDiffusionPipeline,
+from diffusers import (AutoencoderTiny, LCMScheduler, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from safetensors.torch import save_file
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -13,7 +12,7 @@ os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 import numpy as np
 import pytest
 
-from conftest import tiny_pixel_unet
+from conftest import served, tiny_pixel_unet
 from dmd2 import registry
 from dmd2.arena import VoteStore
 from dmd2.families.pixel import save_pixel_unet
@@ -182,10 +181,6 @@ def test_arena_reads_its_model_list_per_round(tmp_path):
 
 # --- the real app, real trainers -----------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -213,14 +208,11 @@ def app(teacher, tmp_path_factory):
     manager = TrainManager(runs, admin_token=TOKEN)
     demo = build_app([str(teacher)], votes_path=tmp_path_factory.mktemp("votes") / "votes.sqlite",
                      trainer=manager)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False,
-                     download_files=str(tmp_path_factory.mktemp("downloads"))), manager
+        with served(demo) as url:
+            yield Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads"))), manager
     finally:
         manager.close()
-        demo.close()
 
 
 def wait_for(client, name, done, what):
@@ -357,12 +349,8 @@ def test_public_app_without_token_refuses_to_train(teacher, tmp_path, monkeypatc
 
     monkeypatch.delenv("DMD2_ADMIN_TOKEN", raising=False)
     demo = build_app([str(teacher)], votes_path=tmp_path / "v.sqlite", runs_root=tmp_path / "runs", public=True)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with served(demo) as url:
+        client = Client(url, verbose=False)
         with pytest.raises(AppError, match="Training is disabled: this app is public"):
             launch(client, "x", *tiny(teacher), token="")
         assert not (tmp_path / "runs" / "x").exists()
-    finally:
-        demo.close()

@@ -6,13 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import math
 import os
 import resource
 import signal
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
@@ -354,3 +355,15 @@ def test_public_app_without_token_refuses_to_train(teacher, tmp_path, monkeypatc
         with pytest.raises(AppError, match="Training is disabled: this app is public"):
             launch(client, "x", *tiny(teacher), token="")
         assert not (tmp_path / "runs" / "x").exists()
+
+
+def test_dmd2_reaches_training_only_through_training_runs():
+    """DESIGN.md: `training` imports `dmd2`, never the reverse, except the UI through `training.runs`."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent / "dmd2"
+    found = [(str(p.relative_to(root.parent)), line.strip()) for p in sorted(root.rglob("*.py"))
+             for line in p.read_text().splitlines() if re.match(r"\s*(from|import)\s+training\b", line)]
+    assert found, "the Train tab should import training.runs"
+    bad = [(f, line) for f, line in found if not (f.startswith("dmd2/ui/") and line.startswith("from training.runs import"))]
+    assert bad == []

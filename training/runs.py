@@ -1,6 +1,7 @@
 """Run folders: config.yaml, metrics.jsonl, status.json, checkpoints/, samples/, student/.
 
-The app's Train tab reads runs only through this module (and starts them as a subprocess).
+The app's Train tab reads runs only through this module (and starts them as a subprocess); it checks
+a launch's settings with `load_config`, re-exported here, so it validates exactly as the trainer does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from training.config import ConfigError, load_config  # noqa: F401 (re-exported for the app)
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

@@ -4,7 +4,7 @@ The pure part is `TrainManager`: presets, the admin-token check, one subprocess 
 own process group (Stop sends SIGTERM to the group; the trainer then writes status "stopped"),
 and `view()`, a run's state, progress, ETA and losses read from its folder. The tab polls
 `view()` with a gr.Timer. The app never trains in its own process: it reads run folders through
-`training.runs`, checks the knobs with the trainer's own `training.config.load_config` before
+`training.runs`, checks the knobs with the trainer's own `load_config` (re-exported by `training.runs`) before
 launching, and starts the trainer as `python -m training distill --config ... --out ... --set ...`.
 
 Endpoints for gradio_client: `/train_launch`, `/train_stop`, `/train_resume` (each needs the
@@ -305,7 +305,7 @@ class TrainManager:
 
     def preset_values(self, preset: str) -> dict:
         """The form's knobs as the preset sets them."""
-        from training.config import load_config
+        from training.runs import load_config
 
         cfg = load_config(self.preset_path(preset))
         return {key: getattr(cfg, key) for key, _, _ in KNOBS}
@@ -324,7 +324,7 @@ class TrainManager:
 
     def check(self, preset: str, settings: Optional[dict] = None, extra: str = ""):
         """The config a launch would train (the trainer's own validation); TrainError saying what is wrong."""
-        from training.config import ConfigError, load_config
+        from training.runs import ConfigError, load_config
 
         overrides = overrides_from(settings, extra)
         try:

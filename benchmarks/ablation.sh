@@ -15,16 +15,16 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 declare -A variants=(
   # DMD without the regression loss and without TTUR: one critic update per generator update, no GAN
-  [dmd-no-ttur]="--config configs/mnist-1step.yaml --set ttur=1 --set gan_generator_weight=0 --set gan_critic_weight=0"
+  [dmd-no-ttur]="--config configs/ablation/mnist-1step.yaml --set ttur=1 --set gan_generator_weight=0 --set gan_critic_weight=0"
   # + TTUR (5 critic updates per generator update), still no GAN
-  [dmd-ttur]="--config configs/mnist-1step.yaml --set gan_generator_weight=0 --set gan_critic_weight=0"
+  [dmd-ttur]="--config configs/ablation/mnist-1step.yaml --set gan_generator_weight=0 --set gan_critic_weight=0"
   # + GAN: full DMD2 (the preset)
-  [dmd2]="--config configs/mnist-1step.yaml"
+  [dmd2]="--config configs/ablation/mnist-1step.yaml"
   # GAN only: no distribution matching
-  [gan-only]="--config configs/mnist-1step.yaml --set dm_weight=0"
+  [gan-only]="--config configs/ablation/mnist-1step.yaml --set dm_weight=0"
   # 4-step student with and without backward simulation (without: inputs are noised real images)
-  [4step]="--config configs/mnist-4step.yaml"
-  [4step-no-backsim]="--config configs/mnist-4step.yaml --set backward_simulation=false"
+  [4step]="--config configs/ablation/mnist-4step.yaml"
+  [4step-no-backsim]="--config configs/ablation/mnist-4step.yaml --set backward_simulation=false"
 )
 order=(dmd-no-ttur dmd-ttur dmd2 gan-only 4step 4step-no-backsim)
 [[ $# -gt 0 ]] && order=("$@")

@@ -102,8 +102,6 @@ class DistillConfig:
              "lora_target_modules", "must be null or a non-empty list of module names")
         need(not text or self.eval_every == 0, "eval_every",
              "the quick evaluation scores MNIST digits; set eval_every: 0 for sdxl/sd15")
-        need(self.generator_init is None or Path(str(self.generator_init)).expanduser().is_dir(), "generator_init",
-             "must be an existing student folder (e.g. assets/mnist/dmd2-1step) or null")
         need(self.generator_init is None or self.lora_rank == 0, "generator_init",
              "a LoRA generator starts from the teacher; drop generator_init or set lora_rank: 0")
         need(isinstance(self.student_steps, int) and 1 <= self.student_steps <= 1000, "student_steps", "must be an integer in 1..1000")

@@ -69,7 +69,10 @@ class DMD2Trainer:
             raise ConfigError("ema_decay > 0 with FSDP: the EMA would be a full copy of the generator on every GPU; "
                               "set ema_decay: 0 (as the SDXL presets do) or use DDP")
         text = cfg.family != "pixel"
-        # Prompts and captions first: a bad data path fails before any model is loaded.
+        # Paths first (relative ones from the working directory): a bad one fails before any model is loaded.
+        if cfg.generator_init and not Path(cfg.generator_init).expanduser().is_dir():
+            raise ConfigError(f"config generator_init={cfg.generator_init!r}: must be an existing student folder "
+                              f"(e.g. assets/mnist/dmd2-1step) or null")
         images = captioned_images(cfg.data) if text else None
         self.prompts = read_prompts(cfg.prompts) if cfg.prompts else None
 

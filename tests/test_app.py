@@ -108,7 +108,6 @@ def test_compare_with_the_committed_teacher():
 # --- the real app on localhost ---------------------------------------------------------
 
 
-
 @pytest.fixture(scope="module")
 def client(tiny_models, tmp_path_factory):
     from gradio_client import Client

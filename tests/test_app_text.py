@@ -44,7 +44,6 @@ def text_models(tmp_path_factory):
     return [str(teacher), str(root / "student-1step"), str(broken)]
 
 
-
 @pytest.fixture(scope="module")
 def app(text_models, tmp_path_factory):
     from dmd2.ui.app import build_app

@@ -188,7 +188,6 @@ def test_export_votes_round_trips(store, tmp_path):
 # --- the real app on localhost -----------------------------------------------------------
 
 
-
 @pytest.fixture(scope="module")
 def app(tiny_models, tmp_path_factory):
     """The real app with the two tiny students and a fresh votes DB; yields (url, votes path, downloads)."""

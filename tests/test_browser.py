@@ -31,7 +31,6 @@ UI_MS = 120_000         # hang guards for the page (a loaded 2-core machine is s
 TRAIN_MS = 900_000
 
 
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """The real app on localhost: a tiny teacher and a tiny 1-step student, fresh votes and runs folders."""

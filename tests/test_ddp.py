@@ -18,7 +18,6 @@ from training.config import DistillConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
 def tiny_run_config(tmp_path: Path, **overrides) -> Path:
     """A tiny random teacher, a two-class image folder and a run config over them, written to cfg.yaml."""
     fam = PixelFamily(num_classes=3, image_size=8)

@@ -183,7 +183,6 @@ def test_arena_reads_its_model_list_per_round(tmp_path):
 # --- the real app, real trainers -----------------------------------------------------------
 
 
-
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """A tiny random 10-class 32x32 teacher: trainer steps take a fraction of a second."""

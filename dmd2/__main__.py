@@ -135,8 +135,9 @@ def cmd_evaluate(a) -> None:
     result.update(evaluate_images(images, labels))
     if a.per_step:  # the x0 estimate after each step (the last one is the sample scored above)
         result["per_step"] = []
+        last = len(step_images)
         for i, (t, x0_images) in enumerate(zip(model.timesteps, step_images), 1):
-            scores = evaluate_images(x0_images, labels)
+            scores = result if i == last else evaluate_images(x0_images, labels)  # the last step is the sample
             result["per_step"].append({"step": i, "t": int(t), **{k: scores[k] for k in
                                                                   ("fid", "alignment", "diversity_ratio")}})
     if a.steps is not None:

@@ -132,6 +132,23 @@ def test_backward_simulation_follows_the_generators_own_trajectory(setup, family
     assert seen == set(ts)  # k is drawn uniformly over the student's steps
 
 
+def test_step_weights_choose_which_steps_are_trained(setup, family):
+    tr = DMD2Trainer(tiny_config(setup, student_steps=4, step_weights=[0, 1, 0, 3]))
+    fam, ts = tr.family, tr.timesteps
+    cond = fam.condition([0, 1])
+    counts = {t: 0 for t in ts}
+    for seed in range(200):
+        _, t = generator_input(fam, tr.generator_module, cond, 2, ts, torch.Generator().manual_seed(seed), "cpu",
+                               step_weights=tr.cfg.step_weights)
+        counts[int(t[0])] += 1
+    assert counts[999] == counts[499] == 0  # weight 0: never trained
+    assert 2 * counts[749] < counts[249]    # 1 : 3 (expected 50 : 150)
+
+    for bad in ([1, 1], [1, -1, 1, 1], [0, 0, 0, 0], ["a", 1, 1, 1]):
+        with pytest.raises(ConfigError, match="step_weights"):
+            tiny_config(setup, student_steps=4, step_weights=bad)
+
+
 def test_resume_in_process_is_bit_identical(setup, tmp_path):
     cfg = tiny_config(setup, steps=10, checkpoint_every=5)
     straight = distill(cfg, tmp_path / "straight").trainer.state_dict()

@@ -39,6 +39,8 @@ class DistillConfig:
     student_steps: int = 1                     # 1 -> [999]; 4 -> [999, 749, 499, 249]
     first_timestep: int | None = None          # 1-step only: condition on this t (SDXL official: 399)
     backward_simulation: bool = True           # multi-step inputs from the student's own trajectory
+    step_weights: list | None = None           # multi-step: how often each step k is trained (relative weights);
+                                               # None: uniform, as DMD2
     # distribution matching (real score vs fake score)
     dm_weight: float = 1.0                     # 0 switches distribution matching off ("GAN only")
     real_guidance: float = 1.0                 # CFG scale of the real score (teacher)
@@ -107,6 +109,11 @@ class DistillConfig:
         need(isinstance(self.student_steps, int) and 1 <= self.student_steps <= 1000, "student_steps", "must be an integer in 1..1000")
         need(self.first_timestep is None or (self.student_steps == 1 and 0 <= self.first_timestep < 1000),
              "first_timestep", "only for 1-step students, in 0..999")
+        need(self.step_weights is None or (
+                isinstance(self.step_weights, list) and len(self.step_weights) == self.student_steps
+                and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in self.step_weights)
+                and sum(self.step_weights) > 0),
+             "step_weights", f"must be null or {self.student_steps} numbers >= 0 (one per student step), not all 0")
         need(self.dm_weight >= 0, "dm_weight", "must be >= 0")
         need(self.real_guidance >= 0, "real_guidance", "must be >= 0")
         need(0 <= self.dm_min_t < self.dm_max_t <= 1, "dm_min_t", "need 0 <= dm_min_t < dm_max_t <= 1")

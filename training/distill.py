@@ -177,7 +177,7 @@ class DMD2Trainer:
         T = fam.schedule.num_train_timesteps
         with torch.no_grad(), self.autocast():
             x_t, t = generator_input(fam, self.generator_module, cond, n, self.timesteps, self.rng, self.device,
-                                     cfg.backward_simulation, real_x0)
+                                     cfg.backward_simulation, real_x0, cfg.step_weights)
             fake_x0 = fam.denoise(self.generator_module, x_t, t, cond).float()
         draws = {"t": self._randint(0, T, n), "noise": randn(fake_x0.shape, self.rng, self.device)}
         if cfg.use_gan:
@@ -205,7 +205,7 @@ class DMD2Trainer:
         cfg, fam, n = self.cfg, self.family, real_x0.shape[0]
         with torch.no_grad(), self.autocast():
             x_t, t = generator_input(fam, self.generator_module, cond, n, self.timesteps, self.rng, self.device,
-                                     cfg.backward_simulation, real_x0)
+                                     cfg.backward_simulation, real_x0, cfg.step_weights)
         with self.autocast():
             x = fam.denoise(self.generator, x_t, t, cond).float()
         parts = {}

@@ -31,13 +31,18 @@ def backward_simulate(family: Family, generator, cond: Any, timesteps: list[int]
 
 def generator_input(family: Family, generator, cond: Any, n: int, timesteps: list[int],
                     gen: torch.Generator, device, backward_simulation: bool = True,
-                    real_x0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    real_x0: torch.Tensor | None = None,
+                    step_weights: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, t) for one generator training forward: k ~ U{0..N-1}, then the input at timesteps[k].
 
     With one step this is pure noise at timesteps[0]. Without backward simulation the input is a
-    real image noised to timesteps[k] (the ablation of the paper's Table 4).
+    real image noised to timesteps[k] (the ablation of the paper's Table 4). `step_weights`
+    (one per step) draws k in proportion to them instead of uniformly.
     """
-    k = int(torch.randint(len(timesteps), (1,), generator=gen))
+    if step_weights is None:
+        k = int(torch.randint(len(timesteps), (1,), generator=gen))
+    else:
+        k = int(torch.multinomial(torch.tensor(step_weights, dtype=torch.float64), 1, generator=gen))
     noise = randn(family.latent_shape(n), gen, device)
     t = torch.full((n,), timesteps[k], dtype=torch.long, device=device)
     if k == 0:

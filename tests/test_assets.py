@@ -39,3 +39,23 @@ def test_committed_students_sample_legible_digits_in_their_steps(name):
     out = student.generate(labels, seed=0)
     assert out.nfe == len(student.timesteps) and out.nfe in (1, 4)
     assert evaluate_images(out.images, labels)["alignment"] > 0.8
+
+
+def test_denoise_probe_scores_the_teachers_one_step_denoising(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "denoise_probe.py"
+    spec = importlib.util.spec_from_file_location("denoise_probe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    real, t999, t249 = mod.probe(["mnist-teacher"], [999, 249], num=64)
+    assert real["model"] == "real digits" and 0.05 < real["ink"] < 0.2  # MNIST: about a tenth of the pixels are ink
+    # Little noise: the teacher restores the digit almost exactly and keeps its ink; pure noise: it cannot.
+    assert t249["mse"] < 0.02 and abs(t249["ink"] - real["ink"]) < 0.01
+    assert t999["mse"] > 5 * t249["mse"]
+    with pytest.raises(ValueError, match="timestep 1000"):
+        mod.probe(["mnist-teacher"], [1000], num=8)
+    mod.main(["--models", "mnist-teacher", "--t", "249", "--num", "8"])
+    assert "| mnist-teacher | 249 |" in capsys.readouterr().out

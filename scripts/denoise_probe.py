@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from dmd2 import registry
-from dmd2.metrics.mnist import real_digits
+from training.data import load_mnist5k
 
 
 def ink_stats(x: torch.Tensor) -> dict:
@@ -26,10 +26,10 @@ def ink_stats(x: torch.Tensor) -> dict:
 @torch.no_grad()
 def probe(models: list[str], timesteps: list[int], num: int = 1000, seed: int = 0) -> list[dict]:
     """One row per (model, t), after a first row for the clean digits themselves."""
-    images, labels = real_digits()
+    images, labels = load_mnist5k()
     if not 1 <= num <= len(images):
         raise ValueError(f"--num must be in 1..{len(images)}, got {num}")
-    clean = torch.from_numpy(images[:num]).float().permute(0, 3, 1, 2) / 127.5 - 1
+    clean = images[:num]
     rows = [{"model": "real digits", "t": 0, "mse": 0.0, **ink_stats(clean)}]
     for name in models:
         model = registry.load(name)

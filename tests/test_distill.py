@@ -149,6 +149,46 @@ def test_step_weights_choose_which_steps_are_trained(setup, family):
             tiny_config(setup, student_steps=4, step_weights=bad)
 
 
+def test_per_step_critic_starts_as_the_teacher_and_learns_each_steps_outputs_apart(setup, family, tmp_path):
+    tr = DMD2Trainer(tiny_config(setup, student_steps=4, critic_per_step=True))
+    fam, critic = tr.family, tr.critic_module
+    cond = fam.condition([0, 1])
+    x, t = torch.randn(fam.latent_shape(2)), torch.tensor([500, 500])
+    with torch.no_grad():
+        teacher = fam.denoise(tr.real_unet, x, t, cond, guidance=1.0)
+        for k in range(4):  # a zero step embedding: every step starts as the teacher's copy
+            assert torch.equal(critic(x, t, cond, call="fake_x0", step=k), teacher)
+    for step in (None, 4):
+        with pytest.raises(ValueError, match="per student step"):
+            critic(x, t, cond, call="fake_x0", step=step)
+
+    # Only step 2 (index 1) is trained: only its embedding row moves, and the fake score then tells it apart.
+    cfg = tiny_config(setup, student_steps=4, critic_per_step=True, step_weights=[0, 1, 0, 0], steps=6)
+    tr = DMD2Trainer(cfg)
+    for _ in range(cfg.steps):
+        tr.train_step()
+    emb = tr.critic_module.step_embedding.detach()
+    assert emb[1].abs().sum() > 0 and emb[[0, 2, 3]].abs().sum() == 0
+    with torch.no_grad():
+        assert not torch.allclose(tr.critic_module(x, t, cond, call="fake_x0", step=1),
+                                  tr.critic_module(x, t, cond, call="fake_x0", step=0))
+
+    # The embedding is part of the critic's checkpoint: a resumed run is still bit-identical.
+    cfg = tiny_config(setup, student_steps=4, critic_per_step=True, steps=10, checkpoint_every=5)
+    straight = distill(cfg, tmp_path / "straight").trainer.state_dict()
+    distill(cfg, tmp_path / "split", stop_after=5)
+    resumed = distill(cfg, tmp_path / "split", resume=True).trainer.state_dict()
+    assert "step_embedding" in resumed["critic"]
+    for key in ("generator", "critic"):
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f"{key}.{name} differs after resume"
+
+    with pytest.raises(ConfigError, match="critic_per_step"):
+        tiny_config(setup, student_steps=1, critic_per_step=True)
+    with pytest.raises(ConfigError, match="critic_per_step"):
+        tiny_config(setup, student_steps=4, critic_per_step="yes")
+
+
 def test_resume_in_process_is_bit_identical(setup, tmp_path):
     cfg = tiny_config(setup, steps=10, checkpoint_every=5)
     straight = distill(cfg, tmp_path / "straight").trainer.state_dict()

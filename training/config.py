@@ -41,6 +41,9 @@ class DistillConfig:
     backward_simulation: bool = True           # multi-step inputs from the student's own trajectory
     step_weights: list | None = None           # multi-step: how often each step k is trained (relative weights);
                                                # None: uniform, as DMD2
+    critic_per_step: bool = False              # multi-step: the fake score and GAN head also see which student
+                                               # step made a sample (a zero-initialised step embedding), so they
+                                               # model each step's outputs, not their mixture; False: as DMD2
     # distribution matching (real score vs fake score)
     dm_weight: float = 1.0                     # 0 switches distribution matching off ("GAN only")
     real_guidance: float = 1.0                 # CFG scale of the real score (teacher)
@@ -114,6 +117,9 @@ class DistillConfig:
                 and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in self.step_weights)
                 and sum(self.step_weights) > 0),
              "step_weights", f"must be null or {self.student_steps} numbers >= 0 (one per student step), not all 0")
+        need(isinstance(self.critic_per_step, bool), "critic_per_step", "must be true or false")
+        need(not self.critic_per_step or self.student_steps > 1, "critic_per_step",
+             "is for multi-step students (student_steps > 1): a 1-step student has one output distribution")
         need(self.dm_weight >= 0, "dm_weight", "must be >= 0")
         need(self.real_guidance >= 0, "real_guidance", "must be >= 0")
         need(0 <= self.dm_min_t < self.dm_max_t <= 1, "dm_min_t", "need 0 <= dm_min_t < dm_max_t <= 1")

@@ -41,11 +41,19 @@ class Critic(nn.Module):
     computed for the critic there.
     """
 
-    def __init__(self, family: Family, teacher: nn.Module, use_gan: bool = True):
+    def __init__(self, family: Family, teacher: nn.Module, use_gan: bool = True, num_steps: int = 0):
         super().__init__()
         self.family = family
         self.fake_unet = copy.deepcopy(teacher).train().requires_grad_(True)
         self.gan_head = GanHead(family.bottleneck_channels(teacher)) if use_gan else None
+        # Per-step critic (num_steps > 0): one embedding per student step, added to the fake score's time
+        # embedding, so it models the outputs of each step apart. Zero at the start: the teacher's copy.
+        self.step_embedding = None
+        self._step = None
+        if num_steps:
+            dim = self.fake_unet.time_embedding.linear_2.out_features
+            self.step_embedding = nn.Parameter(torch.zeros(num_steps, dim))
+            self.fake_unet.time_embedding.register_forward_hook(self._add_step_embedding)
 
     @contextlib.contextmanager
     def frozen(self):
@@ -58,6 +66,11 @@ class Critic(nn.Module):
             for p, f in zip(self.parameters(), flags):
                 p.requires_grad_(f)
 
+    def _add_step_embedding(self, module, args, output):
+        if self._step is None:
+            raise RuntimeError("this critic is per student step: call it with step=<the step that made the samples>")
+        return output + self.step_embedding[self._step].to(output.dtype)
+
     def fake_x0(self, x_t, t, cond) -> torch.Tensor:
         """The fake score's x0 estimate (no CFG)."""
         return self.family.denoise(self.fake_unet, x_t, t, cond, guidance=1.0)
@@ -67,11 +80,22 @@ class Critic(nn.Module):
         x_t = self.family.schedule.add_noise(x0, noise, t)
         return self.gan_head(self.family.bottleneck(self.fake_unet, x_t, t, cond))
 
-    def forward(self, *args, call: str = "losses", **kwargs):
-        """Dispatch to the method named by `call` (losses, fake_x0 or realism_logits)."""
+    def forward(self, *args, call: str = "losses", step: int | None = None, **kwargs):
+        """Dispatch to the method named by `call` (losses, fake_x0 or realism_logits).
+
+        `step` (0-based) is the student step whose outputs are judged; a per-step critic needs it (its
+        real-image GAN branch then asks "real, or the output of this step?"), a plain one ignores it.
+        """
         if call not in ("losses", "fake_x0", "realism_logits"):
             raise ValueError(f"unknown critic call {call!r}")
-        return getattr(self, call)(*args, **kwargs)
+        if self.step_embedding is not None and not (isinstance(step, int) and 0 <= step < len(self.step_embedding)):
+            raise ValueError(f"this critic is per student step: step must be in 0..{len(self.step_embedding) - 1}, "
+                             f"not {step!r}")
+        self._step = step
+        try:
+            return getattr(self, call)(*args, **kwargs)
+        finally:
+            self._step = None
 
     def losses(self, fake_x0, fake_cond, real_x0, real_cond, draws: dict) -> dict:
         """Critic losses on detached generator samples and real images; `draws` holds the random t/noise.

@@ -104,7 +104,8 @@ class DMD2Trainer:
         generator = copy.deepcopy(self.real_unet).train().requires_grad_(True)
         if cfg.generator_init:
             init_generator(generator, self.family.load_student(cfg.generator_init), cfg.generator_init)
-        critic = Critic(self.family, self.real_unet, use_gan=cfg.use_gan).to(self.device)
+        critic = Critic(self.family, self.real_unet, use_gan=cfg.use_gan,
+                        num_steps=cfg.student_steps if cfg.critic_per_step else 0).to(self.device)
         if cfg.lora_rank:
             add_lora(generator, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules or self.family.lora_target_modules,
                      base_dtype=frozen_dtype)
@@ -184,7 +185,8 @@ class DMD2Trainer:
             draws.update(gan_t_fake=self._randint(0, cfg.gan_max_t, n), gan_noise_fake=randn(fake_x0.shape, self.rng, self.device),
                          gan_t_real=self._randint(0, cfg.gan_max_t, n), gan_noise_real=randn(real_x0.shape, self.rng, self.device))
         with self.autocast():
-            out = self.critic(fake_x0, cond, real_x0, cond if real_cond is None else real_cond, draws)
+            out = self.critic(fake_x0, cond, real_x0, cond if real_cond is None else real_cond, draws,
+                              step=self.timesteps.index(int(t[0])))
         total = out["fake_denoise"]
         if cfg.use_gan:
             total = total + cfg.gan_critic_weight * out["gan_critic"]
@@ -208,6 +210,7 @@ class DMD2Trainer:
                                      cfg.backward_simulation, real_x0, cfg.step_weights)
         with self.autocast():
             x = fam.denoise(self.generator, x_t, t, cond).float()
+        k = self.timesteps.index(int(t[0]))  # the student step being trained (one per batch)
         parts = {}
         # Frozen: no weight gradients for the critic; no_sync: its DDP wrapper expects none.
         with self.critic_module.frozen(), self.acc.no_sync(self.critic):
@@ -217,12 +220,12 @@ class DMD2Trainer:
                 noisy = fam.schedule.add_noise(x.detach(), randn(x.shape, self.rng, self.device), t_dm)
                 with torch.no_grad(), self.autocast():
                     x0_real = fam.denoise(self.real_unet, noisy, t_dm, cond, guidance=cfg.real_guidance).float()
-                    x0_fake = self.critic(noisy, t_dm, cond, call="fake_x0").float()
+                    x0_fake = self.critic(noisy, t_dm, cond, call="fake_x0", step=k).float()
                 parts["dm"] = losses.distribution_matching_loss(x, x0_real, x0_fake)
             if cfg.gan_generator_weight > 0:
                 with self.autocast():
                     logits = self.critic(x, cond, self._randint(0, cfg.gan_max_t, n),
-                                         randn(x.shape, self.rng, self.device), call="realism_logits")
+                                         randn(x.shape, self.rng, self.device), call="realism_logits", step=k)
                 parts["gan_generator"] = losses.gan_generator_loss(logits)
             self._check(parts)
             total = cfg.dm_weight * parts.get("dm", 0.0) + cfg.gan_generator_weight * parts.get("gan_generator", 0.0)

@@ -189,6 +189,30 @@ def test_per_step_critic_starts_as_the_teacher_and_learns_each_steps_outputs_apa
         tiny_config(setup, student_steps=4, critic_per_step="yes")
 
 
+def test_export_writes_the_ema_of_a_chosen_checkpoint_as_a_student(setup, family, tmp_path):
+    from training.export import export_checkpoint
+
+    cfg = tiny_config(setup, steps=10, checkpoint_every=5, keep_checkpoints=3)
+    run = distill(cfg, tmp_path / "run")
+    state5 = run.load_checkpoint(run.checkpoints / "step-00000005")
+    out = export_checkpoint(run.path, tmp_path / "student-5", step=5)
+    student = family.load_student(out)
+    assert all(torch.equal(v, state5["ema"][k]) for k, v in student.state_dict().items())
+    assert not torch.equal(state5["ema"]["conv_in.weight"], run.trainer.ema.state_dict()["conv_in.weight"])
+    assert "checkpoint of step 5" in (out / "MODEL_CARD.md").read_text()
+    assert "steps: 5 critic updates" in (out / "MODEL_CARD.md").read_text()
+    latest = family.load_student(export_checkpoint(run.path, tmp_path / "student-latest"))  # default: step 10
+    assert all(torch.equal(v, run.trainer.ema.state_dict()[k]) for k, v in latest.state_dict().items())
+
+    with pytest.raises(RunError, match=r"no checkpoint of step 7; it has steps \[5, 10\]"):
+        export_checkpoint(run.path, tmp_path / "x", step=7)
+    with pytest.raises(RunError, match="not empty"):
+        export_checkpoint(run.path, out, step=10)
+    assert family.load_student(out).state_dict()["conv_in.weight"].equal(state5["ema"]["conv_in.weight"])  # kept
+    with pytest.raises(RunError, match="not a run folder"):
+        export_checkpoint(tmp_path / "nothing", tmp_path / "y")
+
+
 def test_resume_in_process_is_bit_identical(setup, tmp_path):
     cfg = tiny_config(setup, steps=10, checkpoint_every=5)
     straight = distill(cfg, tmp_path / "straight").trainer.state_dict()

@@ -1,4 +1,4 @@
-"""python -m training {teacher,distill,classifier} ..."""
+"""python -m training {teacher,distill,export,classifier} ..."""
 
 import importlib
 import sys
@@ -7,7 +7,8 @@ from dmd2.cli import run_cli
 
 
 def main() -> None:
-    commands = {"teacher": "training.teacher", "distill": "training.distill", "classifier": "training.classifier"}
+    commands = {"teacher": "training.teacher", "distill": "training.distill", "export": "training.export",
+                "classifier": "training.classifier"}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(f"usage: python -m training {{{','.join(commands)}}} ...", file=sys.stderr)
         sys.exit(2)

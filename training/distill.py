@@ -369,9 +369,11 @@ def quick_eval(trainer: DMD2Trainer, num: int) -> dict:
     return {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
 
 
-def write_student_card(run: Run, cfg: DistillConfig, trainer: DMD2Trainer, seconds: float, command: str) -> None:
+def write_student_card(run: Run, cfg: DistillConfig, trainer: DMD2Trainer, seconds: float, command: str,
+                       folder: Path | None = None, note: str | None = None) -> None:
+    """MODEL_CARD.md in `folder` (default: the run's student/); `note` says where the weights come from."""
     lines = [
-        f"# DMD2 {cfg.student_steps}-step student",
+        f"# DMD2 {cfg.student_steps}-step student" + (f" ({note})" if note else ""),
         "",
         f"- teacher: `{cfg.teacher}`",
         f"- timesteps: {trainer.timesteps}",
@@ -392,8 +394,8 @@ def write_student_card(run: Run, cfg: DistillConfig, trainer: DMD2Trainer, secon
                   "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)",
                   f"image = pipe('a photo of a cat', timesteps={list(trainer.timesteps)}, guidance_scale=0).images[0]",
                   "```"]
-    lines += ["", "Config: see `config.yaml` in the run folder."]
-    (run.student / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+    lines += ["", f"Config: see `config.yaml` in the run folder `{run.path}`."]
+    (Path(folder or run.student) / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
 
 
 def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerator=None,

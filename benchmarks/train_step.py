@@ -55,14 +55,14 @@ def main() -> None:
             fam.denoise(gen, x_t, t_gen, cond)
 
     def fake_denoise_fwd_bwd():
-        with tr.autocast():
+        with tr.autocast(), critic.at_step(0):  # step 0: a per-step critic needs one, a plain one ignores it
             out = fam.model_output(fake, x_t, t, cond)
         out.float().square().mean().backward()
 
     def gan_fwd_bwd(inputs_need_grad: bool):
         def run():
             x = x_t.detach().requires_grad_(inputs_need_grad)
-            with tr.autocast():
+            with tr.autocast(), critic.at_step(0):
                 logits = critic.gan_head(fam.bottleneck(fake, x, t, cond))
             logits.float().mean().backward()
         return run
@@ -75,7 +75,7 @@ def main() -> None:
     def score_forwards():
         with torch.no_grad(), tr.autocast():
             fam.denoise(teacher, x_t, t, cond, guidance=cfg.real_guidance)
-            critic.fake_x0(x_t, t, cond)
+            critic(x_t, t, cond, call="fake_x0", step=0)
 
     critic_parts = {"generator forward (no grad), x calls": gen_forward, "fake score fwd+bwd": fake_denoise_fwd_bwd}
     generator_parts = {"generator forward (no grad), x (calls - 1)": gen_forward,

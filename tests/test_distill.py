@@ -158,7 +158,7 @@ def test_per_step_critic_starts_as_the_teacher_and_learns_each_steps_outputs_apa
         teacher = fam.denoise(tr.real_unet, x, t, cond, guidance=1.0)
         for k in range(4):  # a zero step embedding: every step starts as the teacher's copy
             assert torch.equal(critic(x, t, cond, call="fake_x0", step=k), teacher)
-    for step in (None, 4):
+    for step in (None, 4, True):
         with pytest.raises(ValueError, match="per student step"):
             critic(x, t, cond, call="fake_x0", step=step)
 
@@ -172,6 +172,23 @@ def test_per_step_critic_starts_as_the_teacher_and_learns_each_steps_outputs_apa
     with torch.no_grad():
         assert not torch.allclose(tr.critic_module(x, t, cond, call="fake_x0", step=1),
                                   tr.critic_module(x, t, cond, call="fake_x0", step=0))
+
+    # Every critic call of both updates is told the step being trained.
+    seen = []
+    tr.critic_module.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("step")), with_kwargs=True)
+    tr.step = 4
+    tr.train_step()  # a critic update and a generator update
+    assert len(seen) >= 3 and set(seen) == {1}
+    with torch.no_grad():  # the GAN head's verdict depends on the step too
+        logits = [tr.critic_module(x, cond, t, torch.zeros_like(x), call="realism_logits", step=k) for k in (0, 1)]
+    assert not torch.allclose(*logits)
+
+    # A resume cannot switch the per-step critic on or off: a clear error, not a torch traceback.
+    cfg = tiny_config(setup, student_steps=4, steps=10, checkpoint_every=5)
+    distill(cfg, tmp_path / "plain", stop_after=5)
+    with pytest.raises(RunError, match="does not fit the config.*critic_per_step"):
+        distill(tiny_config(setup, student_steps=4, steps=10, checkpoint_every=5, critic_per_step=True),
+                tmp_path / "plain", resume=True)
 
     # The embedding is part of the critic's checkpoint: a resumed run is still bit-identical.
     cfg = tiny_config(setup, student_steps=4, critic_per_step=True, steps=10, checkpoint_every=5)
@@ -198,6 +215,7 @@ def test_export_writes_the_ema_of_a_chosen_checkpoint_as_a_student(setup, family
     out = export_checkpoint(run.path, tmp_path / "student-5", step=5)
     student = family.load_student(out)
     assert all(torch.equal(v, state5["ema"][k]) for k, v in student.state_dict().items())
+    assert not torch.equal(state5["ema"]["conv_in.weight"], state5["generator"]["conv_in.weight"])  # EMA, not raw
     assert not torch.equal(state5["ema"]["conv_in.weight"], run.trainer.ema.state_dict()["conv_in.weight"])
     assert "checkpoint of step 5" in (out / "MODEL_CARD.md").read_text()
     assert "steps: 5 critic updates" in (out / "MODEL_CARD.md").read_text()
@@ -206,11 +224,23 @@ def test_export_writes_the_ema_of_a_chosen_checkpoint_as_a_student(setup, family
 
     with pytest.raises(RunError, match=r"no checkpoint of step 7; it has steps \[5, 10\]"):
         export_checkpoint(run.path, tmp_path / "x", step=7)
-    with pytest.raises(RunError, match="not empty"):
+    with pytest.raises(RunError, match="already exists"):
         export_checkpoint(run.path, out, step=10)
     assert family.load_student(out).state_dict()["conv_in.weight"].equal(state5["ema"]["conv_in.weight"])  # kept
     with pytest.raises(RunError, match="not a run folder"):
         export_checkpoint(tmp_path / "nothing", tmp_path / "y")
+    (run.checkpoints / "step-00000005" / "state.pt").write_bytes(b"truncated")
+    with pytest.raises(RunError, match="corrupt"):
+        export_checkpoint(run.path, tmp_path / "z", step=5)
+    assert not (tmp_path / "z").exists() and not (tmp_path / ".z.partial").exists()
+
+    # A resume with changed values: older checkpoints are rebuilt with the config they were trained with.
+    resumed = distill(tiny_config(setup, steps=15, checkpoint_every=5, keep_checkpoints=3, critic_per_step=False,
+                                  generator_lr=5e-4), run.path, resume=True)
+    assert (resumed.path / "config.before-step-10.yaml").is_file()
+    from training.export import config_in_force
+    assert config_in_force(resumed, 10).name == "config.before-step-10.yaml"
+    assert config_in_force(resumed, 15).name == "config.yaml"
 
 
 def test_resume_in_process_is_bit_identical(setup, tmp_path):

@@ -80,22 +80,29 @@ class Critic(nn.Module):
         x_t = self.family.schedule.add_noise(x0, noise, t)
         return self.gan_head(self.family.bottleneck(self.fake_unet, x_t, t, cond))
 
-    def forward(self, *args, call: str = "losses", step: int | None = None, **kwargs):
-        """Dispatch to the method named by `call` (losses, fake_x0 or realism_logits).
+    @contextlib.contextmanager
+    def at_step(self, step: int | None):
+        """Inside, the critic judges outputs of student step `step` (0-based).
 
-        `step` (0-based) is the student step whose outputs are judged; a per-step critic needs it (its
-        real-image GAN branch then asks "real, or the output of this step?"), a plain one ignores it.
+        A per-step critic needs it (its real-image GAN branch then asks "real, or the output of this
+        step?"); a plain one ignores it.
         """
-        if call not in ("losses", "fake_x0", "realism_logits"):
-            raise ValueError(f"unknown critic call {call!r}")
-        if self.step_embedding is not None and not (isinstance(step, int) and 0 <= step < len(self.step_embedding)):
+        if self.step_embedding is not None and not (
+                isinstance(step, int) and not isinstance(step, bool) and 0 <= step < len(self.step_embedding)):
             raise ValueError(f"this critic is per student step: step must be in 0..{len(self.step_embedding) - 1}, "
                              f"not {step!r}")
         self._step = step
         try:
-            return getattr(self, call)(*args, **kwargs)
+            yield self
         finally:
             self._step = None
+
+    def forward(self, *args, call: str = "losses", step: int | None = None, **kwargs):
+        """Dispatch to the method named by `call` (losses, fake_x0 or realism_logits) at student step `step`."""
+        if call not in ("losses", "fake_x0", "realism_logits"):
+            raise ValueError(f"unknown critic call {call!r}")
+        with self.at_step(step):
+            return getattr(self, call)(*args, **kwargs)
 
     def losses(self, fake_x0, fake_cond, real_x0, real_cond, draws: dict) -> dict:
         """Critic losses on detached generator samples and real images; `draws` holds the random t/noise.

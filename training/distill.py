@@ -398,6 +398,16 @@ def write_student_card(run: Run, cfg: DistillConfig, trainer: DMD2Trainer, secon
     (Path(folder or run.student) / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
 
 
+def load_checkpoint_into(trainer: DMD2Trainer, state: dict, path: Path) -> None:
+    """trainer.load_state_dict with a clear error when the checkpoint's networks differ from the config's."""
+    try:
+        trainer.load_state_dict(state)
+    except RuntimeError as e:  # torch's strict load: missing / unexpected / reshaped tensors
+        first = str(e).strip().splitlines()[0]
+        raise RunError(f"checkpoint {path} does not fit the config: {first} (settings that change the networks, "
+                       f"such as critic_per_step, lora_rank or the GAN weights being 0, cannot change on resume)") from None
+
+
 def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerator=None,
             stop_after: int | None = None, command: str | None = None, teacher=None) -> Run:
     """Run (or resume) a distillation into the run folder `out`; returns the Run.
@@ -411,7 +421,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
     acc, main = trainer.acc, trainer.acc.is_main_process
     command = command or invocation()
     if resume and run.checkpoint_dirs():
-        trainer.load_state_dict(run.load_checkpoint())
+        load_checkpoint_into(trainer, run.load_checkpoint(), run.checkpoint_dirs()[-1])
         if main:
             run.truncate_metrics(trainer.step)
             if run.config_path.is_file() and run.config_path.read_text() != config_text(cfg):

@@ -8,17 +8,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 from pathlib import Path
 
 from dmd2.cli import invocation
 from training.config import load_config
-from training.distill import DMD2Trainer, write_student_card
+from training.distill import DMD2Trainer, load_checkpoint_into, write_student_card
 from training.runs import Run, RunError
+
+
+def config_in_force(run: Run, step: int) -> Path:
+    """The config a checkpoint was trained with: a resume with changed values (--set) kept the earlier one
+    as config.before-step-N.yaml, in force up to step N."""
+    earlier = sorted((int(p.stem.split("-")[-1]), p) for p in run.path.glob("config.before-step-*.yaml"))
+    return next((p for n, p in earlier if step <= n), run.config_path)
 
 
 def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = None,
                       command: str | None = None) -> Path:
-    """Write the student of `run_dir`'s checkpoint at `step` (default: the latest) to the new folder `out`."""
+    """Write the student of `run_dir`'s checkpoint at `step` (default: the latest) to the new folder `out`.
+
+    The EMA if the run keeps one, else the raw generator. It builds the run's trainer, so the teacher and
+    the training data (or latent cache) must be where the run's config says.
+    """
     run, out = Run(run_dir), Path(out)
     if not run.config_path.is_file():
         raise RunError(f"{run.path} is not a run folder (no config.yaml)")
@@ -30,18 +42,24 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
         step = max(steps)
     if step not in steps:
         raise RunError(f"{run.path} has no checkpoint of step {step}; it has steps {sorted(steps)}")
-    if out.exists() and any(out.iterdir()):
-        raise RunError(f"{out} already exists and is not empty; choose a new --out (nothing was overwritten)")
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        raise RunError(f"{out} already exists and is not an empty folder; choose a new --out (nothing was overwritten)")
     state = run.load_checkpoint(steps[step])
+    cfg = load_config(config_in_force(run, step))
     # The checkpoint replaces the generator's weights, so its starting point need not exist any more.
-    cfg = dataclasses.replace(load_config(run.config_path), generator_init=None)
-    trainer = DMD2Trainer(cfg)
-    trainer.load_state_dict(state)
-    trainer.family.save_student(trainer.full_student(), out, timesteps=trainer.timesteps,
+    trainer = DMD2Trainer(dataclasses.replace(cfg, generator_init=None))
+    load_checkpoint_into(trainer, state, steps[step])
+    # Written beside `out` and renamed at the end: a failure leaves no half-written student behind.
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.family.save_student(trainer.full_student(), tmp, timesteps=trainer.timesteps,
                                 family=trainer.family.name, teacher=cfg.teacher)
     seconds = max([r["seconds"] for r in run.metrics() if r.get("step", 0) <= step and "seconds" in r], default=0.0)
-    write_student_card(run, cfg, trainer, seconds, command or invocation(), folder=out,
+    write_student_card(run, cfg, trainer, seconds, command or invocation(), folder=tmp,
                        note=f"checkpoint of step {step} of the run `{run.path}`")
+    if out.is_dir():
+        out.rmdir()  # empty, checked above
+    tmp.rename(out)
     return out
 
 

@@ -222,8 +222,20 @@ def test_export_writes_the_ema_of_a_chosen_checkpoint_as_a_student(setup, family
     latest = family.load_student(export_checkpoint(run.path, tmp_path / "student-latest"))  # default: step 10
     assert all(torch.equal(v, run.trainer.ema.state_dict()[k]) for k, v in latest.state_dict().items())
 
+    # Several steps: the mean of their EMA weights, whatever order they are given in.
+    state10 = run.load_checkpoint(run.checkpoints / "step-00000010")
+    mean = family.load_student(export_checkpoint(run.path, tmp_path / "student-mean", step=[10, 5]))
+    for k, v in mean.state_dict().items():
+        torch.testing.assert_close(v, (state5["ema"][k] + state10["ema"][k]) / 2)
+    assert not torch.equal(state5["ema"]["conv_in.weight"], state10["ema"]["conv_in.weight"])
+    card = (tmp_path / "student-mean" / "MODEL_CARD.md").read_text()
+    assert "mean of the weights of the checkpoints of steps 5, 10" in card and "steps: 10 critic updates" in card
+
     with pytest.raises(RunError, match=r"no checkpoint of step 7; it has steps \[5, 10\]"):
         export_checkpoint(run.path, tmp_path / "x", step=7)
+    with pytest.raises(RunError, match=r"no checkpoint of step 3, 7; it has steps \[5, 10\]"):
+        export_checkpoint(run.path, tmp_path / "x", step=[5, 3, 7])
+    assert not (tmp_path / "x").exists()
     with pytest.raises(RunError, match="already exists"):
         export_checkpoint(run.path, out, step=10)
     assert family.load_student(out).state_dict()["conv_in.weight"].equal(state5["ema"]["conv_in.weight"])  # kept

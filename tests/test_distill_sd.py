@@ -13,6 +13,8 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from dmd2.sampling import initial_noise
 from training.config import DistillConfig, load_config
 from training.distill import DMD2Trainer, distill
+from training.export import export_checkpoint
+from training.runs import RunError
 from training.simulate import backward_simulate
 
 import tiny_sd
@@ -119,7 +121,7 @@ def test_real_score_cfg_on_sdxl_conditioning_uses_zero_embeddings(world):
 
 
 def test_sdxl_lora_trains_only_the_adapter_and_loads_in_plain_diffusers(world, tmp_path):
-    cfg = sd_config(world, lora_rank=4, lora_alpha=2.0, student_steps=4, ema_decay=0.5)
+    cfg = sd_config(world, lora_rank=4, lora_alpha=2.0, student_steps=4, ema_decay=0.5, checkpoint_every=1)
     tr = DMD2Trainer(cfg)
     gen = tr.generator_module
     lora = {n for n, p in gen.named_parameters() if p.requires_grad}
@@ -152,6 +154,9 @@ def test_sdxl_lora_trains_only_the_adapter_and_loads_in_plain_diffusers(world, t
                                          fam.condition(["a cat"]))).abs().max() > 1e-6  # the LoRA does something
     same_outputs(student, pipe.unet, fam)
     same_outputs(student, fam.load_student(run.student), fam)  # our loader fuses it with the same alpha
+    with pytest.raises(RunError, match="average the LoRA factors"):  # the mean of B@A is not B-mean @ A-mean
+        export_checkpoint(run.path, tmp_path / "mean", step=[1, 2])
+    assert not (tmp_path / "mean").exists()
 
 
 def test_bf16_frozen_parts_under_bf16_autocast_with_lora_and_checkpointing(world, tmp_path):

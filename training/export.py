@@ -2,6 +2,8 @@
 
 Training quality oscillates, so the best student is not always the last one:
 `python -m training export --run runs/NAME --step 1000 --out students/NAME-1000`.
+Several steps export the mean of their weights (checkpoint averaging, as in model soups):
+`python -m training export --run runs/NAME --step 250 500 750 1000 --out students/NAME-avg`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import dataclasses
 import shutil
 from pathlib import Path
+
 
 from dmd2.cli import invocation
 from training.config import load_config
@@ -24,12 +27,13 @@ def config_in_force(run: Run, step: int) -> Path:
     return next((p for n, p in earlier if step <= n), run.config_path)
 
 
-def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = None,
+def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | list[int] | None = None,
                       command: str | None = None) -> Path:
     """Write the student of `run_dir`'s checkpoint at `step` (default: the latest) to the new folder `out`.
 
-    The EMA if the run keeps one, else the raw generator. It builds the run's trainer, so the teacher and
-    the training data (or latent cache) must be where the run's config says.
+    The EMA if the run keeps one, else the raw generator. A list of steps writes the mean of their weights.
+    It builds the run's trainer, so the teacher and the training data (or latent cache) must be where the
+    run's config says.
     """
     run, out = Run(run_dir), Path(out)
     if not run.config_path.is_file():
@@ -37,26 +41,42 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
     dirs = run.checkpoint_dirs()
     if not dirs:
         raise RunError(f"{run.checkpoints} holds no checkpoint")
-    steps = {int(d.name.split("-")[-1]): d for d in dirs}
-    if step is None:
-        step = max(steps)
-    if step not in steps:
-        raise RunError(f"{run.path} has no checkpoint of step {step}; it has steps {sorted(steps)}")
+    available = {int(d.name.split("-")[-1]): d for d in dirs}
+    chosen = sorted(set([step] if isinstance(step, int) else step or [max(available)]))
+    missing = [n for n in chosen if n not in available]
+    if missing:
+        raise RunError(f"{run.path} has no checkpoint of step {', '.join(map(str, missing))}; "
+                       f"it has steps {sorted(available)}")
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise RunError(f"{out} already exists and is not an empty folder; choose a new --out (nothing was overwritten)")
-    state = run.load_checkpoint(steps[step])
-    cfg = load_config(config_in_force(run, step))
+    last = chosen[-1]
+    cfg = load_config(config_in_force(run, last))
+    if len(chosen) > 1 and cfg.lora_rank:
+        raise RunError("averaging checkpoints of a LoRA run would average the LoRA factors, not their updates; "
+                       "export one step")
     # The checkpoint replaces the generator's weights, so its starting point need not exist any more.
     trainer = DMD2Trainer(dataclasses.replace(cfg, generator_init=None))
-    load_checkpoint_into(trainer, state, steps[step])
+    total = None
+    for n in chosen:  # the last one stays loaded: the card reports its step counts
+        load_checkpoint_into(trainer, run.load_checkpoint(available[n]), available[n])
+        if len(chosen) > 1:
+            weights = trainer.student().state_dict()
+            total = {k: v.float().clone() for k, v in weights.items()} if total is None else \
+                {k: total[k] + v.float() for k, v in weights.items()}
+    if total is not None:
+        student = trainer.student()
+        student.load_state_dict({k: (total[k] / len(chosen)).to(v.dtype) if v.is_floating_point() else v
+                                 for k, v in student.state_dict().items()})
     # Written beside `out` and renamed at the end: a failure leaves no half-written student behind.
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.family.save_student(trainer.full_student(), tmp, timesteps=trainer.timesteps,
                                 family=trainer.family.name, teacher=cfg.teacher)
-    seconds = max([r["seconds"] for r in run.metrics() if r.get("step", 0) <= step and "seconds" in r], default=0.0)
+    seconds = max([r["seconds"] for r in run.metrics() if r.get("step", 0) <= last and "seconds" in r], default=0.0)
+    what = (f"checkpoint of step {last}" if len(chosen) == 1 else
+            f"mean of the weights of the checkpoints of steps {', '.join(map(str, chosen))}")
     write_student_card(run, cfg, trainer, seconds, command or invocation(), folder=tmp,
-                       note=f"checkpoint of step {step} of the run `{run.path}`")
+                       note=f"{what} of the run `{run.path}`")
     if out.is_dir():
         out.rmdir()  # empty, checked above
     tmp.rename(out)
@@ -67,7 +87,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m training export",
                                 description="Export a run's checkpoint as a student folder.")
     p.add_argument("--run", required=True, help="run folder, e.g. runs/mnist-4step")
-    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--step", type=int, nargs="+",
+                   help="checkpoint step (default: the latest); several steps: the mean of their weights")
     p.add_argument("--out", required=True, help="new student folder")
     a = p.parse_args(argv)
     out = export_checkpoint(a.run, a.out, a.step)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -230,6 +231,19 @@ def test_export_writes_the_ema_of_a_chosen_checkpoint_as_a_student(setup, family
     assert not torch.equal(state5["ema"]["conv_in.weight"], state10["ema"]["conv_in.weight"])
     card = (tmp_path / "student-mean" / "MODEL_CARD.md").read_text()
     assert "mean of the weights of the checkpoints of steps 5, 10" in card and "steps: 10 critic updates" in card
+    # Step 0: the weights the run started from (here the teacher; with generator_init that student).
+    teacher = family.load_teacher(setup[0]).state_dict()
+    start = family.load_student(export_checkpoint(run.path, tmp_path / "student-0-10", step=[0, 10]))
+    for k, v in start.state_dict().items():
+        torch.testing.assert_close(v, (teacher[k] + state10["ema"][k]) / 2)
+    assert "step 0 is the weights it started from (the teacher)" in (tmp_path / "student-0-10" / "MODEL_CARD.md").read_text()
+    shutil.copytree(out, tmp_path / "init")
+    init_run = distill(tiny_config(setup, steps=5, generator_init=str(tmp_path / "init")), tmp_path / "from-init")
+    start = family.load_student(export_checkpoint(init_run.path, tmp_path / "init-0", step=0))
+    assert all(torch.equal(v, state5["ema"][k]) for k, v in start.state_dict().items())
+    shutil.rmtree(tmp_path / "init")
+    with pytest.raises(RunError, match="step 0 is the weights the run started from, generator_init=.*init"):
+        export_checkpoint(init_run.path, tmp_path / "init-0-again", step=[0, 5])
 
     with pytest.raises(RunError, match=r"no checkpoint of step 7; it has steps \[5, 10\]"):
         export_checkpoint(run.path, tmp_path / "x", step=7)

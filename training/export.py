@@ -2,8 +2,8 @@
 
 Training quality oscillates, so the best student is not always the last one:
 `python -m training export --run runs/NAME --step 1000 --out students/NAME-1000`.
-Several steps export the mean of their weights (checkpoint averaging, as in model soups):
-`python -m training export --run runs/NAME --step 250 500 750 1000 --out students/NAME-avg`.
+Several steps export the mean of their weights (checkpoint averaging, as in model soups); step 0 is the
+weights the run started from: `python -m training export --run runs/NAME --step 0 250 500 --out students/NAME-avg`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | list[int
                       command: str | None = None) -> Path:
     """Write the student of `run_dir`'s checkpoint at `step` (default: the latest) to the new folder `out`.
 
-    The EMA if the run keeps one, else the raw generator. A list of steps writes the mean of their weights.
-    It builds the run's trainer, so the teacher and the training data (or latent cache) must be where the
+    The EMA if the run keeps one, else the raw generator. Step 0 is the weights the run started from
+    (its generator_init, or the teacher). A list of steps writes the mean of their weights. It builds the run's trainer, so the teacher and the training data (or latent cache) must be where the
     run's config says.
     """
     run, out = Run(run_dir), Path(out)
@@ -43,10 +43,10 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | list[int
         raise RunError(f"{run.checkpoints} holds no checkpoint")
     available = {int(d.name.split("-")[-1]): d for d in dirs}
     chosen = sorted(set([step] if isinstance(step, int) else step or [max(available)]))
-    missing = [n for n in chosen if n not in available]
+    missing = [n for n in chosen if n not in available and n != 0]
     if missing:
         raise RunError(f"{run.path} has no checkpoint of step {', '.join(map(str, missing))}; "
-                       f"it has steps {sorted(available)}")
+                       f"it has steps {sorted(available)} (and 0: the weights it started from)")
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise RunError(f"{out} already exists and is not an empty folder; choose a new --out (nothing was overwritten)")
     last = chosen[-1]
@@ -54,11 +54,16 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | list[int
     if len(chosen) > 1 and cfg.lora_rank:
         raise RunError("averaging checkpoints of a LoRA run would average the LoRA factors, not their updates; "
                        "export one step")
-    # The checkpoint replaces the generator's weights, so its starting point need not exist any more.
-    trainer = DMD2Trainer(dataclasses.replace(cfg, generator_init=None))
+    # Checkpoints replace the generator's weights, so its starting point need only exist for step 0.
+    init = load_config(config_in_force(run, 0)).generator_init if 0 in chosen else None
+    if init and not Path(init).expanduser().is_dir():
+        raise RunError(f"step 0 is the weights the run started from, generator_init={init!r}, "
+                       "which is not a folder any more")
+    trainer = DMD2Trainer(dataclasses.replace(cfg, generator_init=init))
     total = None
     for n in chosen:  # the last one stays loaded: the card reports its step counts
-        load_checkpoint_into(trainer, run.load_checkpoint(available[n]), available[n])
+        if n:
+            load_checkpoint_into(trainer, run.load_checkpoint(available[n]), available[n])
         if len(chosen) > 1:
             weights = trainer.student().state_dict()
             total = {k: v.float().clone() for k, v in weights.items()} if total is None else \
@@ -73,10 +78,11 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | list[int
     trainer.family.save_student(trainer.full_student(), tmp, timesteps=trainer.timesteps,
                                 family=trainer.family.name, teacher=cfg.teacher)
     seconds = max([r["seconds"] for r in run.metrics() if r.get("step", 0) <= last and "seconds" in r], default=0.0)
-    what = (f"checkpoint of step {last}" if len(chosen) == 1 else
-            f"mean of the weights of the checkpoints of steps {', '.join(map(str, chosen))}")
-    write_student_card(run, cfg, trainer, seconds, command or invocation(), folder=tmp,
-                       note=f"{what} of the run `{run.path}`")
+    note = (f"checkpoint of step {last}" if len(chosen) == 1 else
+            f"mean of the weights of the checkpoints of steps {', '.join(map(str, chosen))}") + f" of the run `{run.path}`"
+    if 0 in chosen:
+        note += f"; step 0 is the weights it started from ({init or 'the teacher'})"
+    write_student_card(run, cfg, trainer, seconds, command or invocation(), folder=tmp, note=note)
     if out.is_dir():
         out.rmdir()  # empty, checked above
     tmp.rename(out)
@@ -88,7 +94,8 @@ def main(argv=None) -> None:
                                 description="Export a run's checkpoint as a student folder.")
     p.add_argument("--run", required=True, help="run folder, e.g. runs/mnist-4step")
     p.add_argument("--step", type=int, nargs="+",
-                   help="checkpoint step (default: the latest); several steps: the mean of their weights")
+                   help="checkpoint step (default: the latest; 0: the weights the run started from); "
+                        "several steps: the mean of their weights")
     p.add_argument("--out", required=True, help="new student folder")
     a = p.parse_args(argv)
     out = export_checkpoint(a.run, a.out, a.step)

@@ -207,7 +207,7 @@ def test_per_step_critic_starts_as_the_teacher_and_learns_each_steps_outputs_apa
         tiny_config(setup, student_steps=4, critic_per_step="yes")
 
 
-def test_export_writes_the_ema_of_a_chosen_checkpoint_as_a_student(setup, family, tmp_path):
+def test_export_writes_the_ema_of_a_chosen_checkpoint_as_a_student(setup, family, tmp_path, monkeypatch):
     from training.export import export_checkpoint
 
     cfg = tiny_config(setup, steps=10, checkpoint_every=5, keep_checkpoints=3)
@@ -244,6 +244,10 @@ def test_export_writes_the_ema_of_a_chosen_checkpoint_as_a_student(setup, family
     shutil.rmtree(tmp_path / "init")
     with pytest.raises(RunError, match="step 0 is the weights the run started from, generator_init=.*init"):
         export_checkpoint(init_run.path, tmp_path / "init-0-again", step=[0, 5])
+    later = family.load_student(export_checkpoint(init_run.path, tmp_path / "init-5", step=5))  # no step 0: fine
+    assert later.state_dict()["conv_in.weight"].equal(init_run.trainer.ema.state_dict()["conv_in.weight"])
+    with pytest.raises(RunError, match="step 5 is given more than once"):
+        export_checkpoint(init_run.path, tmp_path / "twice", step=[5, 0, 5])
 
     with pytest.raises(RunError, match=r"no checkpoint of step 7; it has steps \[5, 10\]"):
         export_checkpoint(run.path, tmp_path / "x", step=7)
@@ -267,6 +271,23 @@ def test_export_writes_the_ema_of_a_chosen_checkpoint_as_a_student(setup, family
     from training.export import config_in_force
     assert config_in_force(resumed, 10).name == "config.before-step-10.yaml"
     assert config_in_force(resumed, 15).name == "config.yaml"
+    # Step 0 is where the run started, whatever a later resume's generator_init says.
+    distill(tiny_config(setup, steps=20, checkpoint_every=5, keep_checkpoints=3, critic_per_step=False,
+                        generator_lr=5e-4, generator_init=str(tmp_path / "student-mean")), run.path, resume=True)
+    start = family.load_student(export_checkpoint(run.path, tmp_path / "resumed-0", step=0))
+    assert all(torch.equal(v, teacher[k]) for k, v in start.state_dict().items())
+    # Checkpoints trained with different teachers (a resume changed it) are not averaged.
+    before = resumed.path / "config.before-step-15.yaml"
+    before.write_text(before.read_text().replace(f"teacher: {setup[0]}", "teacher: elsewhere"))
+    with pytest.raises(RunError, match="different teacher"):
+        export_checkpoint(run.path, tmp_path / "mixed", step=[15, 20])
+    # A failure while writing leaves neither the student nor its temporary folder.
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+    monkeypatch.setattr("training.export.write_student_card", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        export_checkpoint(run.path, tmp_path / "full", step=20)
+    assert not (tmp_path / "full").exists() and not (tmp_path / ".full.partial").exists()
 
 
 def test_resume_in_process_is_bit_identical(setup, tmp_path):

@@ -1,4 +1,4 @@
-"""Export one checkpoint of a run as a student folder (the EMA if the run keeps one).
+"""Export a run's checkpoint, or the mean of several, as a student folder (the EMA if the run keeps one).
 
 Training quality oscillates, so the best student is not always the last one:
 `python -m training export --run runs/NAME --step 1000 --out students/NAME-1000`.
@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import shutil
 from pathlib import Path
-
 
 from dmd2.cli import invocation
 from training.config import load_config
@@ -31,9 +30,9 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | list[int
                       command: str | None = None) -> Path:
     """Write the student of `run_dir`'s checkpoint at `step` (default: the latest) to the new folder `out`.
 
-    The EMA if the run keeps one, else the raw generator. Step 0 is the weights the run started from
-    (its generator_init, or the teacher). A list of steps writes the mean of their weights. It builds the run's trainer, so the teacher and the training data (or latent cache) must be where the
-    run's config says.
+    The EMA if the run keeps one, else the raw generator. Step 0 is the weights the run started from (its
+    generator_init, or the teacher). A list of steps writes the mean of their weights. It builds the run's
+    trainer, so the teacher and the training data (or latent cache) must be where the run's config says.
     """
     run, out = Run(run_dir), Path(out)
     if not run.config_path.is_file():
@@ -42,23 +41,33 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | list[int
     if not dirs:
         raise RunError(f"{run.checkpoints} holds no checkpoint")
     available = {int(d.name.split("-")[-1]): d for d in dirs}
-    chosen = sorted(set([step] if isinstance(step, int) else step or [max(available)]))
+    chosen = [step] if isinstance(step, int) else list(step or [max(available)])
+    twice = sorted({n for n in chosen if chosen.count(n) > 1})
+    if twice:
+        raise RunError(f"step {', '.join(map(str, twice))} is given more than once; the mean weighs steps equally")
+    chosen.sort()
     missing = [n for n in chosen if n not in available and n != 0]
     if missing:
         raise RunError(f"{run.path} has no checkpoint of step {', '.join(map(str, missing))}; "
                        f"it has steps {sorted(available)} (and 0: the weights it started from)")
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise RunError(f"{out} already exists and is not an empty folder; choose a new --out (nothing was overwritten)")
+    configs = {n: load_config(config_in_force(run, n)) for n in chosen}
+    for what in ("family", "teacher", "lora_rank", "ema"):
+        values = {n: (c.ema_decay > 0 if what == "ema" else getattr(c, what)) for n, c in configs.items()}
+        if len(set(values.values())) > 1:
+            raise RunError(f"the chosen checkpoints were trained with different {what} ({values}, a resume changed "
+                           "it); average only steps trained with one setting")
     last = chosen[-1]
-    cfg = load_config(config_in_force(run, last))
+    cfg = configs[last]
     if len(chosen) > 1 and cfg.lora_rank:
         raise RunError("averaging checkpoints of a LoRA run would average the LoRA factors, not their updates; "
                        "export one step")
     # Checkpoints replace the generator's weights, so its starting point need only exist for step 0.
-    init = load_config(config_in_force(run, 0)).generator_init if 0 in chosen else None
+    init = configs[0].generator_init if 0 in chosen else None
     if init and not Path(init).expanduser().is_dir():
-        raise RunError(f"step 0 is the weights the run started from, generator_init={init!r}, "
-                       "which is not a folder any more")
+        raise RunError(f"step 0 is the weights the run started from, generator_init={init!r}, which is not a folder "
+                       f"(from {Path.cwd()}); restore it, run from the folder the run was started in, or leave out step 0")
     trainer = DMD2Trainer(dataclasses.replace(cfg, generator_init=init))
     total = None
     for n in chosen:  # the last one stays loaded: the card reports its step counts
@@ -66,32 +75,39 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | list[int
             load_checkpoint_into(trainer, run.load_checkpoint(available[n]), available[n])
         if len(chosen) > 1:
             weights = trainer.student().state_dict()
-            total = {k: v.float().clone() for k, v in weights.items()} if total is None else \
-                {k: total[k] + v.float() for k, v in weights.items()}
+            if total is None:
+                total = {k: v.float().clone() for k, v in weights.items()}  # clone: the next load overwrites v
+            else:
+                for k, v in weights.items():
+                    total[k].add_(v.float())
     if total is not None:
         student = trainer.student()
         student.load_state_dict({k: (total[k] / len(chosen)).to(v.dtype) if v.is_floating_point() else v
                                  for k, v in student.state_dict().items()})
-    # Written beside `out` and renamed at the end: a failure leaves no half-written student behind.
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.family.save_student(trainer.full_student(), tmp, timesteps=trainer.timesteps,
-                                family=trainer.family.name, teacher=cfg.teacher)
-    seconds = max([r["seconds"] for r in run.metrics() if r.get("step", 0) <= last and "seconds" in r], default=0.0)
     note = (f"checkpoint of step {last}" if len(chosen) == 1 else
             f"mean of the weights of the checkpoints of steps {', '.join(map(str, chosen))}") + f" of the run `{run.path}`"
     if 0 in chosen:
         note += f"; step 0 is the weights it started from ({init or 'the teacher'})"
-    write_student_card(run, cfg, trainer, seconds, command or invocation(), folder=tmp, note=note)
-    if out.is_dir():
-        out.rmdir()  # empty, checked above
-    tmp.rename(out)
+    seconds = max([r["seconds"] for r in run.metrics() if r.get("step", 0) <= last and "seconds" in r], default=0.0)
+    # Written beside `out` and renamed at the end: a failure leaves no half-written student behind.
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        trainer.family.save_student(trainer.full_student(), tmp, timesteps=trainer.timesteps,
+                                    family=trainer.family.name, teacher=cfg.teacher)
+        write_student_card(run, cfg, trainer, seconds, command or invocation(), folder=tmp, note=note)
+        if out.is_dir():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m training export",
-                                description="Export a run's checkpoint as a student folder.")
+                                description="Export a run's checkpoint, or the mean of several, as a student folder.")
     p.add_argument("--run", required=True, help="run folder, e.g. runs/mnist-4step")
     p.add_argument("--step", type=int, nargs="+",
                    help="checkpoint step (default: the latest; 0: the weights the run started from); "

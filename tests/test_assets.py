@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from dmd2 import registry
 from dmd2.metrics.mnist import evaluate_images
@@ -59,3 +60,41 @@ def test_denoise_probe_scores_the_teachers_one_step_denoising(capsys):
         mod.probe(["mnist-teacher"], [1000], num=8)
     mod.main(["--models", "mnist-teacher", "--t", "249", "--num", "8"])
     assert "| mnist-teacher | 249 |" in capsys.readouterr().out
+
+
+def test_average_weights_writes_the_mean_of_students_and_checkpoints(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from dmd2.families.pixel import load_pixel_unet
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "average_weights.py"
+    spec = importlib.util.spec_from_file_location("average_weights", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    assets = Path(__file__).resolve().parent.parent / "assets" / "mnist"
+    four, one = (load_pixel_unet(assets / name).state_dict() for name in ("dmd2-4step", "dmd2-1step"))
+    out = mod.average([str(assets / "dmd2-4step"), str(assets / "dmd2-1step")], assets / "dmd2-4step", tmp_path / "soup")
+    mean = load_pixel_unet(out).state_dict()
+    assert not torch.equal(four["conv_in.weight"], one["conv_in.weight"])
+    for k, v in mean.items():
+        torch.testing.assert_close(v, (four[k] + one[k]) / 2)
+    assert json.loads((out / "dmd2.json").read_text())["timesteps"] == [999, 749, 499, 249]  # from --like
+
+    # A checkpoint folder: its EMA by default, FOLDER:generator for the raw generator.
+    ckpt = tmp_path / "step-00000010"
+    ckpt.mkdir()
+    torch.save({"ema": four, "generator": one}, ckpt / "state.pt")
+    raw = mod.average([f"{ckpt}:generator", str(ckpt)], assets / "dmd2-1step", tmp_path / "mix")
+    assert all(torch.allclose(v, mean[k]) for k, v in load_pixel_unet(raw).state_dict().items())
+    assert json.loads((raw / "dmd2.json").read_text())["timesteps"] == [999]
+
+    with pytest.raises(FileExistsError, match="already exists"):
+        mod.average([str(ckpt)], assets / "dmd2-4step", out)
+    with pytest.raises(ValueError, match="only applies to a checkpoint folder"):
+        mod.average([f"{assets / 'dmd2-4step'}:generator"], assets / "dmd2-4step", tmp_path / "x")
+    torch.save({"ema": None, "generator": one}, ckpt / "state.pt")
+    with pytest.raises(ValueError, match="has no 'ema' weights"):
+        mod.average([str(ckpt)], assets / "dmd2-4step", tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

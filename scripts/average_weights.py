@@ -1,0 +1,74 @@
+"""The mean of the weights of several pixel students or checkpoints, written as a student folder.
+
+`python -m training export --run RUN --step ...` averages the checkpoints of one run; this script also mixes
+runs (a "model soup") and can take a checkpoint's raw generator instead of its EMA (README, *Results*):
+
+    python scripts/average_weights.py --like assets/mnist/dmd2-4step --out runs/soup \\
+        runs/gan-t30/checkpoints/step-00000500 runs/gan-t100/checkpoints/step-00000500
+
+SOURCE: a student folder, or a checkpoint folder (its EMA; `FOLDER:generator` for its raw generator).
+--like: the student whose timesteps, family and teacher the result gets (its weights are not used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from dmd2.families.pixel import PixelFamily, load_pixel_unet
+
+
+def load_weights(source: str) -> dict[str, torch.Tensor]:
+    """A state dict from a student folder or a checkpoint folder (`:generator` for the raw generator)."""
+    folder, _, key = source.partition(":")
+    path = Path(folder)
+    if (path / "state.pt").is_file():
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        key = key or "ema"
+        if state.get(key) is None:
+            raise ValueError(f"{source}: the checkpoint has no {key!r} weights")
+        return state[key]
+    if key:
+        raise ValueError(f"{source}: ':{key}' only applies to a checkpoint folder (with state.pt)")
+    return load_pixel_unet(path).state_dict()
+
+
+def average(sources: list[str], like: str | Path, out: str | Path) -> Path:
+    """Write the mean of `sources`' weights to the new folder `out`, with `like`'s student metadata."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new --out")
+    if not sources:
+        raise ValueError("no source to average")
+    unet = load_pixel_unet(like)
+    meta = json.loads((Path(like) / "dmd2.json").read_text())
+    total = None
+    for source in sources:
+        weights = load_weights(source)
+        if set(weights) != set(unet.state_dict()):
+            raise ValueError(f"{source}: its network differs from {like}'s")
+        if total is None:
+            total = {k: v.double().clone() for k, v in weights.items()}
+        else:
+            for k, v in weights.items():
+                total[k].add_(v.double())
+    unet.load_state_dict({k: (total[k] / len(sources)).to(v.dtype) for k, v in unet.state_dict().items()})
+    PixelFamily.from_unet(unet).save_student(unet, out, timesteps=meta["timesteps"], family=meta.get("family", "pixel"),
+                                             teacher=meta.get("teacher"))
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("sources", nargs="+", help="student folders or checkpoint folders (FOLDER:generator: raw generator)")
+    p.add_argument("--like", required=True, help="student folder whose timesteps/family/teacher the result gets")
+    p.add_argument("--out", required=True, help="new student folder")
+    a = p.parse_args(argv)
+    print(f"the mean of {len(a.sources)} written to {average(a.sources, a.like, a.out)}")
+
+
+if __name__ == "__main__":
+    main()

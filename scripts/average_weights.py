@@ -7,6 +7,7 @@ runs (a "model soup") and can take a checkpoint's raw generator instead of its E
         runs/gan-t30/checkpoints/step-00000500 runs/gan-t100/checkpoints/step-00000500
 
 SOURCE: a student folder, or a checkpoint folder (its EMA; `FOLDER:generator` for its raw generator).
+--weights W1 W2 ...: a weighted mean (normalised to sum 1), e.g. to weigh a run's start more.
 --like: the student whose timesteps, family and teacher the result gets (its weights are not used).
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from dmd2.families.pixel import PixelFamily, load_pixel_unet
+from training.export import mean_state_dict
 
 
 def load_weights(source: str) -> dict[str, torch.Tensor]:
@@ -36,26 +38,29 @@ def load_weights(source: str) -> dict[str, torch.Tensor]:
     return load_pixel_unet(path).state_dict()
 
 
-def average(sources: list[str], like: str | Path, out: str | Path) -> Path:
-    """Write the mean of `sources`' weights to the new folder `out`, with `like`'s student metadata."""
+def average(sources: list[str], like: str | Path, out: str | Path, weights: list[float] | None = None) -> Path:
+    """Write the mean of `sources`' weights (weighted by `weights`, normalised to sum 1) to the new folder
+    `out`, with `like`'s student metadata."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new --out")
     if not sources:
         raise ValueError("no source to average")
+    if weights is not None and (len(weights) != len(sources) or min(weights) < 0 or sum(weights) <= 0):
+        raise ValueError(f"--weights needs one non-negative number per source ({len(sources)}) with a positive sum, "
+                         f"got {weights}")
     unet = load_pixel_unet(like)
     meta = json.loads((Path(like) / "dmd2.json").read_text())
-    total = None
-    for source in sources:
-        weights = load_weights(source)
-        if set(weights) != set(unet.state_dict()):
-            raise ValueError(f"{source}: its network differs from {like}'s")
-        if total is None:
-            total = {k: v.double().clone() for k, v in weights.items()}
-        else:
-            for k, v in weights.items():
-                total[k].add_(v.double())
-    unet.load_state_dict({k: (total[k] / len(sources)).to(v.dtype) for k, v in unet.state_dict().items()})
+    names = set(unet.state_dict())
+
+    def each():
+        for source in sources:
+            state = load_weights(source)
+            if set(state) != names:
+                raise ValueError(f"{source}: its network differs from {like}'s")
+            yield state
+
+    unet.load_state_dict(mean_state_dict(each(), weights))
     PixelFamily.from_unet(unet).save_student(unet, out, timesteps=meta["timesteps"], family=meta.get("family", "pixel"),
                                              teacher=meta.get("teacher"))
     return out
@@ -66,8 +71,9 @@ def main(argv=None) -> None:
     p.add_argument("sources", nargs="+", help="student folders or checkpoint folders (FOLDER:generator: raw generator)")
     p.add_argument("--like", required=True, help="student folder whose timesteps/family/teacher the result gets")
     p.add_argument("--out", required=True, help="new student folder")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per source (default: equal weights)")
     a = p.parse_args(argv)
-    print(f"the mean of {len(a.sources)} written to {average(a.sources, a.like, a.out)}")
+    print(f"the mean of {len(a.sources)} written to {average(a.sources, a.like, a.out, a.weights)}")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,13 @@ def test_average_weights_writes_the_mean_of_students_and_checkpoints(tmp_path):
     assert all(torch.allclose(v, mean[k]) for k, v in load_pixel_unet(raw).state_dict().items())
     assert json.loads((raw / "dmd2.json").read_text())["timesteps"] == [999]
 
+    # --weights: a weighted mean, normalised to sum 1.
+    mod.main([str(assets / "dmd2-4step"), str(assets / "dmd2-1step"), "--like", str(assets / "dmd2-4step"),
+              "--out", str(tmp_path / "wise"), "--weights", "3", "1"])
+    for k, v in load_pixel_unet(tmp_path / "wise").state_dict().items():
+        torch.testing.assert_close(v, 0.75 * four[k] + 0.25 * one[k])
+    with pytest.raises(ValueError, match="one non-negative number per source"):
+        mod.average([str(ckpt), str(ckpt)], assets / "dmd2-4step", tmp_path / "z", weights=[1])
     with pytest.raises(FileExistsError, match="already exists"):
         mod.average([str(ckpt)], assets / "dmd2-4step", out)
     with pytest.raises(ValueError, match="only applies to a checkpoint folder"):

@@ -207,6 +207,38 @@ def test_per_step_critic_starts_as_the_teacher_and_learns_each_steps_outputs_apa
         tiny_config(setup, student_steps=4, critic_per_step="yes")
 
 
+def test_mean_state_dict_weighs_floats_and_keeps_the_rest_from_the_first():
+    from training.export import mean_state_dict
+
+    a = {"w": torch.tensor([1.0, 2.0]), "h": torch.tensor([0.5], dtype=torch.bfloat16), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 6.0]), "h": torch.tensor([1.5], dtype=torch.bfloat16), "n": torch.tensor(7)}
+    mean = mean_state_dict([a, b])
+    assert torch.equal(mean["w"], torch.tensor([2.0, 4.0])) and mean["h"].dtype == torch.bfloat16
+    assert mean["h"].item() == 1.0 and mean["n"].item() == 3  # integer entries (counters) from the first
+    weighted = mean_state_dict(iter([a, b]), weights=[3, 1])  # normalised: 0.75 a + 0.25 b
+    assert torch.equal(weighted["w"], torch.tensor([1.5, 3.0]))
+
+    # Read once each, before the next is made: a model reloaded in place averages correctly.
+    w = torch.zeros(2)
+
+    def reloaded():
+        for value in (1.0, 5.0):
+            w.fill_(value)
+            yield {"w": w}
+    assert torch.equal(mean_state_dict(reloaded())["w"], torch.tensor([3.0, 3.0]))
+
+    with pytest.raises(ValueError, match="no state dict"):
+        mean_state_dict([])
+    with pytest.raises(ValueError, match="different entries"):
+        mean_state_dict([a, {"w": a["w"]}])
+    with pytest.raises(ValueError, match="1 weights for more"):
+        mean_state_dict([a, b], weights=[1])
+    with pytest.raises(ValueError, match="3 weights for 2"):
+        mean_state_dict([a, b], weights=[1, 1, 1])
+    with pytest.raises(ValueError, match="sum to 0"):
+        mean_state_dict([a, b], weights=[1, -1])
+
+
 def test_export_writes_the_ema_of_a_chosen_checkpoint_as_a_student(setup, family, tmp_path, monkeypatch):
     from training.export import export_checkpoint
 

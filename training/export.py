@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+import torch
 
 from dmd2.cli import invocation
 from training.config import load_config
@@ -24,6 +27,36 @@ def config_in_force(run: Run, step: int) -> Path:
     as config.before-step-N.yaml, in force up to step N."""
     earlier = sorted((int(p.stem.split("-")[-1]), p) for p in run.path.glob("config.before-step-*.yaml"))
     return next((p for n, p in earlier if step <= n), run.config_path)
+
+
+def mean_state_dict(state_dicts: Iterable[dict[str, torch.Tensor]],
+                    weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """The mean of state dicts (weighted by `weights`, normalised to sum 1), summed in float64 and returned in
+    the first one's dtypes; entries that are not floating point are taken from the first. `state_dicts` may be
+    a generator: each is read once, before the next is made, so one model can be reloaded in place."""
+    total, first, count = None, None, 0
+    for i, sd in enumerate(state_dicts):
+        if weights is not None and i >= len(weights):
+            raise ValueError(f"{len(weights)} weights for more state dicts")
+        w = 1.0 if weights is None else float(weights[i])
+        if total is None:
+            first = {k: v.clone() for k, v in sd.items() if not v.is_floating_point()}
+            first.update({k: v.dtype for k, v in sd.items() if v.is_floating_point()})
+            total = {k: v.to(torch.float64, copy=True) * w for k, v in sd.items() if v.is_floating_point()}
+        elif set(sd) != set(first):
+            raise ValueError(f"state dict {i + 1} has different entries from the first")
+        else:
+            for k in total:
+                total[k].add_(sd[k].to(torch.float64), alpha=w)
+        count += 1
+    if total is None:
+        raise ValueError("no state dict to average")
+    if weights is not None and len(weights) != count:
+        raise ValueError(f"{len(weights)} weights for {count} state dicts")
+    norm = float(sum(weights)) if weights is not None else float(count)
+    if norm <= 0:
+        raise ValueError(f"the weights sum to {norm}; they must sum to a positive number")
+    return {k: (total[k] / norm).to(first[k]) if k in total else first[k] for k in first}
 
 
 def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | list[int] | None = None,
@@ -69,21 +102,16 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | list[int
         raise RunError(f"step 0 is the weights the run started from, generator_init={init!r}, which is not a folder "
                        f"(from {Path.cwd()}); restore it, run from the folder the run was started in, or leave out step 0")
     trainer = DMD2Trainer(dataclasses.replace(cfg, generator_init=init))
-    total = None
-    for n in chosen:  # the last one stays loaded: the card reports its step counts
-        if n:
-            load_checkpoint_into(trainer, run.load_checkpoint(available[n]), available[n])
-        if len(chosen) > 1:
-            weights = trainer.student().state_dict()
-            if total is None:
-                total = {k: v.float().clone() for k, v in weights.items()}  # clone: the next load overwrites v
-            else:
-                for k, v in weights.items():
-                    total[k].add_(v.float())
-    if total is not None:
-        student = trainer.student()
-        student.load_state_dict({k: (total[k] / len(chosen)).to(v.dtype) if v.is_floating_point() else v
-                                 for k, v in student.state_dict().items()})
+
+    def each_student():  # the last one stays loaded: the card reports its step counts
+        for n in chosen:
+            if n:
+                load_checkpoint_into(trainer, run.load_checkpoint(available[n]), available[n])
+            yield trainer.student().state_dict()
+
+    mean = mean_state_dict(each_student())
+    if len(chosen) > 1:
+        trainer.student().load_state_dict(mean)
     note = (f"checkpoint of step {last}" if len(chosen) == 1 else
             f"mean of the weights of the checkpoints of steps {', '.join(map(str, chosen))}") + f" of the run `{run.path}`"
     if 0 in chosen:

@@ -105,3 +105,37 @@ def test_average_weights_writes_the_mean_of_students_and_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="has no 'ema' weights"):
         mod.average([str(ckpt)], assets / "dmd2-4step", tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_mixed_steps_reproduces_the_evaluators_samples_and_swaps_the_first_step(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from dmd2.__main__ import generate_many
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "mixed_steps.py"
+    spec = importlib.util.spec_from_file_location("mixed_steps", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    # No option: exactly the evaluator's samples (same noise, labels and fresh-noise seeds, two batches).
+    four = registry.load("mnist-dmd2-4step")
+    images, labels = mod.sample("mnist-dmd2-4step", num=12, seed=3, batch_size=6)
+    expected, expected_labels, _, _ = generate_many(four, 12, seed=3, batch_size=6)
+    assert np.array_equal(labels, expected_labels) and np.array_equal(images, expected)
+    # The 1-step student's first step and no later step: the 1-step student's samples.
+    one = registry.load("mnist-dmd2-1step")
+    images, _ = mod.sample("mnist-dmd2-4step", first="mnist-dmd2-1step", timesteps=[], num=6, seed=3)
+    assert np.array_equal(images, generate_many(one, 6, seed=3)[0])
+    # ... then the 4-step student's last step: different images.
+    mixed, _ = mod.sample("mnist-dmd2-4step", first="mnist-dmd2-1step", timesteps=[249], num=6, seed=3)
+    assert not np.array_equal(mixed, images)
+
+    with pytest.raises(ValueError, match="not a student"):
+        mod.sample("mnist-teacher", num=2)
+    with pytest.raises(ValueError, match="timesteps must be in 0..999"):
+        mod.sample("mnist-dmd2-4step", timesteps=[1000], num=2)
+    out = tmp_path / "m.json"
+    mod.main(["--model", "mnist-dmd2-4step", "--timesteps", "249", "--num", "20", "--json", str(out)])
+    row = json.loads(out.read_text())
+    assert row["nfe"] == 2 and row["timesteps"] == [249] and row["fid"] > 0

@@ -28,6 +28,8 @@ from dmd2.sampling import initial_noise
 def sample(model: str, first: str | None = None, timesteps: list[int] | None = None, num: int = 5000,
            seed: int = 0, batch_size: int = 250) -> tuple[np.ndarray, np.ndarray]:
     """`num` images (uint8) and their labels; batch b uses seed + b, as `generate_many` does."""
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"num and batch_size must be at least 1, got {num} and {batch_size}")
     later = registry.load(model)
     start = registry.load(first) if first else later
     if later.conditioning != "class" or start.conditioning != "class":
@@ -41,8 +43,6 @@ def sample(model: str, first: str | None = None, timesteps: list[int] | None = N
     bad = [t for t in ts if not 0 <= t < family.schedule.num_train_timesteps]
     if bad:
         raise ValueError(f"timesteps must be in 0..{family.schedule.num_train_timesteps - 1}, got {bad}")
-    if num < 1:
-        raise ValueError(f"--num must be at least 1, got {num}")
     labels = cycled_labels(num, family.num_classes)
     images = []
     for b, i in enumerate(range(0, num, batch_size)):

@@ -95,8 +95,9 @@ def test_average_weights_writes_the_mean_of_students_and_checkpoints(tmp_path):
               "--out", str(tmp_path / "wise"), "--weights", "3", "1"])
     for k, v in load_pixel_unet(tmp_path / "wise").state_dict().items():
         torch.testing.assert_close(v, 0.75 * four[k] + 0.25 * one[k])
-    with pytest.raises(ValueError, match="one non-negative number per source"):
-        mod.average([str(ckpt), str(ckpt)], assets / "dmd2-4step", tmp_path / "z", weights=[1])
+    for bad in ([1], [1, -1]):
+        with pytest.raises(ValueError, match="one non-negative number per source"):
+            mod.average([str(ckpt), str(ckpt)], assets / "dmd2-4step", tmp_path / "z", weights=bad)
     with pytest.raises(FileExistsError, match="already exists"):
         mod.average([str(ckpt)], assets / "dmd2-4step", out)
     with pytest.raises(ValueError, match="only applies to a checkpoint folder"):
@@ -127,14 +128,18 @@ def test_mixed_steps_reproduces_the_evaluators_samples_and_swaps_the_first_step(
     one = registry.load("mnist-dmd2-1step")
     images, _ = mod.sample("mnist-dmd2-4step", first="mnist-dmd2-1step", timesteps=[], num=6, seed=3)
     assert np.array_equal(images, generate_many(one, 6, seed=3)[0])
-    # ... then the 4-step student's last step: different images.
+    # ... then the 4-step student's last step: different images, made by --model's network, not --first's.
     mixed, _ = mod.sample("mnist-dmd2-4step", first="mnist-dmd2-1step", timesteps=[249], num=6, seed=3)
     assert not np.array_equal(mixed, images)
+    one_only, _ = mod.sample("mnist-dmd2-1step", first="mnist-dmd2-1step", timesteps=[249], num=6, seed=3)
+    assert not np.array_equal(mixed, one_only)
 
     with pytest.raises(ValueError, match="not a student"):
         mod.sample("mnist-teacher", num=2)
     with pytest.raises(ValueError, match="timesteps must be in 0..999"):
         mod.sample("mnist-dmd2-4step", timesteps=[1000], num=2)
+    with pytest.raises(ValueError, match="num and batch_size must be at least 1"):
+        mod.sample("mnist-dmd2-4step", num=2, batch_size=0)
     out = tmp_path / "m.json"
     mod.main(["--model", "mnist-dmd2-4step", "--timesteps", "249", "--num", "20", "--json", str(out)])
     row = json.loads(out.read_text())

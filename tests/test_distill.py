@@ -226,17 +226,25 @@ def test_mean_state_dict_weighs_floats_and_keeps_the_rest_from_the_first():
             w.fill_(value)
             yield {"w": w}
     assert torch.equal(mean_state_dict(reloaded())["w"], torch.tensor([3.0, 3.0]))
+    # Summed in float64: a float32 running sum would lose the two 1s next to 2**24.
+    big = [{"w": torch.tensor([2.0 ** 24])}, {"w": torch.tensor([1.0])}, {"w": torch.tensor([1.0])}]
+    assert mean_state_dict(big)["w"].item() == (2 ** 24 + 2) / 3
 
     with pytest.raises(ValueError, match="no state dict"):
         mean_state_dict([])
-    with pytest.raises(ValueError, match="different entries"):
+    with pytest.raises(ValueError, match="different entries or shapes"):
         mean_state_dict([a, {"w": a["w"]}])
+    with pytest.raises(ValueError, match="different entries or shapes"):
+        mean_state_dict([a, {**b, "w": torch.ones(3)}])
     with pytest.raises(ValueError, match="1 weights for more"):
         mean_state_dict([a, b], weights=[1])
     with pytest.raises(ValueError, match="3 weights for 2"):
         mean_state_dict([a, b], weights=[1, 1, 1])
     with pytest.raises(ValueError, match="sum to 0"):
-        mean_state_dict([a, b], weights=[1, -1])
+        mean_state_dict([a, b], weights=[0, 0])
+    for bad in ([1, -1], [1, float("nan")]):
+        with pytest.raises(ValueError, match="finite and non-negative"):
+            mean_state_dict([a, b], weights=bad)
 
 
 def test_export_writes_the_ema_of_a_chosen_checkpoint_as_a_student(setup, family, tmp_path, monkeypatch):

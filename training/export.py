@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,9 +32,12 @@ def config_in_force(run: Run, step: int) -> Path:
 
 def mean_state_dict(state_dicts: Iterable[dict[str, torch.Tensor]],
                     weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
-    """The mean of state dicts (weighted by `weights`, normalised to sum 1), summed in float64 and returned in
-    the first one's dtypes; entries that are not floating point are taken from the first. `state_dicts` may be
-    a generator: each is read once, before the next is made, so one model can be reloaded in place."""
+    """The mean of state dicts (weighted by non-negative `weights`, normalised to sum 1), summed in float64 and
+    returned in the first one's dtypes; entries that are not floating point are taken from the first.
+    `state_dicts` may be a generator: each is read once, before the next is made, so one model can be reloaded
+    in place."""
+    if weights is not None and not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"weights must be finite and non-negative, got {list(weights)}")
     total, first, count = None, None, 0
     for i, sd in enumerate(state_dicts):
         if weights is not None and i >= len(weights):
@@ -42,9 +46,10 @@ def mean_state_dict(state_dicts: Iterable[dict[str, torch.Tensor]],
         if total is None:
             first = {k: v.clone() for k, v in sd.items() if not v.is_floating_point()}
             first.update({k: v.dtype for k, v in sd.items() if v.is_floating_point()})
+            shapes = {k: v.shape for k, v in sd.items()}
             total = {k: v.to(torch.float64, copy=True) * w for k, v in sd.items() if v.is_floating_point()}
-        elif set(sd) != set(first):
-            raise ValueError(f"state dict {i + 1} has different entries from the first")
+        elif {k: v.shape for k, v in sd.items()} != shapes:
+            raise ValueError(f"state dict {i + 1} has different entries or shapes from the first")
         else:
             for k in total:
                 total[k].add_(sd[k].to(torch.float64), alpha=w)
@@ -103,15 +108,15 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | list[int
                        f"(from {Path.cwd()}); restore it, run from the folder the run was started in, or leave out step 0")
     trainer = DMD2Trainer(dataclasses.replace(cfg, generator_init=init))
 
-    def each_student():  # the last one stays loaded: the card reports its step counts
-        for n in chosen:
-            if n:
-                load_checkpoint_into(trainer, run.load_checkpoint(available[n]), available[n])
-            yield trainer.student().state_dict()
+    def student_at(n: int) -> dict:  # the last one stays loaded: the card reports its step counts
+        if n:
+            load_checkpoint_into(trainer, run.load_checkpoint(available[n]), available[n])
+        return trainer.student().state_dict()
 
-    mean = mean_state_dict(each_student())
-    if len(chosen) > 1:
-        trainer.student().load_state_dict(mean)
+    if len(chosen) == 1:
+        student_at(last)
+    else:  # the sum holds one float64 copy of the student
+        trainer.student().load_state_dict(mean_state_dict(student_at(n) for n in chosen))
     note = (f"checkpoint of step {last}" if len(chosen) == 1 else
             f"mean of the weights of the checkpoints of steps {', '.join(map(str, chosen))}") + f" of the run `{run.path}`"
     if 0 in chosen:

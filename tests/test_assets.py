@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,16 @@ import torch
 
 from dmd2 import registry
 from dmd2.metrics.mnist import evaluate_images
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str):
+    """A script of scripts/ imported as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_committed_teacher_samples_legible_digits():
@@ -43,13 +55,7 @@ def test_committed_students_sample_legible_digits_in_their_steps(name):
 
 
 def test_denoise_probe_scores_the_teachers_one_step_denoising(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / "denoise_probe.py"
-    spec = importlib.util.spec_from_file_location("denoise_probe", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("denoise_probe")
 
     real, t999, t249 = mod.probe(["mnist-teacher"], [999, 249], num=64)
     assert real["model"] == "real digits" and 0.05 < real["ink"] < 0.2  # MNIST: about a tenth of the pixels are ink
@@ -63,15 +69,9 @@ def test_denoise_probe_scores_the_teachers_one_step_denoising(capsys):
 
 
 def test_average_weights_writes_the_mean_of_students_and_checkpoints(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
     from dmd2.families.pixel import load_pixel_unet
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "average_weights.py"
-    spec = importlib.util.spec_from_file_location("average_weights", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("average_weights")
 
     assets = Path(__file__).resolve().parent.parent / "assets" / "mnist"
     four, one = (load_pixel_unet(assets / name).state_dict() for name in ("dmd2-4step", "dmd2-1step"))
@@ -109,15 +109,9 @@ def test_average_weights_writes_the_mean_of_students_and_checkpoints(tmp_path):
 
 
 def test_mixed_steps_reproduces_the_evaluators_samples_and_swaps_the_first_step(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
     from dmd2.__main__ import generate_many
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "mixed_steps.py"
-    spec = importlib.util.spec_from_file_location("mixed_steps", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("mixed_steps")
 
     # No option: exactly the evaluator's samples (same noise, labels and fresh-noise seeds, two batches).
     four = registry.load("mnist-dmd2-4step")

@@ -36,6 +36,6 @@ for name in "${order[@]}"; do
   [[ -f $out/config.yaml ]] && resume=(--resume)
   # shellcheck disable=SC2086
   python -m training distill ${variants[$name]} --out "$out" "${resume[@]}" \
-    --set steps="$steps" --set eval_every=0 --set sample_every=500
+    --set iterations="$steps" --set eval_every=0 --set sample_every=500
   python -m dmd2 evaluate --model "$out/student" --num 5000 --json "results/ablation-$steps-$name.json"
 done

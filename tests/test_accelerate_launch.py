@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_accelerate_launch_two_cpu_processes_finishes_a_run(tmp_path):
-    cfg_file = tiny_run_config(tmp_path, steps=4, ttur=2, checkpoint_every=4)
+    cfg_file = tiny_run_config(tmp_path, iterations=4, ttur=2, checkpoint_every=4)
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

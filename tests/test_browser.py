@@ -138,7 +138,7 @@ def test_train_tab_runs_a_tiny_run_to_the_end(page, app):
     teacher = app["root"] / "tiny-teacher"
     open_tab(page, "Train")
     page.locator("#train-name textarea").fill("browser-run")
-    page.locator("#train-steps input").fill("4")
+    page.locator("#train-iterations input").fill("4")
     page.locator("#train-batch-size input").fill("4")
     page.get_by_text("Other config values", exact=True).click()
     page.locator("#train-extra textarea").fill(

@@ -32,7 +32,7 @@ def tiny_run_config(tmp_path: Path, **overrides) -> Path:
 
 
 def test_two_process_ddp_keeps_ranks_identical(tmp_path):
-    cfg_file = tiny_run_config(tmp_path, steps=6, ttur=3, checkpoint_every=6, generator_lr=1e-3, critic_lr=1e-3)
+    cfg_file = tiny_run_config(tmp_path, iterations=6, ttur=3, checkpoint_every=6, generator_lr=1e-3, critic_lr=1e-3)
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
     r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

@@ -37,7 +37,7 @@ def setup(tmp_path, family):
 
 def tiny_config(setup, **overrides) -> DistillConfig:
     teacher, data = setup
-    base = dict(teacher=str(teacher), data=str(data), batch_size=4, steps=10, ttur=5, warmup_steps=2,
+    base = dict(teacher=str(teacher), data=str(data), batch_size=4, iterations=10, ttur=5, warmup_steps=2,
                 log_every=1, sample_every=0, eval_every=0, checkpoint_every=5, mixed_precision="no",
                 generator_lr=1e-3, critic_lr=1e-3, real_guidance=2.0)
     base.update(overrides)
@@ -166,7 +166,7 @@ def test_per_step_critic_starts_as_the_teacher_and_learns_each_steps_outputs_apa
     # Only step 2 (index 1) is trained: only its embedding row moves, and the fake score then tells it apart.
     cfg = tiny_config(setup, student_steps=4, critic_per_step=True, step_weights=[0, 1, 0, 0], steps=6)
     tr = DMD2Trainer(cfg)
-    for _ in range(cfg.steps):
+    for _ in range(cfg.iterations):
         tr.train_step()
     emb = tr.critic_module.step_embedding.detach()
     assert emb[1].abs().sum() > 0 and emb[[0, 2, 3]].abs().sum() == 0
@@ -250,7 +250,7 @@ def test_mean_state_dict_weighs_floats_and_keeps_the_rest_from_the_first():
 def test_export_writes_the_ema_of_a_chosen_checkpoint_as_a_student(setup, family, tmp_path, monkeypatch):
     from training.export import export_checkpoint
 
-    cfg = tiny_config(setup, steps=10, checkpoint_every=5, keep_checkpoints=3)
+    cfg = tiny_config(setup, iterations=10, checkpoint_every=5, keep_checkpoints=3)
     run = distill(cfg, tmp_path / "run")
     state5 = run.load_checkpoint(run.checkpoints / "step-00000005")
     out = export_checkpoint(run.path, tmp_path / "student-5", step=5)
@@ -278,7 +278,7 @@ def test_export_writes_the_ema_of_a_chosen_checkpoint_as_a_student(setup, family
         torch.testing.assert_close(v, (teacher[k] + state10["ema"][k]) / 2)
     assert "step 0 is the weights it started from (the teacher)" in (tmp_path / "student-0-10" / "MODEL_CARD.md").read_text()
     shutil.copytree(out, tmp_path / "init")
-    init_run = distill(tiny_config(setup, steps=5, generator_init=str(tmp_path / "init")), tmp_path / "from-init")
+    init_run = distill(tiny_config(setup, iterations=5, generator_init=str(tmp_path / "init")), tmp_path / "from-init")
     start = family.load_student(export_checkpoint(init_run.path, tmp_path / "init-0", step=0))
     assert all(torch.equal(v, state5["ema"][k]) for k, v in start.state_dict().items())
     shutil.rmtree(tmp_path / "init")
@@ -305,14 +305,14 @@ def test_export_writes_the_ema_of_a_chosen_checkpoint_as_a_student(setup, family
     assert not (tmp_path / "z").exists() and not (tmp_path / ".z.partial").exists()
 
     # A resume with changed values: older checkpoints are rebuilt with the config they were trained with.
-    resumed = distill(tiny_config(setup, steps=15, checkpoint_every=5, keep_checkpoints=3, critic_per_step=False,
+    resumed = distill(tiny_config(setup, iterations=15, checkpoint_every=5, keep_checkpoints=3, critic_per_step=False,
                                   generator_lr=5e-4), run.path, resume=True)
     assert (resumed.path / "config.before-step-10.yaml").is_file()
     from training.export import config_in_force
     assert config_in_force(resumed, 10).name == "config.before-step-10.yaml"
     assert config_in_force(resumed, 15).name == "config.yaml"
     # Step 0 is where the run started, whatever a later resume's generator_init says.
-    distill(tiny_config(setup, steps=20, checkpoint_every=5, keep_checkpoints=3, critic_per_step=False,
+    distill(tiny_config(setup, iterations=20, checkpoint_every=5, keep_checkpoints=3, critic_per_step=False,
                         generator_lr=5e-4, generator_init=str(tmp_path / "student-mean")), run.path, resume=True)
     start = family.load_student(export_checkpoint(run.path, tmp_path / "resumed-0", step=0))
     assert all(torch.equal(v, teacher[k]) for k, v in start.state_dict().items())
@@ -331,7 +331,7 @@ def test_export_writes_the_ema_of_a_chosen_checkpoint_as_a_student(setup, family
 
 
 def test_resume_in_process_is_bit_identical(setup, tmp_path):
-    cfg = tiny_config(setup, steps=10, checkpoint_every=5)
+    cfg = tiny_config(setup, iterations=10, checkpoint_every=5)
     straight = distill(cfg, tmp_path / "straight").trainer.state_dict()
     distill(cfg, tmp_path / "split", stop_after=5)
     assert Run(tmp_path / "split").status()["state"] == "stopped"
@@ -352,7 +352,7 @@ def _cli(args, **kw):
 
 def test_kill_minus_nine_then_resume_matches_the_uninterrupted_run(setup, tmp_path):
     cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(json.dumps(tiny_config(setup, steps=12, checkpoint_every=4, keep_checkpoints=5).to_dict()))
+    cfg_file.write_text(json.dumps(tiny_config(setup, iterations=12, checkpoint_every=4, keep_checkpoints=5).to_dict()))
     straight = _cli(["distill", "--config", str(cfg_file), "--out", str(tmp_path / "straight")])
     assert straight.wait(timeout=600) == 0, straight.stderr.read()
 
@@ -395,7 +395,7 @@ def test_nan_loss_stops_with_a_named_error_and_keeps_the_last_checkpoint(setup, 
 
 
 def test_corrupt_checkpoint_and_bad_inputs_give_clear_errors(setup, tmp_path):
-    cfg = tiny_config(setup, steps=2, checkpoint_every=2)
+    cfg = tiny_config(setup, iterations=2, checkpoint_every=2)
     distill(cfg, tmp_path / "run")
     with pytest.raises(RunError, match="already holds a run"):
         distill(cfg, tmp_path / "run")
@@ -427,6 +427,22 @@ def test_overrides_accept_exponents_without_a_dot():
         load_config(None, ["generator_lr=fast"])
 
 
+def test_old_key_steps_is_read_as_iterations_with_a_deprecation_message(tmp_path):
+    old = tmp_path / "config.yaml"                      # a run folder's config.yaml from before the rename
+    old.write_text("steps: 7\nbatch_size: 4\n")
+    with pytest.warns(FutureWarning, match="'steps' is deprecated, call it 'iterations'"):
+        assert load_config(old).iterations == 7
+    with pytest.warns(FutureWarning, match="override 'steps=3'"):
+        assert load_config(old, ["steps=3"]).iterations == 3
+    assert load_config(old, ["iterations=5"]).iterations == 5   # the new name overrides the old file's value
+    both = tmp_path / "both.yaml"
+    both.write_text("steps: 7\niterations: 8\n")
+    with pytest.raises(ConfigError, match="sets both 'steps' and 'iterations'"):
+        load_config(both)
+    with pytest.raises(ConfigError, match="config iterations=0"):
+        load_config(None, ["iterations=0"])
+
+
 def test_lr_schedule_warms_up_then_follows_cosine_to_the_floor():
     from training.distill import lr_factor
 
@@ -440,9 +456,9 @@ def test_lr_schedule_warms_up_then_follows_cosine_to_the_floor():
 
 
 def test_resume_with_a_changed_lr_uses_it_and_keeps_the_old_config(setup, tmp_path):
-    cfg = tiny_config(setup, steps=10, ttur=2, checkpoint_every=5, lr_schedule="cosine", lr_min_ratio=0.5)
+    cfg = tiny_config(setup, iterations=10, ttur=2, checkpoint_every=5, lr_schedule="cosine", lr_min_ratio=0.5)
     distill(cfg, tmp_path / "run", stop_after=5)
-    run = distill(tiny_config(setup, steps=10, ttur=2, checkpoint_every=5, lr_schedule="cosine", lr_min_ratio=0.5,
+    run = distill(tiny_config(setup, iterations=10, ttur=2, checkpoint_every=5, lr_schedule="cosine", lr_min_ratio=0.5,
                               generator_lr=4e-4, critic_lr=2e-4), tmp_path / "run", resume=True)
     tr = run.trainer
     # the end of both cosines (critic: 10 steps, generator: 5): the floor, 0.5 x the new base LRs

@@ -34,7 +34,7 @@ def world(tmp_path_factory):
 
 def sd_config(world, family="sdxl", **overrides) -> DistillConfig:
     base = dict(family=family, teacher=str(world[family]), data=str(world["data"]), prompts=str(world["prompts"]),
-                latent_cache_dir=str(world["cache"]), batch_size=2, steps=2, ttur=1, warmup_steps=1, log_every=1,
+                latent_cache_dir=str(world["cache"]), batch_size=2, iterations=2, ttur=1, warmup_steps=1, log_every=1,
                 sample_every=2, eval_every=0, checkpoint_every=2, mixed_precision="no", ema_decay=0.0,
                 generator_lr=1e-3, critic_lr=1e-3, real_guidance=8.0 if family == "sdxl" else 1.75,
                 gan_generator_weight=5e-3)
@@ -183,7 +183,7 @@ def test_sd15_1step_trains_and_exports(world, tmp_path):
 
 
 def test_text_family_resume_is_bit_identical(world, tmp_path):
-    cfg = sd_config(world, steps=4, ttur=2, checkpoint_every=2, sample_every=0, ema_decay=0.9, prompts=None)
+    cfg = sd_config(world, iterations=4, ttur=2, checkpoint_every=2, sample_every=0, ema_decay=0.9, prompts=None)
     straight = distill(cfg, tmp_path / "straight").trainer.state_dict()
     distill(cfg, tmp_path / "split", stop_after=2)
     resumed = distill(cfg, tmp_path / "split", resume=True).trainer.state_dict()

@@ -29,15 +29,15 @@ FINAL = ("finished", "failed", "stopped")
 # --- pure helpers ------------------------------------------------------------------------
 
 def test_overrides_are_written_so_the_trainer_reads_them_back():
-    settings = dict(steps=4.0, batch_size=8, generator_lr=2e-4, critic_lr=1e-05, backward_simulation=False,
+    settings = dict(iterations=4.0, batch_size=8, generator_lr=2e-4, critic_lr=1e-05, backward_simulation=False,
                     gan_critic_weight=None, teacher="/tmp/a b/teacher")
     assert overrides_from(settings, "# a comment\n\n sample_every=2 \neval_every=0") == [
-        "steps=4", "batch_size=8", "generator_lr=0.0002", "critic_lr=1e-05", "backward_simulation=false",
+        "iterations=4", "batch_size=8", "generator_lr=0.0002", "critic_lr=1e-05", "backward_simulation=false",
         'teacher="/tmp/a b/teacher"', "sample_every=2", "eval_every=0"]
     from training.config import load_config
 
     cfg = load_config(None, overrides_from(settings))
-    assert (cfg.steps, cfg.batch_size, cfg.generator_lr, cfg.critic_lr, cfg.backward_simulation, cfg.teacher) == \
+    assert (cfg.iterations, cfg.batch_size, cfg.generator_lr, cfg.critic_lr, cfg.backward_simulation, cfg.teacher) == \
         (4, 8, 2e-4, 1e-5, False, "/tmp/a b/teacher")
     with pytest.raises(TrainError, match="'steps 4' must look like key=value"):
         overrides_from({}, "steps 4")
@@ -138,16 +138,16 @@ def test_bad_knob_values_fail_with_the_trainers_message(tmp_path):
     m = TrainManager(tmp_path)
     with pytest.raises(TrainError, match=r"bad setting: config batch_size=0: must be an integer >= 1"):
         m.check("mnist-1step", {"batch_size": 0})
-    with pytest.raises(TrainError, match=r"config steps=2.5: must be an integer"):
-        m.check("mnist-1step", {"steps": 2.5})
+    with pytest.raises(TrainError, match=r"config iterations=2.5: must be an integer"):
+        m.check("mnist-1step", {"iterations": 2.5})
     with pytest.raises(TrainError, match="unknown config key 'stepz'"):
         m.check("mnist-1step", {}, "stepz=3")
     with pytest.raises(TrainError, match="teacher folder '/nowhere' has no config.json"):
         m.check("mnist-1step", {"teacher": "/nowhere"})
     with pytest.raises(TrainError, match="unknown preset 'sdxl-nope'"):
         m.check("sdxl-nope")
-    cfg, overrides = m.check("mnist-4step", {"steps": 3})
-    assert cfg.steps == 3 and cfg.student_steps == 4 and overrides == ["steps=3"]
+    cfg, overrides = m.check("mnist-4step", {"iterations": 3})
+    assert cfg.iterations == 3 and cfg.student_steps == 4 and overrides == ["iterations=3"]
 
 
 def write_run(root, name, state, student=True):
@@ -194,7 +194,7 @@ def teacher(tmp_path_factory):
 def tiny(teacher, **settings) -> tuple[dict, str]:
     """(settings, extra lines) for a run of a few steps on the tiny teacher."""
     extra = f"teacher={teacher}\neval_every=0\nlog_every=1\nsample_every=2\ncheckpoint_every=2\nwarmup_steps=0"
-    return dict(dict(steps=4, batch_size=4), **settings), extra
+    return dict(dict(iterations=4, batch_size=4), **settings), extra
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +275,7 @@ def test_stop_ends_the_process_group_and_resume_continues_from_the_checkpoint(ap
 
     client, manager = app
     run = manager.runs_root / "long"
-    launch(client, "long", *tiny(teacher, steps=100_000))
+    launch(client, "long", *tiny(teacher, iterations=100_000))
     v = wait_for(client, "long", lambda v: v["state"] == "running" and v["step"] >= 3, "step 3")
     assert list((run / "checkpoints").glob("step-*/state.pt"))                   # something to resume from
     assert v["eta_s"] is not None and v["eta_s"] > 0 and v["percent"] == round(100 * v["step"] / 100_000, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +56,7 @@ class DistillConfig:
     gan_max_t: int = 1000                      # real and fake are noised at t ~ U[0, gan_max_t)
     # two time-scale update rule and optimisation
     ttur: int = 5                              # critic updates per generator update
-    steps: int = 2000                          # critic updates; the generator updates every `ttur`-th
+    iterations: int = 2000                     # critic updates; the generator updates every `ttur`-th
     batch_size: int = 64
     generator_lr: float = 2e-5
     critic_lr: float = 2e-5
@@ -129,7 +130,7 @@ class DistillConfig:
         need(self.dm_weight > 0 or self.gan_generator_weight > 0, "dm_weight",
              "with dm_weight 0 the GAN generator weight must be > 0, or the generator learns nothing")
         need(isinstance(self.ttur, int) and self.ttur >= 1, "ttur", "must be an integer >= 1")
-        need(isinstance(self.steps, int) and self.steps >= 1, "steps", "must be an integer >= 1")
+        need(isinstance(self.iterations, int) and self.iterations >= 1, "iterations", "must be an integer >= 1")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")
         need(self.generator_lr > 0, "generator_lr", "must be > 0")
         need(self.critic_lr > 0, "critic_lr", "must be > 0")
@@ -189,6 +190,23 @@ def _coerce(key: str, value):
     return value
 
 
+# Keys renamed since a run folder's config.yaml may have been written: old name -> new name.
+RENAMED = {"steps": "iterations"}
+
+
+def _renamed(values: dict, where: str) -> dict:
+    """`values` with old key names replaced by the new ones (a FutureWarning for each); both is an error."""
+    out = dict(values)
+    for old, new in RENAMED.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"{where} sets both {old!r} and {new!r}: {old!r} is the old name of {new!r}, keep one")
+        warnings.warn(f"{where}: config key {old!r} is deprecated, call it {new!r}", FutureWarning, stacklevel=3)
+        out[new] = out.pop(old)
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> DistillConfig:
     """Defaults <- YAML file <- `key=value` overrides (values parsed as YAML), then validated."""
     values: dict = {}
@@ -202,12 +220,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Di
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-        values.update(loaded)
+        values.update(_renamed(loaded, f"config file {path}"))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
-        key = key.strip()
+        key = next(iter(_renamed({key.strip(): None}, f"override {item!r}")))
         default = FIELDS[key].default if key in FIELDS else None
         if isinstance(default, str) and raw.strip().lower() in ("yes", "no", "on", "off", "true", "false"):
             values[key] = raw.strip()  # a string field: `--set mixed_precision=no` means the word, not false

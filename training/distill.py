@@ -123,9 +123,9 @@ class DMD2Trainer:
         self.generator, self.critic, self.opt_g, self.opt_c = self.acc.prepare(generator, critic, opt_g, opt_c)
         # Horizons in each optimiser's own steps: the generator steps once per `ttur` critic steps.
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(
-            self.opt_g, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.steps // cfg.ttur, cfg.lr_min_ratio))
+            self.opt_g, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.iterations // cfg.ttur, cfg.lr_min_ratio))
         self.sched_c = torch.optim.lr_scheduler.LambdaLR(
-            self.opt_c, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.steps, cfg.lr_min_ratio))
+            self.opt_c, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.iterations, cfg.lr_min_ratio))
 
         # Every random draw of training goes through these, so a checkpoint can restore them exactly.
         self.rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
@@ -433,18 +433,18 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
         save_config(cfg, run.config_path)
     acc.wait_for_everyone()
     if main:
-        run.set_status("running", step=trainer.step, total_steps=cfg.steps, pid=os.getpid(), error=None,
+        run.set_status("running", step=trainer.step, total_steps=cfg.iterations, pid=os.getpid(), error=None,
                        started=time.time())
     fixed_labels = trainer.grid_specs()
     start, window, window_start = time.time(), defaultdict(list), time.time()
-    last = stop_after if stop_after is not None else cfg.steps
+    last = stop_after if stop_after is not None else cfg.iterations
     try:
-        while trainer.step < min(cfg.steps, last):
+        while trainer.step < min(cfg.iterations, last):
             stats = trainer.train_step()
             step = trainer.step
             for k, v in stats.items():
                 window[k].append(v)
-            if main and (step % cfg.log_every == 0 or step == cfg.steps):
+            if main and (step % cfg.log_every == 0 or step == cfg.iterations):
                 elapsed = time.time() - window_start
                 n_steps = len(window["critic/fake_denoise"])
                 record = {"step": step, "generator_updates": trainer.generator_updates,
@@ -453,7 +453,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
                           "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
                 record.update({k: float(np.mean(v)) for k, v in window.items()})
                 run.log_metrics(record)
-                run.set_status("running", step=step, total_steps=cfg.steps)
+                run.set_status("running", step=step, total_steps=cfg.iterations)
                 window, window_start = defaultdict(list), time.time()
             # Under FSDP every rank runs the sharded generator's forwards; rank 0 writes.
             if (main or trainer.sharded) and cfg.sample_every and step % cfg.sample_every == 0:
@@ -475,7 +475,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
             run.set_status("failed", step=trainer.step, error=str(e))
         raise
     acc.wait_for_everyone()
-    finished = trainer.step >= cfg.steps
+    finished = trainer.step >= cfg.iterations
     if finished:
         state = trainer.state_dict() if not cfg.checkpoint_every or trainer.step % cfg.checkpoint_every else None
         student = trainer.full_student()
@@ -485,9 +485,9 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
         trainer.family.save_student(student, run.student, timesteps=trainer.timesteps,
                                     family=trainer.family.name, teacher=cfg.teacher)
         write_student_card(run, cfg, trainer, time.time() - start, command)
-        run.set_status("finished", step=trainer.step, total_steps=cfg.steps)
+        run.set_status("finished", step=trainer.step, total_steps=cfg.iterations)
     elif main:
-        run.set_status("stopped", step=trainer.step, total_steps=cfg.steps)
+        run.set_status("stopped", step=trainer.step, total_steps=cfg.iterations)
     acc.wait_for_everyone()
     run.trainer = trainer  # for tests and scripts that want the final models
     return run
@@ -499,7 +499,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="run folder, e.g. runs/mnist-1step")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set steps=500")
+                   help="override a config value (repeatable), e.g. --set iterations=500")
     a = p.parse_args(argv)
     run = Run(a.out)
     config = a.config

@@ -40,7 +40,7 @@ POLL_S = 2.0                      # the tab's refresh period
 STOP_WAIT_S = 30.0                # close(): how long a stopped trainer gets before SIGKILL
 # The form's knobs: config key, label, kind ("int", "float" or "bool").
 KNOBS = (
-    ("steps", "Iterations (critic updates)", "int"),
+    ("iterations", "Iterations (critic updates)", "int"),
     ("batch_size", "Batch size", "int"),
     ("ttur", "TTUR: critic updates per generator update", "int"),
     ("generator_lr", "Generator learning rate", "float"),
@@ -215,11 +215,12 @@ def _trainer_alive(pid) -> bool:
 
 
 def _config_steps(path: Path) -> int:
-    """`steps` of a run's config.yaml (0 if unreadable)."""
+    """`iterations` of a run's config.yaml (0 if unreadable; `steps` in a config written before the rename)."""
     import yaml
 
     try:
-        return int((yaml.safe_load(path.read_text()) or {}).get("steps") or 0)
+        cfg = yaml.safe_load(path.read_text()) or {}
+        return int(cfg.get("iterations") or cfg.get("steps") or 0)
     except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
         return 0
 
@@ -363,7 +364,7 @@ class TrainManager:
                    "--out", str(path)]
             for item in overrides:
                 cmd += ["--set", item]
-            self._start(path, cmd, cfg.steps)
+            self._start(path, cmd, cfg.iterations)
         return self.view(path.name)
 
     def resume(self, name: str, token: Optional[str] = None) -> dict:
@@ -696,7 +697,7 @@ def build_train_tab(manager: TrainManager) -> dict:
 
         def train_launch(preset: str, name: str, settings: Optional[dict] = None, extra: str = "",
                          token: str = "") -> dict:
-            """Launch a run: a preset name, a run name, config values ({"steps": 100, ...}), the admin token."""
+            """Launch a run: a preset name, a run name, config values ({"iterations": 100, ...}), the admin token."""
             return errors(manager.launch)(preset, name, settings, extra, token)
 
         def train_stop(name: str, token: str = "") -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmd2.families._sd_common import student_lora_file
+from dmd2.families.sd import student_lora_file
 from dmd2.families.base import Family, ModelLoadError
 from dmd2.families.pixel import PixelFamily, load_pixel_unet
 from dmd2.families.sdxl import PUBLISHED as SDXL_PUBLISHED

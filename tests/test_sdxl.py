@@ -14,7 +14,7 @@ from diffusers import (AutoencoderTiny, LCMScheduler, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from safetensors.torch import save_file
 
-from dmd2.families._sd_common import TextCondition, fuse_lora, hub_file
+from dmd2.families.sd import TextCondition, fuse_lora, hub_file
 from dmd2.families.base import ModelLoadError
 from dmd2.families.sd15 import SD15Family
 from dmd2.families.sdxl import PUBLISHED, SDXLFamily

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dmd2.families._sd_common import StableDiffusionFamily, TextCondition, hub_kwargs, resolve_device_dtype
+from dmd2.families.sd import StableDiffusionFamily, TextCondition, hub_kwargs, resolve_device_dtype
 
 SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TAESD = "madebyollin/taesd"

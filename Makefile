@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test install clean-venv browser
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -16,7 +16,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) app.py
 
-test: $(STAMP)
+# The browser first: without Chromium the test run stops in its first seconds, saying what to run.
+browser:
+	bash scripts/ensure_chromium.sh
+
+test: browser $(STAMP)
 	$(PY) -m pytest -q
 
 clean-venv:

@@ -14,10 +14,11 @@ from diffusers import (AutoencoderTiny, LCMScheduler, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from safetensors.torch import save_file
 
-from dmd2.families.sd import TextCondition, fuse_lora, hub_file
+from dmd2.families.sd import TextCondition, fuse_lora
 from dmd2.families.base import ModelLoadError
 from dmd2.families.sd15 import SD15Family
 from dmd2.families.sdxl import PUBLISHED, SDXLFamily
+from dmd2.hub import hub_file
 from dmd2.sampling import initial_noise, student_sample
 
 import tiny_sd

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dmd2.families.base import Family, ModelLoadError
+from dmd2.hub import hub_file
 from dmd2.schedule import NoiseSchedule
 
 # The SD 1.x / XL noise schedule: NoiseSchedule("scaled_linear") hard-codes these betas.
@@ -64,20 +65,6 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
             raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     return device, dtype
-
-
-def hub_file(filename: str, repo: str = "tianweiy/DMD2", **kwargs) -> Path:
-    """A file of a Hub repo, downloaded once into the Hugging Face cache (kwargs go to hf_hub_download)."""
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(repo, filename, **kwargs))
-    except Exception as e:  # offline, unknown file, gated repo, ...: all end in the same advice
-        raise ModelLoadError(
-            f"could not get {filename!r} from the Hugging Face Hub repo {repo!r} "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). On a machine with internet run "
-            f"`hf download {repo} {filename}` (or download https://huggingface.co/{repo}/blob/main/{filename}) "
-            f"and pass the local file path instead.") from None
 
 
 def load_state_dict_file(path) -> dict[str, torch.Tensor]:
@@ -211,11 +198,6 @@ def student_lora_file(folder) -> Path:
 
 
 # --- the family -------------------------------------------------------------------------------
-def hub_kwargs(kwargs: dict) -> dict:
-    """The from_pretrained kwargs that also apply to configs, tokenizers and VAEs (all but `variant`)."""
-    return {k: v for k, v in kwargs.items() if k != "variant"}
-
-
 def _param_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 

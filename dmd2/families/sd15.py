@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from dmd2.families.sd import StableDiffusionFamily, TextCondition, hub_kwargs, resolve_device_dtype
+from dmd2.families.sd import StableDiffusionFamily, TextCondition, resolve_device_dtype
+from dmd2.hub import hub_kwargs
 
 SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TAESD = "madebyollin/taesd"

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from dmd2.families.sd import (PublishedStudent, StableDiffusionFamily, TextCondition, hub_kwargs,
-                                resolve_device_dtype)
+from dmd2.families.sd import PublishedStudent, StableDiffusionFamily, TextCondition, resolve_device_dtype
+from dmd2.hub import hub_kwargs
 from dmd2.schedule import student_timesteps
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"

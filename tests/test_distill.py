@@ -164,7 +164,7 @@ def test_per_step_critic_starts_as_the_teacher_and_learns_each_steps_outputs_apa
             critic(x, t, cond, call="fake_x0", step=step)
 
     # Only step 2 (index 1) is trained: only its embedding row moves, and the fake score then tells it apart.
-    cfg = tiny_config(setup, student_steps=4, critic_per_step=True, step_weights=[0, 1, 0, 0], steps=6)
+    cfg = tiny_config(setup, student_steps=4, critic_per_step=True, step_weights=[0, 1, 0, 0], iterations=6)
     tr = DMD2Trainer(cfg)
     for _ in range(cfg.iterations):
         tr.train_step()
@@ -185,14 +185,14 @@ def test_per_step_critic_starts_as_the_teacher_and_learns_each_steps_outputs_apa
     assert not torch.allclose(*logits)
 
     # A resume cannot switch the per-step critic on or off: a clear error, not a torch traceback.
-    cfg = tiny_config(setup, student_steps=4, steps=10, checkpoint_every=5)
+    cfg = tiny_config(setup, student_steps=4, iterations=10, checkpoint_every=5)
     distill(cfg, tmp_path / "plain", stop_after=5)
     with pytest.raises(RunError, match="does not fit the config.*critic_per_step"):
-        distill(tiny_config(setup, student_steps=4, steps=10, checkpoint_every=5, critic_per_step=True),
+        distill(tiny_config(setup, student_steps=4, iterations=10, checkpoint_every=5, critic_per_step=True),
                 tmp_path / "plain", resume=True)
 
     # The embedding is part of the critic's checkpoint: a resumed run is still bit-identical.
-    cfg = tiny_config(setup, student_steps=4, critic_per_step=True, steps=10, checkpoint_every=5)
+    cfg = tiny_config(setup, student_steps=4, critic_per_step=True, iterations=10, checkpoint_every=5)
     straight = distill(cfg, tmp_path / "straight").trainer.state_dict()
     distill(cfg, tmp_path / "split", stop_after=5)
     resumed = distill(cfg, tmp_path / "split", resume=True).trainer.state_dict()
@@ -382,7 +382,7 @@ def test_kill_minus_nine_then_resume_matches_the_uninterrupted_run(setup, tmp_pa
 def test_nan_loss_stops_with_a_named_error_and_keeps_the_last_checkpoint(setup, tmp_path):
     # An absurd generator LR blows the weights up at the first generator update (step 1 with
     # TTUR 1); the checkpoint of step 1 is written; step 2's losses are then non-finite.
-    cfg = tiny_config(setup, generator_lr=1e30, warmup_steps=0, ttur=1, checkpoint_every=1, steps=5)
+    cfg = tiny_config(setup, generator_lr=1e30, warmup_steps=0, ttur=1, checkpoint_every=1, iterations=5)
     with pytest.raises(NonFiniteLoss, match=r"step 2: loss \w+ is (nan|inf)"):
         distill(cfg, tmp_path / "run")
     run = Run(tmp_path / "run")

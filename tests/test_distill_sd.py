@@ -79,7 +79,7 @@ def test_sdxl_1step_at_t399_trains_and_exports_a_diffusers_unet(world, tmp_path)
 
 
 def test_sdxl_4step_backward_simulation_runs_the_generators_own_steps(world, tmp_path):
-    cfg = sd_config(world, student_steps=4, backward_simulation=True, ttur=2, steps=4, checkpoint_every=4)
+    cfg = sd_config(world, student_steps=4, backward_simulation=True, ttur=2, iterations=4, checkpoint_every=4)
     tr = DMD2Trainer(cfg)
     assert tr.timesteps == [999, 749, 499, 249]
     fam, gen = tr.family, tr.generator_module

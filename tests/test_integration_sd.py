@@ -61,7 +61,7 @@ def world(tmp_path_factory):
     for name, (family, overrides) in CASES.items():
         cfg = DistillConfig(**dict(
             family=family, teacher=str(w[family]), data=str(w["data"]), prompts=str(root / "prompts.txt"),
-            latent_cache_dir=str(root / f"cache-{family}"), batch_size=2, steps=2, ttur=1, warmup_steps=1,
+            latent_cache_dir=str(root / f"cache-{family}"), batch_size=2, iterations=2, ttur=1, warmup_steps=1,
             log_every=1, sample_every=0, eval_every=0, checkpoint_every=0, mixed_precision="no", ema_decay=0.0,
             generator_lr=1e-3, critic_lr=1e-3, real_guidance=8.0 if family == "sdxl" else 1.75,
             gan_generator_weight=5e-3, **overrides)).validate()

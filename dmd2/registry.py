@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmd2.families.sd import student_lora_file
 from dmd2.families.base import Family, ModelLoadError
+from dmd2.families.lora import student_lora_file
 from dmd2.families.pixel import PixelFamily, load_pixel_unet
 from dmd2.families.sdxl import PUBLISHED as SDXL_PUBLISHED
 from dmd2.families.sdxl import SDXL_BASE

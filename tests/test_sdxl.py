@@ -14,7 +14,7 @@ from diffusers import (AutoencoderTiny, LCMScheduler, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from safetensors.torch import save_file
 
-from dmd2.families.sd import TextCondition, fuse_lora
+from dmd2.families.sd import TextCondition
 from dmd2.families.base import ModelLoadError
 from dmd2.families.sd15 import SD15Family
 from dmd2.families.sdxl import PUBLISHED, SDXLFamily
@@ -22,6 +22,7 @@ from dmd2.hub import hub_file
 from dmd2.sampling import initial_noise, student_sample
 
 import tiny_sd
+from lora_files import fake_dmd2_lora
 
 PROMPTS = ["a photo of a cat", "a red dog"]
 
@@ -319,37 +320,8 @@ def test_student_state_dict_must_fit_the_teacher(sdxl, tmp_path):
         sdxl.load_student(tmp_path / "absent.bin")
 
 
-# The LoRA targets of DMD2's main/sdxl/extract_lora_module.py (a PEFT LoraConfig: suffix match on module names).
-DMD2_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-                     "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
-
-
-def _fake_dmd2_lora(unet, rank=2, alpha=1.0, seed=0):
-    """A LoRA with the key layout of dmd2_sdxl_4step_lora_fp16.safetensors: PEFT names
-    '<module>.lora_A.weight' turned into kohya names the way extract_lora_module.py does, plus '.alpha'."""
-    g = torch.Generator().manual_seed(seed)
-    peft, kohya = {}, {}
-    for name, m in unet.named_modules():
-        if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-            continue
-        if not any(name == t or name.endswith("." + t) for t in DMD2_LORA_TARGETS):
-            continue
-        if isinstance(m, torch.nn.Linear):
-            a, b = torch.randn(rank, m.in_features, generator=g), torch.randn(m.out_features, rank, generator=g)
-        else:  # PEFT: lora_A is a conv with the layer's kernel, lora_B a 1x1 conv
-            a = torch.randn(rank, m.in_channels, *m.kernel_size, generator=g)
-            b = torch.randn(m.out_channels, rank, 1, 1, generator=g)
-        peft[f"{name}.lora_A.weight"], peft[f"{name}.lora_B.weight"] = a.half(), b.half()
-    for k, v in peft.items():
-        k = k.replace("lora_A", "lora_down").replace("lora_B", "lora_up")
-        k = "lora_unet_" + "_".join(k.split(".")[:-2]) + "." + ".".join(k.split(".")[-2:])
-        kohya[k] = v
-        kohya[k[: k.find(".")] + ".alpha"] = torch.tensor(alpha, dtype=torch.float16)
-    return peft, kohya
-
-
 def test_lora_student_is_fused_into_the_teacher(sdxl, sdxl_unet, tmp_path):
-    peft, kohya = _fake_dmd2_lora(sdxl_unet, rank=2, alpha=1.0)
+    peft, kohya = fake_dmd2_lora(sdxl_unet, rank=2, alpha=1.0)
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in kohya
     assert "lora_unet_mid_block_resnets_0_conv1.alpha" in kohya
     save_file(kohya, str(tmp_path / "dmd2_sdxl_4step_lora_fp16.safetensors"))
@@ -376,26 +348,25 @@ def test_lora_student_is_fused_into_the_teacher(sdxl, sdxl_unet, tmp_path):
         if name.rsplit(".", 1)[0] not in targets or name.endswith("bias"):
             assert torch.equal(p, student.get_parameter(name)), name
 
-    # the PEFT key layout gives the same weights (alpha passed explicitly: PEFT files do not store it)
-    again = sdxl.load_teacher()
-    assert fuse_lora(again, {f"unet.{k}": v for k, v in peft.items()}, alpha=1.0) == len(targets)
+    # the diffusers key layout (our students' file: rank and alpha in the metadata) gives the same weights
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "ours", unet_lora_layers=peft, weight_name="lora.safetensors",
+                                                unet_lora_adapter_metadata={"r": 2, "lora_alpha": 1.0,
+                                                                            "target_modules": sorted(targets)})
+    again = sdxl.load_student(tmp_path / "ours" / "lora.safetensors")
     for (name, p), q in zip(student.named_parameters(), again.parameters()):
         torch.testing.assert_close(p, q, msg=name)
 
 
 def test_lora_scale_and_a_foreign_lora(sdxl, sdxl_unet, tmp_path):
-    _, kohya = _fake_dmd2_lora(sdxl_unet)
+    _, kohya = fake_dmd2_lora(sdxl_unet)
     save_file(kohya, str(tmp_path / "lora.safetensors"))
     unchanged = sdxl.load_student(tmp_path / "lora.safetensors", lora_scale=0.0)
     assert all(torch.equal(p, q) for p, q in zip(unchanged.parameters(), sdxl_unet.parameters()))
-    unet = sdxl.load_teacher()
     bad = dict(kohya, **{"lora_unet_no_such_layer.lora_down.weight": torch.zeros(2, 4),
                          "lora_unet_no_such_layer.lora_up.weight": torch.zeros(4, 2)})
-    with pytest.raises(ModelLoadError, match="no_such_layer"):
-        fuse_lora(unet, bad)
-    assert all(torch.equal(p, q) for p, q in zip(unet.parameters(), sdxl_unet.parameters()))  # all or nothing
-    with pytest.raises(ModelLoadError, match="lacks its up"):
-        fuse_lora(unet, {"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3)})
+    save_file(bad, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ModelLoadError, match="no.such.layer"):  # all or nothing: tests/test_lora.py
+        sdxl.load_student(tmp_path / "foreign.safetensors")
 
 
 def test_our_student_folder_round_trip(sdxl, tmp_path):

@@ -1,5 +1,6 @@
 """What SDXL and SD1.5 share: diffusers folders, VAE latents, the UNet2DConditionModel call and
-bottleneck, and DMD2's published student weights (full UNet state dicts or a LoRA to fuse).
+bottleneck, and DMD2's published student weights (full UNet state dicts, or a LoRA that
+`dmd2.families.lora` fuses into the teacher).
 
 The subclasses (`sdxl.py`, `sd15.py`) add only the text encoding and the null condition.
 """
@@ -14,16 +15,12 @@ import torch
 from torch import nn
 
 from dmd2.families.base import Family, ModelLoadError
+from dmd2.families.lora import LORA_TARGET_MODULES, fuse_lora, save_unet_lora, student_lora_file
 from dmd2.hub import hub_file
 from dmd2.schedule import NoiseSchedule
 
 # The SD 1.x / XL noise schedule: NoiseSchedule("scaled_linear") hard-codes these betas.
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
-# DMD2's LoRA targets for the SD UNet (module-name suffixes, as PEFT matches them): attention
-# projections, transformer in/out and feed-forward, resnet convs and time projections, resamplers.
-LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                       "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file diffusers' load_lora_weights(folder) looks for
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -85,116 +82,6 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ModelLoadError(f"{path} does not hold a flat state dict of tensors")
     return sd
-
-
-def lora_alpha_in_metadata(path) -> float | None:
-    """The UNet LoRA's alpha that diffusers' `save_lora_weights` keeps in the safetensors metadata, if any."""
-    from safetensors import safe_open
-
-    if Path(path).suffix != ".safetensors":
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("lora_adapter_metadata")
-    if not raw:
-        return None
-    alpha = json.loads(raw).get("unet.lora_alpha")
-    return None if alpha is None else float(alpha)
-
-
-# --- LoRA ----------------------------------------------------------------------------------
-def _lora_groups(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
-    """Group a LoRA state dict by target layer: {layer: {"down", "up", "alpha"?}}.
-
-    Two formats: kohya (`lora_unet_<dotted name with _>.lora_down.weight` / `.lora_up.weight` /
-    `.alpha`; DMD2's `dmd2_sdxl_4step_lora_fp16.safetensors` is this, written by the official
-    `main/sdxl/extract_lora_module.py` from a PEFT adapter), and PEFT (`<name>.lora_A.weight` /
-    `.lora_B.weight`, optionally prefixed by `unet.` or `base_model.model.`).
-    """
-    kohya = any(k.startswith("lora_unet_") for k in state_dict)
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
-        if kohya:
-            layer, _, rest = key.partition(".")
-            part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(rest)
-            if not layer.startswith("lora_unet_"):
-                part = None
-        else:
-            for prefix in ("base_model.model.", "unet."):
-                key = key.removeprefix(prefix)
-            part = None
-            for suffix, name in ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".alpha", "alpha")):
-                if key.endswith(suffix):
-                    layer, part = key[: -len(suffix)], name
-        if part is None:
-            raise ModelLoadError(f"not a UNet LoRA key: {key!r} (expected kohya 'lora_unet_*.lora_down.weight' "
-                                 f"or PEFT '*.lora_A.weight' keys)")
-        groups.setdefault(layer, {})[part] = value
-    for layer, g in groups.items():
-        if "down" not in g or "up" not in g:
-            raise ModelLoadError(f"LoRA layer {layer!r} lacks its {'up' if 'down' in g else 'down'} matrix")
-    return ("kohya" if kohya else "peft"), groups
-
-
-def lora_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * up @ down, shaped like the target weight (Linear: (out, in); Conv2d: (out, in, kh, kw)).
-
-    For a conv LoRA, `down` is a conv with the layer's kernel (r, in, kh, kw) and `up` a 1x1 conv
-    (out, r, 1, 1); composing them is one conv with kernel sum_r up[o, r] * down[r, i, :, :].
-    """
-    down, up = down.float(), up.float()
-    if down.ndim == 2:
-        return scale * (up @ down)
-    return scale * torch.einsum("or,rihw->oihw", up.flatten(1), down)
-
-
-@torch.no_grad()
-def fuse_lora(unet: nn.Module, state_dict: dict[str, torch.Tensor], scale: float = 1.0,
-              alpha: float | None = None) -> int:
-    """Add a LoRA to the UNet's weights in place: W += scale * (alpha / rank) * up @ down. Returns the layer count.
-
-    `alpha` is the file's `.alpha` per layer when present, else the `alpha` argument, else the rank
-    (factor 1). `scale` is diffusers' `fuse_lora(lora_scale=...)`. Every LoRA layer must name a
-    Linear or Conv2d of this UNet, with matching shapes, or nothing is changed.
-    """
-    fmt, groups = _lora_groups(state_dict)
-    modules = {name: m for name, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    if fmt == "kohya":
-        modules = {"lora_unet_" + name.replace(".", "_"): m for name, m in modules.items()}
-    deltas = []
-    for layer, g in groups.items():
-        if layer not in modules:
-            raise ModelLoadError(f"LoRA layer {layer!r} matches no Linear/Conv2d of this UNet "
-                                 f"(is the LoRA for another model?)")
-        module, rank = modules[layer], g["down"].shape[0]
-        a = float(g["alpha"]) if "alpha" in g else (alpha if alpha is not None else rank)
-        delta = lora_delta(g["down"], g["up"], scale * a / rank)
-        if delta.shape != module.weight.shape:
-            raise ModelLoadError(f"LoRA layer {layer!r} gives a {tuple(delta.shape)} update for a "
-                                 f"{tuple(module.weight.shape)} weight")
-        deltas.append((module, delta))
-    for module, delta in deltas:  # only after every layer checked out
-        w = module.weight
-        w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
-    return len(deltas)
-
-
-def student_lora_file(folder) -> Path:
-    """The LoRA file of a student folder without config.json: the one dmd2.json names as "lora" (our
-    exports do), else the folder's only .safetensors file. Used by `load_student` and the registry alike."""
-    folder = Path(folder)
-    meta = {}
-    if (folder / "dmd2.json").is_file():
-        try:
-            meta = json.loads((folder / "dmd2.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ModelLoadError(f"cannot read {folder / 'dmd2.json'}: {type(e).__name__}: {e}") from None
-    if isinstance(meta, dict) and meta.get("lora"):
-        return folder / str(meta["lora"])
-    files = sorted(folder.glob("*.safetensors"))
-    if len(files) != 1:
-        raise ModelLoadError(f"{folder} has no config.json (not a diffusers UNet folder) and {len(files)} "
-                             f".safetensors files: expected one LoRA file (or name it in dmd2.json as \"lora\")")
-    return files[0]
 
 
 # --- the family -------------------------------------------------------------------------------
@@ -458,7 +345,7 @@ class StableDiffusionFamily(Family):
         state_dict = load_state_dict_file(path)
         if any("lora" in k for k in state_dict):
             teacher = self.load_teacher()
-            fuse_lora(teacher, state_dict, scale=lora_scale, alpha=lora_alpha_in_metadata(path))
+            fuse_lora(teacher, path, scale=lora_scale, pipeline_class=self.pipeline_class)  # the file: its metadata too
             return teacher
         return self.unet_from_state_dict(state_dict, what=str(path))
 
@@ -477,18 +364,8 @@ class StableDiffusionFamily(Family):
         (path / "dmd2.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
 
     def save_lora(self, unet, path) -> Path:
-        """The UNet's one LoRA adapter as diffusers writes it (PEFT keys under `unet.`, rank and alpha
-        in the safetensors metadata), so `load_lora_weights` restores the same scaling."""
-        import diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        (name, config), = unet.peft_config.items()
-        layers = {k: v.detach().float().cpu().contiguous()
-                  for k, v in get_peft_model_state_dict(unet, adapter_name=name).items()}
-        getattr(diffusers, self.pipeline_class).save_lora_weights(
-            path, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict(), weight_name=LORA_WEIGHT_NAME,
-            safe_serialization=True)
-        return Path(path) / LORA_WEIGHT_NAME
+        """The UNet's one LoRA adapter in `path` as this family's pipeline writes it (see `save_unet_lora`)."""
+        return save_unet_lora(unet, path, self.pipeline_class)
 
     def timesteps_of(self, student) -> tuple[int, ...]:
         """The sampling timesteps of a published student name or of a student folder with dmd2.json."""

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dmd2.families.base import ModelLoadError
+from dmd2.families.sd_loading import first_line
 
 # DMD2's LoRA targets for the SD UNet (module-name suffixes, as PEFT matches them): attention
 # projections, transformer in/out and feed-forward, resnet convs and time projections, resamplers.
@@ -49,10 +50,6 @@ def student_lora_file(folder) -> Path:
     return files[0]
 
 
-def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
 def read_unet_lora(lora, pipeline_class: str = "StableDiffusionXLPipeline") -> tuple[dict, dict | None, dict | None]:
     """A UNet LoRA (file path or state dict) as diffusers loads it: (PEFT keys under `unet.`, alphas, adapter metadata)."""
     import diffusers
@@ -64,7 +61,7 @@ def read_unet_lora(lora, pipeline_class: str = "StableDiffusionXLPipeline") -> t
             source, return_lora_metadata=True)
     except Exception as e:  # kohya keys without their pair, unknown kohya keys, an unreadable file
         raise ModelLoadError(f"could not read the LoRA {lora if isinstance(lora, (str, Path)) else '(state dict)'}: "
-                             f"{_first_line(e)}") from None
+                             f"{first_line(e)}") from None
     # Ours, not diffusers': its SD loaders take only `unet.` keys (and kohya's, converted above) and
     # skip with a warning PEFT's own layouts, bare or under `base_model.model.` (PeftModel.save_pretrained).
     state_dict = {k if k.startswith(("unet.", "text_encoder")) else "unet." + k.removeprefix("base_model.model."): v
@@ -126,7 +123,7 @@ def fuse_lora(unet: nn.Module, lora, scale: float = 1.0, pipeline_class: str = "
                                                                metadata=metadata)
     except Exception as e:  # a shape mismatch, mostly; diffusers drops the adapter's weights, unload_lora its layers
         unet.unload_lora()
-        raise ModelLoadError(f"the LoRA does not fit this UNet: {_first_line(e)}") from None
+        raise ModelLoadError(f"the LoRA does not fit this UNet: {first_line(e)}") from None
     unet.fuse_lora(lora_scale=scale, adapter_names=[_ADAPTER])
     unet.unload_lora()
     return count

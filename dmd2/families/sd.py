@@ -2,7 +2,8 @@
 bottleneck, and DMD2's published student weights (full UNet state dicts, or a LoRA that
 `dmd2.families.lora` fuses into the teacher).
 
-The subclasses (`sdxl.py`, `sd15.py`) add only the text encoding and the null condition.
+The subclasses (`sdxl.py`, `sd15.py`) add only the text encoding and the null condition;
+`sd_loading.py` reads the folders' parts and weight files for all of them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from dmd2.families.base import Family, ModelLoadError
 from dmd2.families.lora import LORA_TARGET_MODULES, fuse_lora, save_unet_lora, student_lora_file
+from dmd2.families.sd_loading import load_part, load_state_dict_file, move_to, param_dtype
 from dmd2.hub import hub_file
 from dmd2.schedule import NoiseSchedule
 
@@ -64,39 +66,7 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
     return device, dtype
 
 
-def load_state_dict_file(path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file, or of a .bin/.pt file read with torch.load(weights_only=True) (no pickled code runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"weight file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelLoadError(f"could not read {path} as plain tensors: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ModelLoadError(f"{path} does not hold a flat state dict of tensors")
-    return sd
-
-
 # --- the family -------------------------------------------------------------------------------
-def _param_dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
-
-
-def _to(module: nn.Module, device, dtype: torch.dtype | None = None) -> nn.Module:
-    """Move to `device`; cast only when the dtype differs (diffusers warns on every cast)."""
-    module = module.to(device)
-    if dtype is not None and _param_dtype(module) != dtype:
-        module = module.to(dtype=dtype)
-    return module
-
-
 class StableDiffusionFamily(Family):
     """A latent text-to-image family on a diffusers UNet2DConditionModel + AutoencoderKL.
 
@@ -133,56 +103,6 @@ class StableDiffusionFamily(Family):
         self.schedule = NoiseSchedule("scaled_linear", sched["num_train_timesteps"])
         self.prediction_type = sched.get("prediction_type", "epsilon")
 
-    # --- loading helpers ------------------------------------------------------------------
-    @staticmethod
-    def _load(cls_, source, subfolder=None, **kwargs):
-        try:
-            return cls_.from_pretrained(source, subfolder=subfolder, **kwargs)
-        except Exception as e:
-            where = f"{source}" + (f"/{subfolder}" if subfolder else "")
-            raise ModelLoadError(f"could not load {cls_.__name__} from {where}: {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''}") from None
-
-    @classmethod
-    def _load_vaes(cls, source, device, dtype, vae=None, vae_subfolder=None, tiny_vae=None, **kwargs):
-        """The decoding VAE(s): the teacher's, or another AutoencoderKL (e.g. madebyollin/sdxl-vae-fp16-fix),
-        plus an optional AutoencoderTiny (madebyollin/taesdxl or taesd) for fast previews."""
-        from diffusers import AutoencoderKL, AutoencoderTiny
-
-        if isinstance(vae, nn.Module):
-            kl = vae
-        else:
-            where, sub = (vae, vae_subfolder) if vae is not None else (source, "vae")
-            try:
-                force_upcast = AutoencoderKL.load_config(where, subfolder=sub, **kwargs).get("force_upcast", True)
-            except Exception:
-                force_upcast = True  # the load below reports the problem
-            # SDXL's original VAE overflows in fp16 (its config says force_upcast): keep it in fp32 then.
-            kl_dtype = torch.float32 if (dtype == torch.float16 and force_upcast) else dtype
-            kl = cls._load(AutoencoderKL, where, subfolder=sub, dtype=kl_dtype, **kwargs)
-        kl = _to(kl.eval().requires_grad_(False), device)
-        tiny = None
-        if tiny_vae is not None:
-            tiny = tiny_vae if isinstance(tiny_vae, nn.Module) else cls._load(AutoencoderTiny, tiny_vae, dtype=dtype,
-                                                                              **kwargs)
-            tiny = _to(tiny.eval().requires_grad_(False), device, dtype)
-        return kl, tiny
-
-    @classmethod
-    def _load_configs(cls, source, **kwargs) -> tuple[dict, dict]:
-        from diffusers import SchedulerMixin, UNet2DConditionModel
-
-        try:
-            unet_config = dict(UNet2DConditionModel.load_config(source, subfolder=cls.unet_subfolder, **kwargs))
-        except Exception as e:
-            raise ModelLoadError(f"{source} has no readable unet/config.json: {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''}") from None
-        try:
-            sched = dict(SchedulerMixin.load_config(source, subfolder="scheduler", **kwargs))
-        except Exception:
-            sched = {}
-        return unet_config, sched
-
     # --- data space -----------------------------------------------------------------------
     def latent_shape(self, n: int) -> tuple[int, ...]:
         f = self.vae_scale_factor
@@ -192,7 +112,7 @@ class StableDiffusionFamily(Family):
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] -> scaled VAE latents (a sample of the posterior, as DMD2 precomputes them)."""
         vae = self.vae
-        dist = vae.encode(images.to(self.device, _param_dtype(vae))).latent_dist
+        dist = vae.encode(images.to(self.device, param_dtype(vae))).latent_dist
         z = dist.sample(generator)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((z.float() - shift) * vae.config.scaling_factor)
@@ -211,7 +131,7 @@ class StableDiffusionFamily(Family):
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         out = []
         for part in x.split(max(1, chunk)):
-            z = part.to(self.device, _param_dtype(vae)) / vae.config.scaling_factor + shift
+            z = part.to(self.device, param_dtype(vae)) / vae.config.scaling_factor + shift
             out.append(vae.decode(z).sample.float().clamp(-1, 1))
         return torch.cat(out)
 
@@ -226,7 +146,7 @@ class StableDiffusionFamily(Family):
         return None
 
     def _unet_inputs(self, unet, x_t, cond):
-        dtype = _param_dtype(unet)
+        dtype = param_dtype(unet)
         ehs = cond["prompt_embeds"].to(x_t.device, dtype)
         return x_t.to(dtype), ehs, self.added_cond_kwargs(cond, x_t.device, dtype)
 
@@ -270,7 +190,7 @@ class StableDiffusionFamily(Family):
 
     # --- weights ----------------------------------------------------------------------------
     def _ready(self, unet: nn.Module) -> nn.Module:
-        return _to(unet, self.device, self.dtype).eval().requires_grad_(False)
+        return move_to(unet, self.device, self.dtype).eval().requires_grad_(False)
 
     @classmethod
     def for_training(cls, teacher, *, device=None, frozen_dtype=torch.float32, resolution=None):
@@ -282,7 +202,7 @@ class StableDiffusionFamily(Family):
         down = 2 ** (len(family.unet_config["block_out_channels"]) - 1) * family.vae_scale_factor
         if family.height % down or family.width % down:
             raise ValueError(f"resolution {family.height}: must be a multiple of {down} for the UNet of {teacher}")
-        unet = cls._load(UNet2DConditionModel, teacher, subfolder=cls.unet_subfolder, dtype=torch.float32,
+        unet = load_part(UNet2DConditionModel, teacher, subfolder=cls.unet_subfolder, dtype=torch.float32,
                          **family.load_kwargs)
         return family, unet.to(family.device).eval().requires_grad_(False)
 
@@ -295,7 +215,7 @@ class StableDiffusionFamily(Family):
         from diffusers import UNet2DConditionModel
 
         kwargs = {**self.load_kwargs, **kwargs} if path is None else kwargs
-        unet = self._load(UNet2DConditionModel, path or self.source, subfolder=self.unet_subfolder,
+        unet = load_part(UNet2DConditionModel, path or self.source, subfolder=self.unet_subfolder,
                           dtype=self.dtype, **kwargs)
         return self._ready(unet)
 
@@ -341,7 +261,7 @@ class StableDiffusionFamily(Family):
         if path.is_dir() and not (path / "config.json").is_file():
             path = student_lora_file(path)  # a LoRA student folder (save_student)
         if path.is_dir():
-            return self._ready(self._load(UNet2DConditionModel, path, dtype=self.dtype))
+            return self._ready(load_part(UNet2DConditionModel, path, dtype=self.dtype))
         state_dict = load_state_dict_file(path)
         if any("lora" in k for k in state_dict):
             teacher = self.load_teacher()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from dmd2.families.sd import StableDiffusionFamily, TextCondition, resolve_device_dtype
+from dmd2.families.sd_loading import load_configs, load_part, load_vaes
 from dmd2.hub import hub_kwargs
 
 SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -38,11 +39,11 @@ class SD15Family(StableDiffusionFamily):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         device, dtype = resolve_device_dtype(device, dtype)
-        unet_config, sched = cls._load_configs(source, **hub_kwargs(kwargs))
-        te = cls._load(CLIPTextModel, source, subfolder="text_encoder", dtype=dtype, **kwargs)
-        tok = cls._load(CLIPTokenizer, source, subfolder="tokenizer", **hub_kwargs(kwargs))
-        kl, tiny = cls._load_vaes(source, device, dtype, vae=vae, vae_subfolder=vae_subfolder, tiny_vae=tiny_vae,
-                                  **hub_kwargs(kwargs))
+        unet_config, sched = load_configs(source, cls.unet_subfolder, **hub_kwargs(kwargs))
+        te = load_part(CLIPTextModel, source, subfolder="text_encoder", dtype=dtype, **kwargs)
+        tok = load_part(CLIPTokenizer, source, subfolder="tokenizer", **hub_kwargs(kwargs))
+        kl, tiny = load_vaes(source, device, dtype, vae=vae, vae_subfolder=vae_subfolder, tiny_vae=tiny_vae,
+                             **hub_kwargs(kwargs))
         return cls(source, text_encoder=te.to(device).eval().requires_grad_(False), tokenizer=tok, vae=kl,
                    tiny_vae=tiny, unet_config=unet_config, scheduler_config=sched, device=device, dtype=dtype,
                    height=height, width=width, load_kwargs=kwargs)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from dmd2.families.sd import PublishedStudent, StableDiffusionFamily, TextCondition, resolve_device_dtype
+from dmd2.families.sd_loading import load_configs, load_part, load_vaes
 from dmd2.hub import hub_kwargs
 from dmd2.schedule import student_timesteps
 
@@ -62,14 +63,14 @@ class SDXLFamily(StableDiffusionFamily):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         device, dtype = resolve_device_dtype(device, dtype)
-        unet_config, sched = cls._load_configs(source, **hub_kwargs(kwargs))
+        unet_config, sched = load_configs(source, cls.unet_subfolder, **hub_kwargs(kwargs))
         _check_sdxl_unet(source, unet_config)  # before loading anything big
-        te = cls._load(CLIPTextModel, source, subfolder="text_encoder", dtype=dtype, **kwargs)
-        te2 = cls._load(CLIPTextModelWithProjection, source, subfolder="text_encoder_2", dtype=dtype, **kwargs)
-        tok = cls._load(CLIPTokenizer, source, subfolder="tokenizer", **hub_kwargs(kwargs))
-        tok2 = cls._load(CLIPTokenizer, source, subfolder="tokenizer_2", **hub_kwargs(kwargs))
-        kl, tiny = cls._load_vaes(source, device, dtype, vae=vae, vae_subfolder=vae_subfolder, tiny_vae=tiny_vae,
-                                  **hub_kwargs(kwargs))
+        te = load_part(CLIPTextModel, source, subfolder="text_encoder", dtype=dtype, **kwargs)
+        te2 = load_part(CLIPTextModelWithProjection, source, subfolder="text_encoder_2", dtype=dtype, **kwargs)
+        tok = load_part(CLIPTokenizer, source, subfolder="tokenizer", **hub_kwargs(kwargs))
+        tok2 = load_part(CLIPTokenizer, source, subfolder="tokenizer_2", **hub_kwargs(kwargs))
+        kl, tiny = load_vaes(source, device, dtype, vae=vae, vae_subfolder=vae_subfolder, tiny_vae=tiny_vae,
+                             **hub_kwargs(kwargs))
         return cls(source, text_encoder=te.to(device).eval().requires_grad_(False),
                    text_encoder_2=te2.to(device).eval().requires_grad_(False), tokenizer=tok, tokenizer_2=tok2,
                    vae=kl, tiny_vae=tiny, unet_config=unet_config, scheduler_config=sched, device=device,

@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: demo test install clean-venv browser
+.PHONY: demo test install clean-venv browser rebuild-4step
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -25,3 +25,7 @@ test: browser $(STAMP)
 
 clean-venv:
 	rm -rf .venv
+
+# The embedded 4-step student from scratch (four stages, about 100 min on one thread): runs/rebuild-4step/
+rebuild-4step: $(STAMP)
+	bash scripts/rebuild_4step.sh

@@ -11,6 +11,7 @@ import numpy as np
 
 from dmd2.cli import UsageError, run_cli
 from dmd2.images import save_grid
+from dmd2.sampling import generate_many
 
 
 def _non_negative(name):
@@ -29,32 +30,6 @@ def _positive(name):
             raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
         return v
     return parse
-
-
-def cycled_labels(n: int, num_classes: int) -> np.ndarray:
-    """0, 1, ..., C-1, 0, 1, ...: labels spread evenly over the classes."""
-    return np.arange(n, dtype=np.int64) % num_classes
-
-
-def generate_many(model, n: int, seed: int, steps=None, guidance=None, batch_size: int = 250,
-                  labels: np.ndarray | None = None, autocast: bool = False, step_images: list | None = None):
-    """n samples in batches (batch b uses seed+b); returns images, labels, seconds per image.
-
-    `step_images`: a list that receives, per student step, the x0 estimates of all n samples."""
-    labels = cycled_labels(n, model.num_classes) if labels is None else labels
-    images, seconds, nfe, steps_seen = [], 0.0, None, []
-    for b, start in enumerate(range(0, n, batch_size)):
-        out = model.generate(labels[start:start + batch_size], seed=seed + b, steps=steps, guidance=guidance,
-                             autocast=autocast, step_images=step_images is not None)
-        images.append(out.images)
-        if step_images is not None:
-            steps_seen.append(out.extra["step_images"])
-        seconds += out.seconds
-        nfe = out.nfe
-    images = np.concatenate(images) if images else np.zeros((0, 32, 32, 1), np.uint8)
-    if step_images is not None and steps_seen:
-        step_images.extend(np.concatenate(per_step) for per_step in zip(*steps_seen))
-    return images, labels, seconds / max(n, 1), nfe
 
 
 def _check_writable(path: str) -> Path:

@@ -1,4 +1,4 @@
-"""Image helpers shared by the CLI and the trainer."""
+"""Image helpers shared by the registry, the CLI and the trainer."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1], N x C x H x W -> uint8 N x H x W x C."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_grid(images: np.ndarray, path, cols: int = 10) -> None:

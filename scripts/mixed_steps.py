@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from dmd2 import registry
-from dmd2.__main__ import cycled_labels
+from dmd2.images import to_uint8
 from dmd2.metrics.mnist import evaluate_images
-from dmd2.sampling import initial_noise
+from dmd2.sampling import cycled_labels, initial_noise
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def sample(model: str, first: str | None = None, timesteps: list[int] | None = N
         for t in ts:
             x = family.schedule.add_noise(x0, torch.randn(x0.shape, generator=fresh), torch.tensor([t]))
             x0 = family.denoise(later.unet, x, t, cond, 1.0).float()
-        images.append(registry.to_uint8(family.decode(x0)))
+        images.append(to_uint8(family.decode(x0)))
     return np.concatenate(images), labels
 
 

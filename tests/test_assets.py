@@ -109,7 +109,7 @@ def test_average_weights_writes_the_mean_of_students_and_checkpoints(tmp_path):
 
 
 def test_mixed_steps_reproduces_the_evaluators_samples_and_swaps_the_first_step(tmp_path):
-    from dmd2.__main__ import generate_many
+    from dmd2.sampling import generate_many
 
     mod = load_script("mixed_steps")
 

@@ -11,7 +11,7 @@ from dmd2.families.base import ModelLoadError
 from dmd2.metrics.frechet import feature_stats, frechet_distance
 from dmd2.metrics.mnist import evaluate_images, real_digits
 from dmd2.metrics.mnist_net import DEFAULT_PATH, MnistClassifier, load_classifier, save_classifier
-from dmd2.registry import to_uint8
+from dmd2.images import to_uint8
 from training.classifier import heldout_split
 from training.data import load_mnist5k
 

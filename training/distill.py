@@ -21,7 +21,7 @@ import torch
 from dmd2.cli import invocation
 from dmd2.images import save_grid
 from dmd2.families import PixelFamily, family_class
-from dmd2.registry import to_uint8
+from dmd2.images import to_uint8
 from dmd2.sampling import student_sample
 from dmd2.schedule import student_timesteps
 from training import losses

@@ -17,7 +17,8 @@ from PIL import Image
 from conftest import served, tiny_pixel_unet, write_broken_model
 from dmd2 import registry
 from dmd2.families.pixel import save_pixel_unet
-from dmd2.ui.compare import compare, make_grid
+from dmd2.ui.compare import compare
+from dmd2.ui.widgets import make_grid
 
 ROOT = Path(__file__).resolve().parent.parent
 PAD = 2  # make_grid's default padding
@@ -130,7 +131,7 @@ def pixels(path) -> np.ndarray:
 
 
 def test_app_compare_endpoint(client):
-    from dmd2.ui.compare import DISPLAY_SCALE
+    from dmd2.ui.widgets import DISPLAY_SCALE
 
     t_img, t_cap, s_img, s_cap, b_img, b_cap = call(client)
     assert pixels(t_img).shape[:2] == grid_size(4, scale=DISPLAY_SCALE)     # 2 x 2 grid, upscaled

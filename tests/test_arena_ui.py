@@ -16,7 +16,7 @@ from dmd2 import registry
 from dmd2.arena import BattleBook, VoteStore, read_csv, read_jsonl
 from dmd2.families.pixel import save_pixel_unet
 from dmd2.ui.arena import (IMAGES_PER_SIDE, Arena, VoteRejected, client_id, parse_class, parse_outcome)
-from dmd2.ui.compare import DISPLAY_SCALE, make_grid
+from dmd2.ui.widgets import DISPLAY_SCALE, make_grid
 from dmd2.ui.leaderboard import COLUMNS, export_votes, leaderboard_plot, leaderboard_table
 
 
@@ -306,7 +306,7 @@ def test_votes_path_from_env_and_a_bad_votes_flag_fails_early(tmp_path, monkeypa
     import sys
     from pathlib import Path
 
-    from dmd2.ui.app import default_votes_path
+    from dmd2.arena import default_votes_path
 
     monkeypatch.delenv("DMD2_VOTES", raising=False)
     assert default_votes_path() == Path("data") / "votes.sqlite"

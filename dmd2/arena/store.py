@@ -20,10 +20,18 @@ import time
 from pathlib import Path
 
 DEFAULT_PATH = Path("data") / "votes.sqlite"
+VOTES_ENV = "DMD2_VOTES"
 OUTCOMES = ("a", "b", "tie", "both_bad")
 COLUMNS = ("battle_id", "model_a", "model_b", "prompt", "seed", "outcome", "created_at", "client_hash")
 SALT_ENV = "DMD2_ARENA_SALT"
 BUSY_TIMEOUT_MS = 30_000
+
+
+
+def default_votes_path() -> Path:
+    """Where arena votes go: $DMD2_VOTES, else data/votes.sqlite (relative to the working directory)."""
+    return Path(os.environ.get(VOTES_ENV) or DEFAULT_PATH)
+
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS votes (

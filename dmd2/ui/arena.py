@@ -26,7 +26,7 @@ from dmd2.arena.store import OUTCOMES
 from dmd2.families.base import ModelLoadError
 from dmd2.families.pixel import PixelFamily
 from dmd2.prompts import check_prompt, example_prompts
-from dmd2.ui.compare import DISPLAY_SCALE, conditioning, display_name, make_grid, prompt_box
+from dmd2.ui.widgets import DISPLAY_SCALE, conditioning, display_name, make_grid, prompt_box
 
 IMAGES_PER_SIDE = 4          # a 2 x 2 grid per side: one digit is too little to judge a model by
 RANDOM = "random"

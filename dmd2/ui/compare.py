@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -13,39 +12,13 @@ from dmd2 import registry
 from dmd2.families.base import ModelLoadError
 from dmd2.families.pixel import PixelFamily
 from dmd2.prompts import check_prompt, example_prompts
+from dmd2.ui.widgets import DISPLAY_SCALE, conditioning, display_name, make_grid, prompt_box
 
 MAX_IMAGES = 16
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 1000        # the schedule has 1000 training timesteps
-DISPLAY_SCALE = 4       # 32 px digits shown at 128 px (nearest neighbour, no blur)
 
 Progress = Callable[[float, str], None]
-
-
-def display_name(name: str) -> str:
-    """A short panel title: the built-in name, or the folder name of a model path (for a trainer's
-    export, `RUN/student`, the run's name: every run's student folder is called `student`)."""
-    if name in registry.BUILTIN:
-        return name
-    path = Path(name)
-    if path.name == "student" and path.parent.name:
-        return path.parent.name
-    return path.name or name
-
-
-def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
-    """uint8 N x H x W x C -> one uint8 image, a near-square grid with `pad` white pixels between cells."""
-    n, h, w, c = images.shape
-    if scale > 1:
-        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-        h, w = h * scale, w * scale
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, c), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, k = divmod(i, cols)
-        grid[r * (h + pad):r * (h + pad) + h, k * (w + pad):k * (w + pad) + w] = img
-    return grid
 
 
 def _as_int(value, what: str, low: int, high: int) -> int:
@@ -61,20 +34,6 @@ def _as_int(value, what: str, low: int, high: int) -> int:
     if not low <= int(f) <= high:
         raise ValueError(f"{what} must be between {low} and {high}, got {int(f)}")
     return int(f)
-
-
-def conditioning(models) -> str:
-    """"class" or "text": what the models take (ValueError if they mix); "class" when none is known."""
-    kinds = set()
-    for name in models:
-        try:
-            kinds.add(registry.spec_for(name).conditioning)
-        except Exception:  # an unknown or broken model says so when it is loaded
-            continue
-    if len(kinds) > 1:
-        raise ValueError("class-conditional and text-to-image models cannot be compared in one app: "
-                         "serve them with separate --family values")
-    return kinds.pop() if kinds else "class"
 
 
 def random_seed() -> int:
@@ -163,15 +122,6 @@ def _defaults(models: list[str]) -> dict:
             g = m.spec.guidance if m.spec.guidance is not None else m.family.default_guidance
             return dict(num_classes=m.num_classes, steps=m.spec.steps, guidance=g)
     return d
-
-
-def prompt_box(examples: list[str]):
-    """A prompt textbox (first example in it) with the examples below it to click (inside an open gr.Blocks)."""
-    import gradio as gr
-
-    box = gr.Textbox(value=examples[0] if examples else "", label="Prompt", lines=2, max_lines=4,
-                     placeholder="Describe an image (at most 300 characters, 77 CLIP tokens)")
-    return box
 
 
 def build_compare_tab(models: list[str], wrap: Callable = lambda f: f, mode: str | None = None,

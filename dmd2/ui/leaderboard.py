@@ -10,7 +10,7 @@ from typing import Callable, Mapping, Sequence
 import pandas as pd
 
 from dmd2.arena import VoteStore, leaderboard, win_rate_matrix, win_rate_plot
-from dmd2.ui.compare import display_name
+from dmd2.ui.widgets import display_name
 
 COLUMNS = ["Rank", "Model", "Rating", "95% CI", "Battles", "Wins", "Losses", "Ties", "Both bad"]
 BOOTSTRAP_ROUNDS = 1000          # about 0.3 s for a few hundred votes between three models

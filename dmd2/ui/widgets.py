@@ -1,0 +1,61 @@
+"""What several tabs show alike: panel names, image grids, the prompt box, which conditioning the models take."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from dmd2 import registry
+
+DISPLAY_SCALE = 4       # 32 px digits shown at 128 px (nearest neighbour, no blur)
+
+
+def display_name(name: str) -> str:
+    """A short panel title: the built-in name, or the folder name of a model path (for a trainer's
+    export, `RUN/student`, the run's name: every run's student folder is called `student`)."""
+    if name in registry.BUILTIN:
+        return name
+    path = Path(name)
+    if path.name == "student" and path.parent.name:
+        return path.parent.name
+    return path.name or name
+
+
+def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
+    """uint8 N x H x W x C -> one uint8 image, a near-square grid with `pad` white pixels between cells."""
+    n, h, w, c = images.shape
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+        h, w = h * scale, w * scale
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, cols)
+        grid[r * (h + pad):r * (h + pad) + h, k * (w + pad):k * (w + pad) + w] = img
+    return grid
+
+
+def conditioning(models) -> str:
+    """"class" or "text": what the models take (ValueError if they mix); "class" when none is known."""
+    kinds = set()
+    for name in models:
+        try:
+            kinds.add(registry.spec_for(name).conditioning)
+        except Exception:  # an unknown or broken model says so when it is loaded
+            continue
+    if len(kinds) > 1:
+        raise ValueError("class-conditional and text-to-image models cannot be compared in one app: "
+                         "serve them with separate --family values")
+    return kinds.pop() if kinds else "class"
+
+
+def prompt_box(examples: list[str]):
+    """A prompt textbox (first example in it) with the examples below it to click (inside an open gr.Blocks)."""
+    import gradio as gr
+
+    box = gr.Textbox(value=examples[0] if examples else "", label="Prompt", lines=2, max_lines=4,
+                     placeholder="Describe an image (at most 300 characters, 77 CLIP tokens)")
+    return box

@@ -26,10 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from dmd2 import registry
-    from dmd2.arena import VoteStore
+    from dmd2.arena import VoteStore, default_votes_path
     from dmd2.families.base import ModelLoadError
-    from dmd2.ui.app import build_app, default_votes_path  # imported late: gradio is slow to import
-    from dmd2.ui.train import is_public
+    from dmd2.ui.app import build_app  # imported late: gradio is slow to import
+    from dmd2.ui.auth import is_public
 
     votes = args.votes or default_votes_path()
     try:

@@ -1,17 +1,17 @@
 """`python -m dmd2 push`: a finished run's exported student to a Hugging Face Hub model repo, in one commit.
 
-The run folder layout is training.runs's (status.json, student/ with the weights, dmd2.json and
-MODEL_CARD.md); it is read as files here, since `dmd2` never imports `training`.
+It reads the run folder through `training.runs` (its one owner), the one module of `training` that
+`dmd2` may use besides the app's `training.jobs`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 from dmd2.cli import UsageError
 from dmd2.hub import endpoint, is_repo_id
+from training.runs import Run
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -31,20 +31,18 @@ def push_run(run, repo: str, private: bool = False) -> str:
     """Upload `run`/student (and its MODEL_CARD.md as the repo's README.md) to `repo`; returns the repo URL."""
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
-    run = Path(run)
-    if not run.is_dir():
-        raise UsageError(f"run folder not found: {run}")
-    try:
-        state = json.loads((run / "status.json").read_text()).get("state")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        state = None
-    student = run / "student"
+    run = Run(run)
+    if not run.path.is_dir():
+        raise UsageError(f"run folder not found: {run.path}")
+    state, student = run.state(), run.student
     if state != "finished":
-        raise UsageError(f"{run} is not a finished run (state: {state or 'unknown'}): only a finished run has an "
-                         f"exported student; finish it first (python -m training distill --resume --out {run})")
-    for needed in ("dmd2.json", "MODEL_CARD.md"):
-        if not (student / needed).is_file():
-            raise UsageError(f"{student / needed} is missing: the run's export is incomplete")
+        raise UsageError(f"{run.path} is not a finished run (state: {state or 'unknown'}): only a finished run has "
+                         f"an exported student; finish it first (python -m training distill --resume --out {run.path})")
+    if not run.has_student():
+        raise UsageError(f"{student} has no complete student (dmd2.json and its weights): the run's export is "
+                         f"incomplete")
+    if not (student / "MODEL_CARD.md").is_file():
+        raise UsageError(f"{student / 'MODEL_CARD.md'} is missing: the run's export is incomplete")
     if not REPO_ID.match(repo or ""):
         raise UsageError(f"--repo must look like owner/name, got {repo!r}")
     token = get_token()

@@ -25,6 +25,7 @@ from dmd2.families.pixel import PixelFamily, load_pixel_unet
 from dmd2.families.sdxl import PUBLISHED as SDXL_PUBLISHED
 from dmd2.families.sdxl import SDXL_BASE
 from dmd2.hub import cached_file, hub_reachable, is_repo_id
+from dmd2.images import to_uint8
 from dmd2.prompts import check_prompt
 from dmd2.sampling import ddim_sample, initial_noise, student_sample
 
@@ -88,11 +89,6 @@ class Generated:
     seconds: float              # wall time of the whole batch
     extra: dict = field(default_factory=dict)
     prompts: list[str] | None = None   # text models: the prompt of each image
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Images in [-1, 1], N x C x H x W -> uint8 N x H x W x C."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class LoadedModel:
@@ -317,27 +313,6 @@ def load(name: str) -> LoadedModel:
         if name not in _cache:
             _cache[name] = LoadedModel(spec_for(name))
         return _cache[name]
-
-
-def run_students(runs_root: str | Path) -> list[str]:
-    """Student folders of the finished runs under `runs_root` (runs/<name>/student), sorted by run name.
-
-    A run counts as finished when its status.json says so and its student has weights; read per
-    call, so a run that finishes while the app is up shows up on the next request.
-    """
-    root = Path(runs_root)
-    if not root.is_dir():
-        return []
-    found = []
-    for run in sorted(p for p in root.iterdir() if p.is_dir()):
-        try:
-            state = json.loads((run / "status.json").read_text()).get("state")
-        except (OSError, ValueError, AttributeError):
-            continue
-        student = run / "student"
-        if state == "finished" and (student / "config.json").is_file() and (student / "dmd2.json").is_file():
-            found.append(str(student))
-    return found
 
 
 def forget(name: str) -> None:

@@ -108,6 +108,18 @@ def tiny_pixel_unet(seed: int = 0):
                                   attention_head_dim=8)
 
 
+def write_run(root, name, state, student=True):
+    """A run folder as the trainer leaves it: status.json with `state`, and (if `student`) a tiny pixel student."""
+    from dmd2.families.pixel import save_pixel_unet
+
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": state}))
+    if student:
+        save_pixel_unet(tiny_pixel_unet(), run / "student", timesteps=[999])
+    return run
+
+
 def write_broken_model(folder, like):
     """A model folder with `like`'s config (and dmd2.json, if any) but weights that fail to load."""
     folder.mkdir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import yaml
 
 from dmd2.families import FAMILIES
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"   # the presets
 
 
 class ConfigError(ValueError):
@@ -243,3 +246,55 @@ def config_text(cfg: DistillConfig) -> str:
 
 def save_config(cfg: DistillConfig, path: str | Path) -> None:
     Path(path).write_text(config_text(cfg))
+
+
+# --- presets and `--set` values, as the app offers and writes them -----------------------------
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def list_presets(configs: Path = CONFIGS, cuda: bool | None = None) -> list[str]:
+    """Preset names (configs/<name>.yaml); presets of GPU families (SDXL, SD1.5) only when CUDA is available."""
+    cuda = cuda_available() if cuda is None else cuda
+    names = []
+    for path in sorted(Path(configs).glob("*.yaml")):
+        try:
+            family = (yaml.safe_load(path.read_text()) or {}).get("family", "pixel")
+        except (yaml.YAMLError, AttributeError):
+            continue                      # not a distillation preset (e.g. an accelerate config)
+        if (family == "pixel" and "sdxl" not in path.stem) or cuda:
+            names.append(path.stem)
+    return names
+
+
+def overrides_from(settings: dict | None = None, extra: str = "") -> list[str]:
+    """`--set` values: `key=value` for each setting (None skipped), then the `extra` lines as typed.
+
+    Values are written so the trainer's YAML parsing reads them back as given: booleans as
+    true/false, strings quoted, whole floats for integer config keys as integers (a browser number
+    box sends 4.0 for 4). Blank lines and lines starting with # in `extra` are ignored.
+    """
+    out = []
+    for key, value in (settings or {}).items():
+        if value is None:
+            continue
+        is_int_key = key in FIELDS and type(FIELDS[key].default) is int
+        if is_int_key and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            text = json.dumps(value)
+        out.append(f"{key}={text}")
+    for line in (extra or "").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            if "=" not in line:
+                raise ConfigError(f"other config values: {line!r} must look like key=value")
+            out.append(line)
+    return out

@@ -1,7 +1,16 @@
-"""Run folders: config.yaml, metrics.jsonl, status.json, checkpoints/, samples/, student/.
+"""Run folders: the only code that knows their layout and states.
 
-The app's Train tab reads runs only through this module (and starts them as a subprocess); it checks
-a launch's settings with `load_config`, re-exported here, so it validates exactly as the trainer does.
+    runs/NAME/config.yaml       the config in force (config.before-step-N.yaml: one a resume replaced)
+             metrics.jsonl      one JSON object per logged step or quick evaluation
+             status.json        {"state": running | finished | stopped | failed, "step", "total_steps", "error", "pid", ...}
+             train.log          the trainer's stdout and stderr when the app started it
+             checkpoints/step-N/state.pt
+             samples/latest.png (and samples/step-N.png)
+             student/           a finished run's student: dmd2.json + a diffusers UNet (config.json) or a LoRA file
+
+The trainer writes runs through `Run`; the registry, `dmd2 push`, export, the job supervisor
+(`training.jobs`) and the app read them through it. `load_config` is re-exported so the app checks a
+launch's settings exactly as the trainer does.
 """
 
 from __future__ import annotations
@@ -14,10 +23,11 @@ import time
 from pathlib import Path
 
 import torch
-
-from training.config import ConfigError, load_config  # noqa: F401 (re-exported for the app)
+import yaml
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+STATES = ("running", "finished", "stopped", "failed")   # what status.json may say; no file: not started yet
+FINAL_STATES = ("finished", "stopped", "failed")
 
 
 class RunError(RuntimeError):
@@ -69,8 +79,64 @@ class Run:
         return self.path / "samples"
 
     @property
+    def log_path(self) -> Path:
+        return self.path / "train.log"
+
+    @property
+    def latest_sample(self) -> Path:
+        return self.samples / "latest.png"
+
+    @property
     def student(self) -> Path:
         return self.path / "student"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def exists(self) -> bool:
+        """Whether this folder holds a run (a config, a status or a log: a run the app started may have only its log)."""
+        return any(p.is_file() for p in (self.config_path, self.status_path, self.log_path))
+
+    def changed(self) -> float:
+        """When the run's config, status or log last changed (0 if none exists)."""
+        return max((p.stat().st_mtime for p in (self.config_path, self.status_path, self.log_path) if p.is_file()),
+                   default=0.0)
+
+    def iterations(self) -> int:
+        """The run's total iterations from its config.yaml (0 if unreadable; `steps` in configs from before the rename)."""
+        try:
+            cfg = yaml.safe_load(self.config_path.read_text()) or {}
+            return int(cfg.get("iterations") or cfg.get("steps") or 0)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, TypeError, ValueError):
+            return 0
+
+    def has_student(self) -> bool:
+        """Whether student/ holds a complete student: dmd2.json and its weights (a diffusers UNet's config.json
+        and weights, or the LoRA file dmd2.json names)."""
+        try:
+            meta = json.loads((self.student / "dmd2.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return False
+        if not isinstance(meta, dict):
+            return False
+        if meta.get("lora"):
+            return (self.student / str(meta["lora"])).is_file()
+        return (self.student / "config.json").is_file() and any(self.student.glob("diffusion_pytorch_model.*"))
+
+    def is_finished(self) -> bool:
+        """Finished, with its student exported: what Compare, the Arena and `dmd2 push` take."""
+        return self.state() == "finished" and self.has_student()
+
+    def log_tail(self, lines: int = 6, chars: int = 1500) -> str:
+        """The end of train.log: its last 'error: ...' line if any, else its last lines ('' if none)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        kept = [line for line in text.splitlines() if line.strip()]
+        errors = [line for line in kept if line.startswith("error: ")]
+        return (errors[-1] if errors else "\n".join(kept[-lines:]))[-chars:]
 
     def create(self) -> "Run":
         for d in (self.path, self.checkpoints, self.samples):
@@ -79,16 +145,25 @@ class Run:
 
     # status and metrics
     def set_status(self, state: str, **fields) -> None:
-        """state: running / finished / failed / stopped; extra fields (step, error, pid...) are merged."""
+        """Write status.json (atomically): `state` is one of STATES; extra fields (step, error, pid...) are merged."""
+        if state not in STATES:
+            raise ValueError(f"run state {state!r} is not one of {', '.join(STATES)}")
         status = self.status()
         status.update(fields, state=state, updated=time.time())
         _atomic_write(self.status_path, json.dumps(status, indent=2) + "\n")
 
     def status(self) -> dict:
+        """status.json as a dict; {} when it is missing or unreadable (not JSON, not an object, not a file)."""
         try:
-            return json.loads(self.status_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            status = json.loads(self.status_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return {}
+        return status if isinstance(status, dict) else {}
+
+    def state(self) -> str | None:
+        """The state status.json records, or None (no status yet, or unreadable)."""
+        state = self.status().get("state")
+        return state if state in STATES else None
 
     def log_metrics(self, record: dict) -> None:
         with open(self.metrics_path, "a") as f:
@@ -146,9 +221,16 @@ class Run:
 
 
 def list_runs(runs_root: str | Path) -> list[Run]:
-    """Run folders under runs_root (those with a config.yaml), newest first."""
+    """The runs under runs_root (folders holding a config, a status or a log), most recently changed first."""
     root = Path(runs_root)
     if not root.is_dir():
         return []
-    runs = [Run(p) for p in root.iterdir() if (p / "config.yaml").is_file()]
-    return sorted(runs, key=lambda r: r.config_path.stat().st_mtime, reverse=True)
+    runs = [Run(p) for p in root.iterdir() if p.is_dir() and Run(p).exists()]
+    return sorted(runs, key=lambda r: (r.changed(), r.name), reverse=True)
+
+
+def finished_students(runs_root: str | Path) -> list[str]:
+    """Student folders of the finished runs under runs_root (full UNet or LoRA), sorted by run name.
+
+    Read per call, so a run that finishes while the app is up shows up on the next request."""
+    return sorted(str(r.student) for r in list_runs(runs_root) if r.is_finished())

@@ -4,27 +4,22 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 from typing import Callable
 
 import gradio as gr
 
 from dmd2 import registry
-from dmd2.arena import VoteStore
+from dmd2.arena import VoteStore, default_votes_path
 from dmd2.ui.arena import Arena, build_arena_tab
+from dmd2.ui.auth import TOKEN_ENV, is_public
 from dmd2.ui.compare import build_compare_tab
 from dmd2.ui.gpu import gpu
 from dmd2.ui.leaderboard import build_leaderboard_tab
-from dmd2.ui.train import TOKEN_ENV, TrainManager, build_train_tab, default_runs_root, is_public
+from dmd2.ui.train import TrainManager, build_train_tab
+from training.jobs import default_runs_root
+from training.runs import finished_students
 
 TITLE = "DMD2 studio"
-VOTES_ENV = "DMD2_VOTES"
-DEFAULT_VOTES = Path("data") / "votes.sqlite"
-
-
-def default_votes_path() -> Path:
-    """Where arena votes go: $DMD2_VOTES, else data/votes.sqlite (relative to the working directory)."""
-    return Path(os.environ.get(VOTES_ENV) or DEFAULT_VOTES)
 
 
 def lazy_store(path: str | os.PathLike) -> Callable[[], VoteStore]:
@@ -74,7 +69,7 @@ def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | N
 
     def current_models() -> list[str]:
         """The fixed models, then the students of finished runs of the same conditioning (read per request)."""
-        runs = [r for r in registry.run_students(trainer.runs_root) if _same_family(r, models, family)]
+        runs = [r for r in finished_students(trainer.runs_root) if _same_family(r, models, family)]
         return list(dict.fromkeys(models + runs))
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nFew-step DMD2 students (Yin et al., 2024) beside their many-step teacher.")

@@ -1,0 +1,82 @@
+"""Run folders (training.runs): states, students, listing; what the registry, push and the app read."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import write_run
+from training.runs import Run, finished_students, list_runs
+
+
+def test_finished_students_lists_finished_runs_only(tmp_path):
+    assert finished_students(tmp_path / "missing") == []
+    write_run(tmp_path, "b-done", "finished")
+    write_run(tmp_path, "a-done", "finished")
+    write_run(tmp_path, "running", "running")
+    write_run(tmp_path, "no-student", "finished", student=False)
+    (tmp_path / "not-a-run").mkdir()
+    assert finished_students(tmp_path) == [str(tmp_path / n / "student") for n in ("a-done", "b-done")]
+
+
+def test_a_lora_student_counts_as_a_student(tmp_path):
+    """A LoRA student folder has dmd2.json and the LoRA file it names, no config.json."""
+    run = Run(write_run(tmp_path, "lora", "finished", student=False))
+    run.student.mkdir()
+    (run.student / "dmd2.json").write_text(json.dumps({"family": "sdxl", "lora": "pytorch_lora_weights.safetensors",
+                                                       "timesteps": [999]}))
+    assert not run.has_student()                                   # the named file is not there yet
+    (run.student / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
+    assert run.has_student() and run.is_finished()
+    assert finished_students(tmp_path) == [str(run.student)]
+
+
+@pytest.mark.parametrize("damage", ["[1, 2]", '"finished"', "{not json", b"\xff\xfe", "dir"])
+def test_a_damaged_status_reads_as_no_status(tmp_path, damage):
+    run = Run(write_run(tmp_path, "r", "finished"))
+    run.status_path.unlink()
+    if damage == "dir":
+        run.status_path.mkdir()
+    elif isinstance(damage, bytes):
+        run.status_path.write_bytes(damage)
+    else:
+        run.status_path.write_text(damage)
+    assert run.status() == {} and run.state() is None and not run.is_finished()
+    assert finished_students(tmp_path) == []
+
+
+def test_status_states_are_checked_and_fields_merge(tmp_path):
+    run = Run(tmp_path / "r").create()
+    run.set_status("running", step=3, pid=42)
+    run.set_status("finished", step=5)
+    status = run.status()
+    assert (status["state"], status["step"], status["pid"]) == ("finished", 5, 42) and status["updated"] > 0
+    with pytest.raises(ValueError, match="'done' is not one of running, finished, stopped, failed"):
+        run.set_status("done")
+
+
+def test_list_runs_is_every_folder_with_a_config_a_status_or_a_log_newest_first(tmp_path):
+    for i, name in enumerate(("with-config", "with-status", "with-log")):
+        (tmp_path / name).mkdir()
+        marker = {"with-config": "config.yaml", "with-status": "status.json", "with-log": "train.log"}[name]
+        (tmp_path / name / marker).write_text("{}")
+        os.utime(tmp_path / name / marker, (1000 + i, 1000 + i))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("")
+    assert [r.name for r in list_runs(tmp_path)] == ["with-log", "with-status", "with-config"]
+    assert list_runs(tmp_path / "missing") == []
+
+
+def test_iterations_and_log_tail_tolerate_old_and_broken_files(tmp_path):
+    run = Run(tmp_path / "r").create()
+    assert run.iterations() == 0 and run.log_tail() == ""
+    run.config_path.write_text("steps: 40\n")                     # a config from before the rename
+    assert run.iterations() == 40
+    run.config_path.write_text("iterations: 50\n")
+    assert run.iterations() == 50
+    run.config_path.write_bytes(b"\xff: [")
+    assert run.iterations() == 0
+    run.log_path.write_text("loading\nerror: teacher folder not found\nTraceback\n")
+    assert run.log_tail() == "error: teacher folder not found"

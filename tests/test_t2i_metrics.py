@@ -1,4 +1,5 @@
-"""Text-to-image metrics: the FID Inception (TF pooling, weight loading, clear errors), centre patches,
+"""Text-to-image metrics: the FID Inception (pytorch-fid's network: TF pooling, same features as its
+InceptionV3, weight loading, clear errors), centre patches,
 FID / patch FID with a small injected feature network, and CLIP score with a random open_clip model
 and a hand-built one (no pretrained weights exist offline)."""
 
@@ -9,20 +10,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pytorch_fid.inception import FIDInceptionA, FIDInceptionE_1, FIDInceptionE_2, InceptionV3
 
 from dmd2.families.base import ModelLoadError
 from dmd2.metrics import inception
 from dmd2.metrics.clip_score import ClipScorer, load_clip_scorer
-from dmd2.metrics.inception import FIDInception, TFInceptionA, TFInceptionE, load_fid_inception
+from dmd2.metrics.frechet import feature_stats, frechet_distance
+from dmd2.metrics.inception import FIDInception, load_fid_inception
 from dmd2.metrics.text_to_image import (TextToImageMetrics, center_crop, image_features, iter_image_batches,
                                         image_files, reference_stats)
 
 
-# --- the FID Inception ---------------------------------------------------------------------------------
+# --- the FID Inception (pytorch-fid's blocks, our loading and resize) -------------------------------------
 def test_tf_average_pool_excludes_the_padding():
     """On a constant input, TF's pool branch is constant up to the border; torch's default pool is not."""
     torch.manual_seed(0)
-    block = TFInceptionA(4, pool_features=3).eval()
+    block = FIDInceptionA(4, pool_features=3).eval()
     x = torch.full((1, 4, 6, 6), 0.7)
     with torch.no_grad():
         pool_branch = block(x)[:, -3:]                    # the last pool_features channels
@@ -35,7 +38,7 @@ def test_tf_average_pool_excludes_the_padding():
 
 def test_last_block_max_pools_its_pool_branch():
     torch.manual_seed(0)
-    last, before = TFInceptionE(8, pool="max").eval(), TFInceptionE(8, pool="avg").eval()
+    last, before = FIDInceptionE_2(8).eval(), FIDInceptionE_1(8).eval()
     before.load_state_dict(last.state_dict())
     x = torch.randn(1, 8, 5, 5)
     with torch.no_grad():
@@ -43,15 +46,22 @@ def test_last_block_max_pools_its_pool_branch():
         torch.testing.assert_close(before(x)[:, -192:],
                                    before.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
         torch.testing.assert_close(last(x)[:, :-192], before(x)[:, :-192])   # the other branches agree
-    with pytest.raises(ValueError, match="pool must be"):
-        TFInceptionE(8, pool="min")
 
 
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory):
-    """A randomly initialised FID Inception saved like pytorch-fid's file (a plain state dict)."""
+    """A randomly initialised FID Inception saved like pytorch-fid's file (a plain state dict). Variance-keeping
+    conv weights and non-trivial batch-norm statistics, so that its features depend on the input (with
+    torch's default init they shrink to constants by the last block)."""
     torch.manual_seed(0)
     net = FIDInception()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.8, 1.2), m.bias.normal_(0, 0.1)
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
     torch.save(net.net.state_dict(), path)
     return path, net
@@ -70,6 +80,33 @@ def test_inception_loads_a_state_dict_and_gives_pool3_features(inception_file):
         big = F.interpolate(images, size=(299, 299), mode="bicubic", align_corners=False, antialias=True)
         torch.testing.assert_close(loaded(big), feats)
     assert feats.shape == (2, 2048) and (feats >= 0).all()       # pool3: average of ReLU outputs
+
+
+def test_inception_gives_pytorch_fid_features_and_fid(inception_file, tmp_path, monkeypatch):
+    """Our network from a weights path == pytorch-fid's own InceptionV3 (which loads the same file from the
+    torch.hub cache, the only place it looks), fed our antialiased resize: same features, so the same FID."""
+    path, _ = inception_file
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    inception.default_weights_path().parent.mkdir(parents=True)
+    inception.default_weights_path().write_bytes(path.read_bytes())
+    library = InceptionV3([3], resize_input=False, normalize_input=True).eval()      # no network: file is cached
+    ours = load_fid_inception(path)
+    rng = np.random.default_rng(0)
+    sets = [np.clip(rng.integers(40, 200, (3, 1, 1, 3)) + shift + rng.normal(0, 40, (3, 64, 48, 3)), 0, 255)
+            .astype(np.uint8) for shift in (0, 30)]
+
+    def library_net(x):
+        x = F.interpolate(x, size=(299, 299), mode="bicubic", align_corners=False, antialias=True)
+        return library(x)[0].flatten(1)
+
+    with torch.no_grad():
+        mine = [image_features(a, ours) for a in sets]
+        theirs = [image_features(a, library_net) for a in sets]
+    for m, t in zip(mine, theirs):
+        np.testing.assert_allclose(m, t, rtol=0, atol=1e-6)
+    assert np.abs(mine[0] - mine[1]).mean() > 1e-3                 # the features do depend on the images
+    fid = [frechet_distance(*feature_stats(f[0][:, :64]), *feature_stats(f[1][:, :64])) for f in (mine, theirs)]
+    assert fid[0] > 1e-3 and fid[0] == pytest.approx(fid[1], rel=1e-9, abs=1e-12)   # 64 dims: 2048 take a minute
 
 
 def test_inception_weight_errors_say_what_to_download(inception_file, tmp_path, monkeypatch):

@@ -3,14 +3,20 @@
 FID numbers are comparable across papers only with this exact network: its weights are the
 TF graph of Heusel et al.'s FID code, ported to torch by pytorch-fid
 (`pt_inception-2015-12-05-6726825d.pth`, the same file clean-fid's legacy mode uses).
-torchvision's `Inception3` has the same layers and parameter names, but TF's graph differs
-in three places, rebuilt here:
-- every 3x3 average pool in a branch excludes the zero padding from its average
-  (TF's `avg_pool` with SAME padding; torch's default counts the padding);
-- the last block (Mixed_7c) pools its pool branch with a 3x3 max pool, not an average;
-- the classifier has 1008 outputs (unused here: features are taken before it).
-Input: images in [0, 1]; they are resized to 299 x 299 (antialiased bicubic, the filter
-clean-fid's "clean" mode uses, so large SDXL images are not aliased) and scaled to [-1, 1].
+The network is pytorch-fid's: torchvision's `Inception3` with `pytorch_fid.inception`'s FID
+blocks, which rebuild the three places where TF's graph differs (3x3 average pools exclude the
+zero padding; Mixed_7c max-pools its pool branch; 1008 classes, unused here).
+What stays ours, and why:
+- the assembly in `FIDInception` is `pytorch_fid.inception.fid_inception_v3()` without its
+  download: that function, and `InceptionV3()` which calls it, always load `FID_WEIGHTS_URL`
+  through torch.hub (its cache or the network) and take no file path, while `--inception-weights`
+  names any file. tests/test_t2i_metrics.py checks that we give `InceptionV3`'s features exactly;
+- the resize: images in [0, 1] go to 299 x 299 with an antialiased bicubic filter (the filter of
+  clean-fid's "clean" mode, so large SDXL images are not aliased), then to [-1, 1]. pytorch-fid
+  resizes bilinearly without antialiasing; torch-fidelity and torchmetrics (which do take a
+  weights path) accept only uint8, resize with TF1's bilinear and scale by (x - 128) / 128, so
+  their features differ from these; clean-fid's "clean" network is another file (NVIDIA's
+  TorchScript `inception-2015-12-05.pt`) and its legacy one is pytorch-fid's, downloaded likewise.
 """
 
 from __future__ import annotations
@@ -21,62 +27,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pytorch_fid.inception import FID_WEIGHTS_URL, FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
 from torch import nn
-from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
+from torchvision.models.inception import Inception3
 
 from dmd2.families.base import ModelLoadError
 
-WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
-WEIGHTS_SHA256_PREFIX = "6726825d"     # torch.hub's convention: the file name carries its hash prefix
+WEIGHTS_URL = FID_WEIGHTS_URL                   # pytorch-fid's release of the file
+WEIGHTS_FILE = WEIGHTS_URL.rsplit("/", 1)[-1]   # pt_inception-2015-12-05-6726825d.pth
+WEIGHTS_SHA256_PREFIX = "6726825d"              # torch.hub's convention: the file name carries its hash prefix
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
-
-
-def _avg_pool_no_pad(x: torch.Tensor) -> torch.Tensor:
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-def _max_pool(x: torch.Tensor) -> torch.Tensor:
-    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-
-
-class TFInceptionA(InceptionA):
-    """Mixed_5b..5d with TF's average pool (padding excluded)."""
-
-    def _forward(self, x):
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return [self.branch1x1(x), b5, b3, self.branch_pool(_avg_pool_no_pad(x))]
-
-
-class TFInceptionC(InceptionC):
-    """Mixed_6b..6e with TF's average pool (padding excluded)."""
-
-    def _forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        d = self.branch7x7dbl_1(x)
-        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            d = layer(d)
-        return [self.branch1x1(x), b7, d, self.branch_pool(_avg_pool_no_pad(x))]
-
-
-class TFInceptionE(InceptionE):
-    """Mixed_7b (average pool, padding excluded) and Mixed_7c (max pool) as in TF's graph."""
-
-    def __init__(self, in_channels: int, pool: str):
-        super().__init__(in_channels)
-        if pool not in ("avg", "max"):
-            raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
-        self.pool = pool
-
-    def _forward(self, x):
-        b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        d = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
-        pooled = _avg_pool_no_pad(x) if self.pool == "avg" else _max_pool(x)
-        return [self.branch1x1(x), b3, d, self.branch_pool(pooled)]
 
 
 class FIDInception(nn.Module):
@@ -85,10 +46,10 @@ class FIDInception(nn.Module):
     def __init__(self):
         super().__init__()
         net = Inception3(num_classes=1008, aux_logits=False, transform_input=False, init_weights=False)
-        net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = TFInceptionA(192, 32), TFInceptionA(256, 64), TFInceptionA(288, 64)
-        net.Mixed_6b, net.Mixed_6c = TFInceptionC(768, 128), TFInceptionC(768, 160)
-        net.Mixed_6d, net.Mixed_6e = TFInceptionC(768, 160), TFInceptionC(768, 192)
-        net.Mixed_7b, net.Mixed_7c = TFInceptionE(1280, pool="avg"), TFInceptionE(2048, pool="max")
+        net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = FIDInceptionA(192, 32), FIDInceptionA(256, 64), FIDInceptionA(288, 64)
+        net.Mixed_6b, net.Mixed_6c = FIDInceptionC(768, 128), FIDInceptionC(768, 160)
+        net.Mixed_6d, net.Mixed_6e = FIDInceptionC(768, 160), FIDInceptionC(768, 192)
+        net.Mixed_7b, net.Mixed_7c = FIDInceptionE_1(1280), FIDInceptionE_2(2048)
         self.net = net.eval().requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

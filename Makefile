@@ -28,4 +28,4 @@ clean-venv:
 
 # The embedded 4-step student from scratch (four stages, about 100 min on one thread): runs/rebuild-4step/
 rebuild-4step: $(STAMP)
-	bash scripts/rebuild_4step.sh
+	$(PY) scripts/rebuild_4step.py

@@ -1,5 +1,5 @@
 """The embedded 4-step student's recipe: stage presets that match the recorded runs, and
-scripts/rebuild_4step.sh, which chains them by generator_init and exports each stage like the card says."""
+scripts/rebuild_4step.py, which chains them by generator_init and exports each stage like the card says."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ CARD_CHANGES = [
     {"generator_init", "checkpoint_every", "keep_checkpoints"},
     {"generator_init", "step_weights"},
 ]
-# Where each preset starts: the previous stage's output as scripts/rebuild_4step.sh lays it out.
+# Where each preset starts: the previous stage's output as scripts/rebuild_4step.py lays it out.
 STARTS = ["assets/mnist/dmd2-1step", "runs/rebuild-4step/stage1/student", "runs/rebuild-4step/stage2-export",
           "runs/rebuild-4step/stage3-export"]
 
@@ -56,8 +56,9 @@ STOP = 2  # stages 3 and 4 stop here, as the real ones stop at 500 of 1,500
 
 
 def _rebuild(out: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHON=sys.executable, REBUILD_SET=TINY, REBUILD_STOP_AFTER=str(STOP), OMP_NUM_THREADS="1")
-    proc = subprocess.run(["bash", str(ROOT / "scripts/rebuild_4step.sh"), str(out)], cwd=ROOT, env=env,
+    sets = [a for kv in TINY.split() for a in ("--set", kv)]
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/rebuild_4step.py"), "--out", str(out), *sets,
+                           "--stop-after", str(STOP)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc

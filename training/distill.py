@@ -412,7 +412,8 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
             stop_after: int | None = None, command: str | None = None, teacher=None) -> Run:
     """Run (or resume) a distillation into the run folder `out`; returns the Run.
 
-    stop_after: leave the loop after this step (tests use it to simulate an interruption).
+    stop_after: leave the loop after this step, keeping the schedule of all `cfg.iterations` (`--stop-after`;
+    tests use it to simulate an interruption).
     """
     run = Run(out)
     if run.config_path.is_file() and not resume:
@@ -500,7 +501,11 @@ def main(argv=None) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set iterations=500")
+    p.add_argument("--stop-after", type=int, metavar="N", help="leave the run after iteration N (status 'stopped'; "
+                   "saved when N is a multiple of checkpoint_every), keeping the LR schedule of all `iterations`")
     a = p.parse_args(argv)
+    if a.stop_after is not None and a.stop_after < 1:
+        raise RunError(f"--stop-after must be at least 1, got {a.stop_after}")
     run = Run(a.out)
     config = a.config
     if a.resume and config is None:
@@ -514,7 +519,7 @@ def main(argv=None) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        distill(cfg, a.out, resume=a.resume)
+        distill(cfg, a.out, resume=a.resume, stop_after=a.stop_after)
     except KeyboardInterrupt:
         if run.status_path.is_file():
             run.set_status("stopped", error="stopped by signal")

@@ -22,7 +22,7 @@ import time
 import torch
 
 from training.config import load_config
-from training.distill import DMD2Trainer
+from training.trainer import DMD2Trainer
 from training.simulate import randn
 
 

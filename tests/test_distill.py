@@ -18,7 +18,8 @@ import torch
 from conftest import TINY_UNET, make_two_class_folder
 from dmd2.families.pixel import load_pixel_unet
 from training.config import ConfigError, DistillConfig, load_config
-from training.distill import DMD2Trainer, NonFiniteLoss, distill
+from training.distill import distill
+from training.trainer import DMD2Trainer, NonFiniteLoss
 from training.runs import Run, RunError, safe_run_dir
 from training.simulate import backward_simulate, generator_input
 
@@ -444,7 +445,7 @@ def test_old_key_steps_is_read_as_iterations_with_a_deprecation_message(tmp_path
 
 
 def test_lr_schedule_warms_up_then_follows_cosine_to_the_floor():
-    from training.distill import lr_factor
+    from training.trainer import lr_factor
 
     f = lr_factor("cosine", warmup_steps=10, horizon=110, min_ratio=0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)

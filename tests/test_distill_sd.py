@@ -12,7 +12,8 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
 from dmd2.sampling import initial_noise
 from training.config import DistillConfig, load_config
-from training.distill import DMD2Trainer, distill
+from training.distill import distill
+from training.trainer import DMD2Trainer
 from training.export import export_checkpoint
 from training.runs import RunError
 from training.simulate import backward_simulate

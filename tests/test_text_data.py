@@ -94,7 +94,7 @@ def _base(tmp_path, **kw) -> dict:
 
 
 def test_bad_inputs_name_the_problem(tmp_path, monkeypatch):
-    from training.distill import DMD2Trainer
+    from training.trainer import DMD2Trainer
 
     with pytest.raises(ConfigError, match="family.*pixel, sdxl, sd15"):
         load_config(None, ["family=flux"])

@@ -19,7 +19,8 @@ import torch
 
 from dmd2.cli import invocation
 from training.config import load_config
-from training.distill import DMD2Trainer, load_checkpoint_into, write_student_card
+from training.distill import load_checkpoint_into, write_student_card
+from training.trainer import DMD2Trainer
 from training.runs import Run, RunError
 
 

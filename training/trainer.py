@@ -1,0 +1,350 @@
+"""The DMD2 trainer: generator, real score and fake score (+ GAN head), their optimisers, and the two
+per-step updates (`critic_step` every iteration, `generator_step` every `ttur`-th), with state for exact resume.
+
+The loop around it (logging, samples, checkpoints, the run folder) is `training/distill.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmd2.families import PixelFamily, family_class
+from dmd2.sampling import student_sample
+from dmd2.schedule import student_timesteps
+from training import losses
+from training.config import ConfigError, DistillConfig
+from training.critic import Critic
+from training.lora import add_lora
+from training.data import InfiniteSampler, load_dataset
+from training.text_data import captioned_images, cached_latents, read_prompts
+from training.runs import RunError
+from training import sharding
+from training.simulate import generator_input, randn
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A loss became NaN or inf; the message names the step and the loss."""
+
+
+def lr_factor(schedule: str, warmup_steps: int, horizon: int, min_ratio: float):
+    """LR multiplier per optimiser step: linear warm-up, then constant or cosine down to `min_ratio`."""
+    def factor(s: int) -> float:
+        if warmup_steps > 0 and s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if schedule == "constant" or horizon <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (s - warmup_steps) / (horizon - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+class DMD2Trainer:
+    """Models, optimisers and the two per-step updates of DMD2 (`critic_step`, `generator_step`)."""
+
+    def __init__(self, cfg: DistillConfig, accelerator=None, teacher: torch.nn.Module | None = None,
+                 data: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`teacher` / `data`: a pixel teacher UNet and (images, labels) already in memory (tests, scripts)."""
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType
+
+        self.cfg = cfg
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.device = self.acc.device
+        rank = self.acc.process_index
+        self.sharded = self.acc.distributed_type == DistributedType.FSDP  # then some calls must run on every rank
+        if self.sharded and cfg.ema_decay > 0:
+            raise ConfigError("ema_decay > 0 with FSDP: the EMA would be a full copy of the generator on every GPU; "
+                              "set ema_decay: 0 (as the SDXL presets do) or use DDP")
+        text = cfg.family != "pixel"
+        # Paths first (relative ones from the working directory): a bad one fails before any model is loaded.
+        if cfg.generator_init and not Path(cfg.generator_init).expanduser().is_dir():
+            raise ConfigError(f"config generator_init={cfg.generator_init!r}: must be an existing student folder "
+                              f"(e.g. assets/mnist/dmd2-1step) or null")
+        images = captioned_images(cfg.data) if text else None
+        self.prompts = read_prompts(cfg.prompts) if cfg.prompts else None
+
+        frozen_dtype = torch.bfloat16 if cfg.frozen_dtype == "bf16" else torch.float32
+        if teacher is None:
+            self.family, teacher = family_class(cfg.family).for_training(
+                cfg.teacher, device=self.device, frozen_dtype=frozen_dtype, resolution=cfg.resolution)
+        elif cfg.family == "pixel":
+            self.family = PixelFamily.from_unet(teacher)
+        else:
+            raise ConfigError(f"family {cfg.family}: pass the teacher as a config path, not a module")
+        self.timesteps = student_timesteps(cfg.student_steps, self.family.schedule.num_train_timesteps,
+                                           first=cfg.first_timestep)
+        # self.images / self.labels: pixel images and class labels, or VAE latents and captions.
+        if text:
+            with self.acc.main_process_first():  # rank 0 encodes (or checks) the cache, the others then read it
+                self.images, self.labels = cached_latents(self.family, images, self.family.height,
+                                                          cfg.latent_cache_dir, log=self.acc.print)
+            self.prompts = self.prompts or list(self.labels)  # no prompt file: the generator uses the captions
+        else:
+            images, labels = load_dataset(cfg.data, self.family.image_size, self.family.channels) if data is None else data
+            if int(labels.max()) >= self.family.num_classes:
+                raise ConfigError(f"data {cfg.data!r} has label {int(labels.max())}, the teacher knows "
+                                  f"{self.family.num_classes} classes")
+            self.images, self.labels = images, labels
+
+        torch.manual_seed(cfg.seed)  # the GAN head's initialisation
+        self.real_unet = teacher.to(self.device).eval().requires_grad_(False)
+        generator = copy.deepcopy(self.real_unet).train().requires_grad_(True)
+        if cfg.generator_init:
+            init_generator(generator, self.family.load_student(cfg.generator_init), cfg.generator_init)
+        critic = Critic(self.family, self.real_unet, use_gan=cfg.use_gan,
+                        num_steps=cfg.student_steps if cfg.critic_per_step else 0).to(self.device)
+        if cfg.lora_rank:
+            add_lora(generator, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules or self.family.lora_target_modules,
+                     base_dtype=frozen_dtype)
+        if cfg.gradient_checkpointing:
+            generator.enable_gradient_checkpointing()
+            critic.fake_unet.enable_gradient_checkpointing()
+        if frozen_dtype != torch.float32:  # after the copies above, which train in fp32
+            self.real_unet.to(frozen_dtype)
+        self.ema = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+
+        adamw = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        trainable = [p for p in generator.parameters() if p.requires_grad]  # all of them, or only the LoRA's
+        opt_g = torch.optim.AdamW(trainable, lr=cfg.generator_lr, **adamw)
+        opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, **adamw)
+        self.generator, self.critic, self.opt_g, self.opt_c = self.acc.prepare(generator, critic, opt_g, opt_c)
+        # Horizons in each optimiser's own steps: the generator steps once per `ttur` critic steps.
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(
+            self.opt_g, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.iterations // cfg.ttur, cfg.lr_min_ratio))
+        self.sched_c = torch.optim.lr_scheduler.LambdaLR(
+            self.opt_c, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.iterations, cfg.lr_min_ratio))
+
+        # Every random draw of training goes through these, so a checkpoint can restore them exactly.
+        self.rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+        self.sampler = InfiniteSampler(len(self.images), cfg.batch_size, seed=cfg.seed * 1000 + rank)
+        self.prompt_sampler = (InfiniteSampler(len(self.prompts), cfg.batch_size, seed=cfg.seed * 1000 + rank + 500)
+                               if text else None)
+        self.step = 0
+        self.generator_updates = 0
+
+    # --- helpers --------------------------------------------------------------------------
+    @property
+    def generator_module(self):
+        return self.acc.unwrap_model(self.generator)
+
+    @property
+    def critic_module(self) -> Critic:
+        return self.acc.unwrap_model(self.critic)
+
+    def autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.mixed_precision == "bf16")
+
+    def real_batch(self):
+        """Real images (UNet space) and their own conditions (class labels or captions)."""
+        idx = self.sampler.next()
+        specs = self.labels[idx] if isinstance(self.labels, torch.Tensor) else [self.labels[i] for i in idx.tolist()]
+        return self.images[idx].to(self.device).float(), self.family.condition(specs).to(self.device)
+
+    def generator_condition(self, real_cond):
+        """The generator's conditions: the real batch's labels (pixel) or prompts drawn from the prompt list."""
+        if self.prompt_sampler is None:
+            return real_cond
+        return self.family.condition([self.prompts[i] for i in self.prompt_sampler.next().tolist()])
+
+    def _randint(self, low: int, high: int, n: int) -> torch.Tensor:
+        return torch.randint(low, high, (n,), generator=self.rng).to(self.device)
+
+    def _check(self, named: dict) -> None:
+        for name, value in named.items():
+            if not torch.isfinite(value).all():
+                raise NonFiniteLoss(f"step {self.step}: loss {name} is {value.item()}")
+
+    # --- the two updates ------------------------------------------------------------------
+    def critic_step(self, real_x0, cond, real_cond=None) -> dict:
+        """One update of the fake score (denoising on detached generator samples) and the GAN head.
+
+        `cond` conditions the generator; `real_cond` the real images (default: the same).
+        """
+        cfg, fam, n = self.cfg, self.family, real_x0.shape[0]
+        T = fam.schedule.num_train_timesteps
+        with torch.no_grad(), self.autocast():
+            x_t, t = generator_input(fam, self.generator_module, cond, n, self.timesteps, self.rng, self.device,
+                                     cfg.backward_simulation, real_x0, cfg.step_weights)
+            fake_x0 = fam.denoise(self.generator_module, x_t, t, cond).float()
+        draws = {"t": self._randint(0, T, n), "noise": randn(fake_x0.shape, self.rng, self.device)}
+        if cfg.use_gan:
+            draws.update(gan_t_fake=self._randint(0, cfg.gan_max_t, n), gan_noise_fake=randn(fake_x0.shape, self.rng, self.device),
+                         gan_t_real=self._randint(0, cfg.gan_max_t, n), gan_noise_real=randn(real_x0.shape, self.rng, self.device))
+        with self.autocast():
+            out = self.critic(fake_x0, cond, real_x0, cond if real_cond is None else real_cond, draws,
+                              step=self.timesteps.index(int(t[0])))
+        total = out["fake_denoise"]
+        if cfg.use_gan:
+            total = total + cfg.gan_critic_weight * out["gan_critic"]
+        self._check({k: out[k] for k in ("fake_denoise", "gan_critic") if k in out})
+        self.opt_c.zero_grad(set_to_none=True)
+        self.acc.backward(total)
+        grad_norm = self.acc.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
+        self.opt_c.step()
+        self.opt_c.zero_grad(set_to_none=True)  # free the gradients between steps
+        self.sched_c.step()
+        stats = {f"critic/{k}": v.item() for k, v in out.items()}
+        stats["critic/grad_norm"] = float(grad_norm)
+        stats["critic/lr"] = self.sched_c.get_last_lr()[0]
+        return stats
+
+    def generator_step(self, real_x0, cond) -> dict:
+        """One generator update: distribution matching + GAN generator loss; the critic stays frozen."""
+        cfg, fam, n = self.cfg, self.family, real_x0.shape[0]
+        with torch.no_grad(), self.autocast():
+            x_t, t = generator_input(fam, self.generator_module, cond, n, self.timesteps, self.rng, self.device,
+                                     cfg.backward_simulation, real_x0, cfg.step_weights)
+        with self.autocast():
+            x = fam.denoise(self.generator, x_t, t, cond).float()
+        k = self.timesteps.index(int(t[0]))  # the student step being trained (one per batch)
+        parts = {}
+        # Frozen: no weight gradients for the critic; no_sync: its DDP wrapper expects none.
+        with self.critic_module.frozen(), self.acc.no_sync(self.critic):
+            if cfg.dm_weight > 0:
+                T = fam.schedule.num_train_timesteps
+                t_dm = self._randint(int(cfg.dm_min_t * T), int(cfg.dm_max_t * T) + 1, n).clamp(max=T - 1)
+                noisy = fam.schedule.add_noise(x.detach(), randn(x.shape, self.rng, self.device), t_dm)
+                with torch.no_grad(), self.autocast():
+                    x0_real = fam.denoise(self.real_unet, noisy, t_dm, cond, guidance=cfg.real_guidance).float()
+                    x0_fake = self.critic(noisy, t_dm, cond, call="fake_x0", step=k).float()
+                parts["dm"] = losses.distribution_matching_loss(x, x0_real, x0_fake)
+            if cfg.gan_generator_weight > 0:
+                with self.autocast():
+                    logits = self.critic(x, cond, self._randint(0, cfg.gan_max_t, n),
+                                         randn(x.shape, self.rng, self.device), call="realism_logits", step=k)
+                parts["gan_generator"] = losses.gan_generator_loss(logits)
+            self._check(parts)
+            total = cfg.dm_weight * parts.get("dm", 0.0) + cfg.gan_generator_weight * parts.get("gan_generator", 0.0)
+            self.opt_g.zero_grad(set_to_none=True)
+            self.acc.backward(total)
+        grad_norm = self.acc.clip_grad_norm_(self.generator.parameters(), cfg.grad_clip)
+        self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+        self.sched_g.step()
+        self.generator_updates += 1
+        if self.ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(self.ema.parameters(), self.generator_module.parameters()):
+                    if p.requires_grad:  # a LoRA's frozen base stays as it is
+                        pe.lerp_(p, 1 - cfg.ema_decay)
+        stats = {f"generator/{k}": v.item() for k, v in parts.items()}
+        stats["generator/grad_norm"] = float(grad_norm)
+        stats["generator/lr"] = self.sched_g.get_last_lr()[0]
+        return stats
+
+    def train_step(self) -> dict:
+        """One step: a critic update, plus a generator update on every `ttur`-th step (TTUR)."""
+        self.step += 1
+        real_x0, real_cond = self.real_batch()
+        stats = self.critic_step(real_x0, self.generator_condition(real_cond), real_cond)
+        if self.step % self.cfg.ttur == 0:
+            real_x0, real_cond = self.real_batch()
+            stats.update(self.generator_step(real_x0, self.generator_condition(real_cond)))
+        return stats
+
+    # --- state ----------------------------------------------------------------------------
+    def student(self) -> torch.nn.Module:
+        """The network to export and evaluate: the EMA if kept, else the raw generator."""
+        return self.ema if self.ema is not None else self.generator_module
+
+    def full_student(self) -> torch.nn.Module | None:
+        """`student()` as a plain module; under FSDP gathered from the shards (call on every rank; None off rank 0)."""
+        if not self.sharded:
+            return self.student()
+        state = sharding.full_model_state(self.generator)
+        if not self.acc.is_main_process:
+            return None
+        unet = copy.deepcopy(self.real_unet).to("cpu", torch.float32)
+        if self.cfg.lora_rank:
+            add_lora(unet, self.cfg.lora_rank, self.cfg.lora_alpha,
+                     self.cfg.lora_target_modules or self.family.lora_target_modules)
+        unet.load_state_dict(state)
+        return unet
+
+    def state_dict(self) -> dict:
+        """Everything a checkpoint holds (under FSDP a collective: every rank calls it, rank 0 gets the states)."""
+        if self.sharded:
+            generator, opt_g = sharding.full_state(self.generator, self.opt_g.optimizer)
+            critic, opt_c = sharding.full_state(self.critic, self.opt_c.optimizer)
+        else:
+            generator, critic = self.generator_module.state_dict(), self.critic_module.state_dict()
+            opt_g, opt_c = self.opt_g.state_dict(), self.opt_c.state_dict()
+        return {
+            "step": self.step,
+            "generator_updates": self.generator_updates,
+            "generator": generator,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "critic": critic,
+            "opt_g": opt_g,
+            "opt_c": opt_c,
+            "sched_g": self.sched_g.state_dict(),
+            "sched_c": self.sched_c.state_dict(),
+            "rng": self.rng.get_state(),
+            "sampler": self.sampler.state_dict(),
+            "prompt_sampler": self.prompt_sampler.state_dict() if self.prompt_sampler else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.sharded:
+            sharding.load_full_state(self.generator, self.opt_g.optimizer, state["generator"], state["opt_g"])
+            sharding.load_full_state(self.critic, self.opt_c.optimizer, state["critic"], state["opt_c"])
+        else:
+            self.generator_module.load_state_dict(state["generator"])
+            self.critic_module.load_state_dict(state["critic"])
+            self.opt_g.load_state_dict(state["opt_g"])
+            self.opt_c.load_state_dict(state["opt_c"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise RunError("the checkpoint has no EMA weights but the config asks for ema_decay > 0")
+            self.ema.load_state_dict(state["ema"])
+        # The config is the truth for the base LRs (a resume may change them with --set): the schedulers keep
+        # the base LRs they were built with and take only their position from the checkpoint; one step back
+        # and forward through the public API sets the current LR (and get_last_lr) at the restored step.
+        for sched, saved in ((self.sched_g, state["sched_g"]), (self.sched_c, state["sched_c"])):
+            sched.load_state_dict({k: v for k, v in saved.items() if k not in ("base_lrs", "_last_lr")})
+            for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
+                group["initial_lr"] = base
+            sched.last_epoch -= 1
+            sched.step()
+        self.rng.set_state(state["rng"])
+        self.sampler.load_state_dict(state["sampler"])
+        if self.prompt_sampler is not None:
+            self.prompt_sampler.load_state_dict(state["prompt_sampler"])
+        self.step = state["step"]
+        self.generator_updates = state["generator_updates"]
+
+    def grid_specs(self) -> list:
+        """The fixed conditions of the sample grids: 100 labels cycling the classes, or the first 4 prompts."""
+        if self.prompt_sampler is None:
+            return np.arange(100) % self.family.num_classes
+        return [self.prompts[i % len(self.prompts)] for i in range(4)]
+
+    @torch.no_grad()
+    def sample(self, labels, seed: int, unet=None) -> torch.Tensor:
+        """Student samples in [-1, 1] from fixed noise (its own generator: training RNG is untouched)."""
+        unet = unet or self.student()
+        noise = torch.randn(self.family.latent_shape(len(labels)), generator=torch.Generator().manual_seed(seed))
+        x = student_sample(self.family, unet, self.family.condition(labels).to(self.device),
+                           noise.to(self.device), self.timesteps, seed=seed, autocast=self.cfg.frozen_dtype == "bf16")
+        return self.family.decode(x)
+
+
+def init_generator(generator: torch.nn.Module, student: torch.nn.Module, source) -> None:
+    """Copy a saved student's weights into the generator (a copy of the teacher), which must match it exactly."""
+    ours, theirs = generator.state_dict(), student.state_dict()
+    missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    shapes = [k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape]
+    if missing or extra or shapes:
+        first = (missing or extra or shapes)[0]
+        raise ConfigError(f"generator_init {str(source)!r}: its network differs from the teacher's "
+                          f"({len(missing)} missing, {len(extra)} extra, {len(shapes)} reshaped tensors, e.g. {first})")
+    generator.load_state_dict(theirs)
+
+
+# --- the run -------------------------------------------------------------------------------

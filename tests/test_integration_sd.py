@@ -171,6 +171,33 @@ def test_sdxl_students_are_models_of_the_apps_sdxl_mode(world, tmp_path):
     assert all(np.asarray(Image.open(img)).shape == (16, 16, 3) for img in out[0::2])
 
 
+def test_finished_runs_full_and_lora_join_compare_and_arena(world, tmp_path):
+    """The app's runs folder holds the three finished runs: the SDXL app takes both SDXL students (the LoRA one
+    has no config.json) and leaves the SD1.5 one out."""
+    from gradio_client import Client
+
+    from dmd2.ui.app import app_models, build_app
+    from dmd2.ui.train import TrainManager
+
+    runs_root = world["root"] / "runs"
+    teacher = str(world["sdxl"])
+    students = {name: str(run.student) for name, run in world["runs"].items()}
+    assert app_models([teacher], runs_root, "sdxl") == [teacher, students["sdxl-1step"], students["sdxl-4step-lora"]]
+    demo = build_app([teacher], votes_path=tmp_path / "votes.sqlite", family="sdxl", trainer=TrainManager(runs_root))
+    with served(demo) as url:
+        client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+        assert sorted(client.predict(api_name="/compare_more_models")) == ["sdxl-1step", "sdxl-4step-lora"]
+        [item] = client.predict(["sdxl-4step-lora"], "a photo of a cat", 5, 1, 1, 1.0, api_name="/compare_more")
+        assert item["caption"].startswith("sdxl-4step-lora: NFE 4, steps 4, ")
+        seen = set()
+        for _ in range(12):                          # each round draws 2 of the 3 models: the LoRA one in 2/3
+            token, *_ = client.predict("a photo of a cat", api_name="/new_round")
+            seen |= set(client.predict(token, "tie", api_name="/vote").values())
+            if "sdxl-4step-lora" in seen:
+                break
+    assert "sdxl-4step-lora" in seen and "sd15-1step" not in seen
+
+
 def test_sd15_student_is_a_model_of_the_apps_sd15_mode(world, tmp_path):
     import gradio as gr
 

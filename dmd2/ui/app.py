@@ -46,6 +46,14 @@ def _same_family(student: str, models: list[str], family: str | None) -> bool:
         return False
 
 
+def app_models(models: list[str], runs_root, family: str | None = None) -> list[str]:
+    """The fixed models, then the students of the finished runs under `runs_root` (full UNet or LoRA) of the
+    same family; read per request, so a run that finishes while the app is up joins Compare, Arena and
+    Leaderboard."""
+    runs = [r for r in finished_students(runs_root) if _same_family(r, models, family)]
+    return list(dict.fromkeys(list(models) + runs))
+
+
 def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | None = None,
               family: str | None = None, runs_root: str | os.PathLike | None = None, public: bool | None = None,
               trainer: TrainManager | None = None) -> gr.Blocks:
@@ -68,9 +76,7 @@ def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | N
                                admin_token=os.environ.get(TOKEN_ENV), public=is_public() if public is None else public)
 
     def current_models() -> list[str]:
-        """The fixed models, then the students of finished runs of the same conditioning (read per request)."""
-        runs = [r for r in finished_students(trainer.runs_root) if _same_family(r, models, family)]
-        return list(dict.fromkeys(models + runs))
+        return app_models(models, trainer.runs_root, family)
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nFew-step DMD2 students (Yin et al., 2024) beside their many-step teacher.")
         with gr.Tabs():

@@ -31,6 +31,10 @@ def test_a_lora_student_counts_as_a_student(tmp_path):
     (run.student / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
     assert run.has_student() and run.is_finished()
     assert finished_students(tmp_path) == [str(run.student)]
+    (run.student / "dmd2.json").write_text(json.dumps({"family": "sdxl", "timesteps": [999]}))
+    assert run.has_student()                                       # no "lora" key: the folder's only .safetensors
+    (run.student / "other.safetensors").write_bytes(b"weights")
+    assert not run.has_student()                                   # two of them: which one is ambiguous
 
 
 @pytest.mark.parametrize("damage", ["[1, 2]", '"finished"', "{not json", b"\xff\xfe", "dir"])

@@ -25,6 +25,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from dmd2.families.base import ModelLoadError
+from dmd2.families.lora import student_lora_file
+
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 STATES = ("running", "finished", "stopped", "failed")   # what status.json may say; no file: not started yet
 FINAL_STATES = ("finished", "stopped", "failed")
@@ -120,9 +123,12 @@ class Run:
             return False
         if not isinstance(meta, dict):
             return False
-        if meta.get("lora"):
-            return (self.student / str(meta["lora"])).is_file()
-        return (self.student / "config.json").is_file() and any(self.student.glob("diffusion_pytorch_model.*"))
+        if (self.student / "config.json").is_file():
+            return any(self.student.glob("diffusion_pytorch_model.*"))
+        try:
+            return student_lora_file(self.student).is_file()      # the registry's own rule for a LoRA folder
+        except ModelLoadError:
+            return False
 
     def is_finished(self) -> bool:
         """Finished, with its student exported: what Compare, the Arena and `dmd2 push` take."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +61,16 @@ def prompt_box(examples: list[str]):
     box = gr.Textbox(value=examples[0] if examples else "", label="Prompt", lines=2, max_lines=4,
                      placeholder="Describe an image (at most 300 characters, 77 CLIP tokens)")
     return box
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"`,;:()\[\]]+/)*([^\s'\"`,;:()\[\]]*)")
+log = logging.getLogger("dmd2.ui")
+
+
+def public_message(error) -> str:
+    """What a public page may show of an error: its first line, with every absolute server path cut to its
+    last part (`/srv/app/runs/x/student` -> `student`). The whole error goes to the server log."""
+    text = error if isinstance(error, str) else (str(error) or type(error).__name__)
+    log.warning("shown to a user as a one-line error: %s", text)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "/", first)

@@ -177,6 +177,7 @@ class LoadedModel:
 
 
 _cache: dict[str, LoadedModel] = {}
+_failures: dict[str, str] = {}       # name -> why it did not load
 _lock = threading.Lock()
 _families: dict[tuple[str, str], Family] = {}
 _family_lock = threading.Lock()
@@ -308,14 +309,38 @@ def available(family: str | None = None) -> list[str]:
 
 
 def load(name: str) -> LoadedModel:
-    """Load (once, then cached) the generator called `name`."""
+    """Load (once, then cached) the generator called `name`; a failure is remembered for `loads`."""
     with _lock:
         if name not in _cache:
-            _cache[name] = LoadedModel(spec_for(name))
+            try:
+                _cache[name] = LoadedModel(spec_for(name))
+            except Exception as e:
+                _failures[name] = str(e) if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"
+                raise
+            _failures.pop(name, None)
         return _cache[name]
 
 
+def loads(name: str) -> bool:
+    """Whether `name` loads: tried once, then the answer is remembered (until `forget`), so a broken
+    student is left out of the app's lists without being retried on every request."""
+    with _lock:
+        if name in _failures:
+            return False
+    try:
+        load(name)
+    except Exception:
+        return False
+    return True
+
+
+def load_failure(name: str) -> str | None:
+    """Why `name` failed to load, if it did."""
+    return _failures.get(name)
+
+
 def forget(name: str) -> None:
-    """Drop `name` from the cache (a resumed run rewrites its student folder)."""
+    """Drop `name` from the cache and forget a failure to load it (a resumed run rewrites its student folder)."""
     with _lock:
         _cache.pop(name, None)
+        _failures.pop(name, None)

@@ -37,18 +37,48 @@ def test_a_lora_student_counts_as_a_student(tmp_path):
     assert not run.has_student()                                   # two of them: which one is ambiguous
 
 
-@pytest.mark.parametrize("damage", ["[1, 2]", '"finished"', "{not json", b"\xff\xfe", "dir"])
-def test_a_damaged_status_reads_as_no_status(tmp_path, damage):
-    run = Run(write_run(tmp_path, "r", "finished"))
-    run.status_path.unlink()
+DAMAGES = {  # what a damaged status.json holds -> what the reason says
+    "[1, 2]": "holds a JSON list, not an object",
+    '"finished"': "holds a JSON str, not an object",
+    "{not json": "is not valid JSON",
+    b"\xff\xfe": "is not UTF-8 text",
+    "dir": "is a folder, not a file",
+    '{"state": "finished", "updated": "yesterday"}': "'updated' is 'yesterday', not a float",
+    '{"state": "running", "step": "12"}': "'step' is '12', not a int",
+    '{"state": "done"}': "state 'done' is not one of",
+}
+
+
+def damage_status(run: Run, damage) -> None:
+    run.status_path.unlink(missing_ok=True)
     if damage == "dir":
         run.status_path.mkdir()
     elif isinstance(damage, bytes):
         run.status_path.write_bytes(damage)
     else:
         run.status_path.write_text(damage)
-    assert run.status() == {} and run.state() is None and not run.is_finished()
-    assert finished_students(tmp_path) == []
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_status_is_a_damaged_run_with_its_reason(tmp_path, damage):
+    run = Run(write_run(tmp_path, "r", "finished"))
+    damage_status(run, damage)
+    assert run.status() == {} and run.state() == "damaged" and DAMAGES[damage] in run.damage()
+    assert not run.is_finished() and finished_students(tmp_path) == []
+    assert [r.name for r in list_runs(tmp_path)] == ["r"]         # still listed, as damaged
+
+
+def test_a_sound_or_missing_status_has_no_damage(tmp_path):
+    run = Run(write_run(tmp_path, "r", "finished"))
+    assert run.damage() is None and run.state() == "finished"
+    run.status_path.unlink()
+    assert run.damage() is None and run.state() is None
+
+
+def test_metrics_lines_that_are_not_records_are_skipped(tmp_path):
+    run = Run(tmp_path / "r").create()
+    run.metrics_path.write_text('{"step": 1, "loss": 0.5}\n[1, 2]\n"text"\n{"step": "x"}\n{"step": 2}\n{half')
+    assert [r["step"] for r in run.metrics()] == [1, 2]
 
 
 def test_status_states_are_checked_and_fields_merge(tmp_path):

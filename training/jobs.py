@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.config import CONFIGS, ConfigError, list_presets, load_config, overrides_from
-from training.runs import FINAL_STATES, Run, RunError, list_runs, safe_run_dir
+from training.runs import DAMAGED, FINAL_STATES, Run, RunError, list_runs, safe_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS_ENV = "DMD2_RUNS"
@@ -296,13 +296,15 @@ class Jobs:
         run = Run(self.run_dir(name))
         if not run.path.is_dir():
             raise JobError(f"no run called {run.name!r}")
-        status = run.status()
+        status, damage = run.status(), run.damage()
         with self._lock:
             proc = self._procs.get(run.name)
             owned_alive = proc is not None and proc.alive()
             fresh = proc is not None and status.get("updated", 0) >= proc.started
         state = status.get("state")
-        if owned_alive and proc.stop_requested:
+        if damage and not owned_alive:
+            state = DAMAGED                               # listed as such; its student is not served
+        elif owned_alive and proc.stop_requested:
             state = "stopping"
         elif owned_alive and not fresh:
             state = "starting"                            # status.json is still the previous session's
@@ -321,7 +323,7 @@ class Jobs:
         return dict(name=run.name, state=state, step=step, total=total,
                     percent=round(100.0 * step / total, 1) if total else 0.0,
                     eta_s=None if eta is None else round(eta, 1),
-                    error=status.get("error"), pid=status.get("pid") if state == "running" else None,
+                    error=damage or status.get("error"), pid=status.get("pid") if state == "running" else None,
                     updated=status.get("updated"), records=len(training_records(records)),
                     student=state == "finished" and run.has_student())
 

@@ -30,6 +30,9 @@ from dmd2.families.lora import student_lora_file
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 STATES = ("running", "finished", "stopped", "failed")   # what status.json may say; no file: not started yet
+DAMAGED = "damaged"                                     # a status.json that cannot be read (Run.damage says why)
+STATUS_FIELDS = {"step": (int,), "total_steps": (int,), "updated": (float, int), "started": (float, int),
+                 "pid": (int,), "error": (str,)}       # their types when present (None is allowed)
 FINAL_STATES = ("finished", "stopped", "failed")
 
 
@@ -99,11 +102,11 @@ class Run:
 
     def exists(self) -> bool:
         """Whether this folder holds a run (a config, a status or a log: a run the app started may have only its log)."""
-        return any(p.is_file() for p in (self.config_path, self.status_path, self.log_path))
+        return any(p.exists() for p in (self.config_path, self.status_path, self.log_path))   # a damaged one too
 
     def changed(self) -> float:
         """When the run's config, status or log last changed (0 if none exists)."""
-        return max((p.stat().st_mtime for p in (self.config_path, self.status_path, self.log_path) if p.is_file()),
+        return max((p.stat().st_mtime for p in (self.config_path, self.status_path, self.log_path) if p.exists()),
                    default=0.0)
 
     def iterations(self) -> int:
@@ -154,37 +157,70 @@ class Run:
         """Write status.json (atomically): `state` is one of STATES; extra fields (step, error, pid...) are merged."""
         if state not in STATES:
             raise ValueError(f"run state {state!r} is not one of {', '.join(STATES)}")
-        status = self.status()
+        status = self.status()                             # a damaged status is replaced, not merged
         status.update(fields, state=state, updated=time.time())
+        if self.status_path.is_dir():
+            raise RunError(f"cannot write {self.status_path}: it is a folder; remove it")
         _atomic_write(self.status_path, json.dumps(status, indent=2) + "\n")
 
-    def status(self) -> dict:
-        """status.json as a dict; {} when it is missing or unreadable (not JSON, not an object, not a file)."""
+    def _read_status(self) -> tuple[dict, str | None]:
+        """(status, None) when status.json is missing or sound; ({}, why) when it is damaged."""
+        if not self.status_path.exists():
+            return {}, None
         try:
             status = json.loads(self.status_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return {}
-        return status if isinstance(status, dict) else {}
+        except IsADirectoryError:
+            return {}, "status.json is a folder, not a file"
+        except UnicodeDecodeError:
+            return {}, "status.json is not UTF-8 text"
+        except json.JSONDecodeError as e:
+            return {}, f"status.json is not valid JSON ({e.msg}, line {e.lineno})"
+        except OSError as e:
+            return {}, f"status.json cannot be read ({type(e).__name__}: {e.strerror or e})"
+        if not isinstance(status, dict):
+            return {}, f"status.json holds a JSON {type(status).__name__}, not an object"
+        if status.get("state") not in STATES:
+            return {}, f"status.json's state {status.get('state')!r} is not one of {', '.join(STATES)}"
+        for key, kinds in STATUS_FIELDS.items():
+            value = status.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+                return {}, f"status.json's {key!r} is {value!r}, not a {kinds[0].__name__}"
+        return status, None
+
+    def status(self) -> dict:
+        """status.json as a dict; {} when it is missing or damaged (`damage()` says why). Never raises."""
+        return self._read_status()[0]
+
+    def damage(self) -> str | None:
+        """Why status.json cannot be trusted (not a file, not UTF-8, not JSON, not an object, a field of the
+        wrong type), or None when it is missing or sound."""
+        return self._read_status()[1]
 
     def state(self) -> str | None:
-        """The state status.json records, or None (no status yet, or unreadable)."""
-        state = self.status().get("state")
-        return state if state in STATES else None
+        """The state status.json records, "damaged" when it cannot be read, None before the trainer wrote it."""
+        status, why = self._read_status()
+        return DAMAGED if why else status.get("state")
 
     def log_metrics(self, record: dict) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def metrics(self) -> list[dict]:
-        """All metrics records (a partly written last line is skipped)."""
+        """All metrics records (a partly written last line, or a line that is not an object, is skipped)."""
         if not self.metrics_path.is_file():
             return []
         out = []
-        for line in self.metrics_path.read_text().splitlines():
+        try:
+            text = self.metrics_path.read_text(errors="replace")
+        except OSError:
+            return []
+        for line in text.splitlines():
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+                out.append(record)                         # lines that are not a record are skipped
         return out
 
     def truncate_metrics(self, after_step: int) -> None:

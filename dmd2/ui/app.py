@@ -48,9 +48,9 @@ def _same_family(student: str, models: list[str], family: str | None) -> bool:
 
 def app_models(models: list[str], runs_root, family: str | None = None) -> list[str]:
     """The fixed models, then the students of the finished runs under `runs_root` (full UNet or LoRA) of the
-    same family; read per request, so a run that finishes while the app is up joins Compare, Arena and
-    Leaderboard."""
-    runs = [r for r in finished_students(runs_root) if _same_family(r, models, family)]
+    same family that load (a broken one is left out); read per request, so a run that finishes while the
+    app is up joins Compare, Arena and Leaderboard."""
+    runs = [r for r in finished_students(runs_root) if _same_family(r, models, family) and registry.loads(r)]
     return list(dict.fromkeys(list(models) + runs))
 
 

@@ -136,10 +136,14 @@ def _isolated_runs_root(tmp_path_factory):
     (session-wide, so module-scoped app fixtures get it too; tests that need runs pass their own root)."""
     import os
 
-    old = os.environ.get("DMD2_RUNS")
+    # The app's launches may read only from allowed folders (training/launch_limits.py): the tests' tiny
+    # teachers and data live under pytest's temporary folder.
+    saved = {key: os.environ.get(key) for key in ("DMD2_RUNS", "DMD2_DATA_ROOTS")}
     os.environ["DMD2_RUNS"] = str(tmp_path_factory.mktemp("runs-root"))
+    os.environ["DMD2_DATA_ROOTS"] = str(tmp_path_factory.getbasetemp())
     yield
-    if old is None:
-        os.environ.pop("DMD2_RUNS", None)
-    else:
-        os.environ["DMD2_RUNS"] = old
+    for key, old in saved.items():
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old

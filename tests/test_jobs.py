@@ -5,6 +5,8 @@ Launching, stopping and resuming real trainers is tested through the app in test
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from training.config import ConfigError, list_presets, load_config, overrides_from
@@ -63,9 +65,52 @@ def test_bad_knob_values_fail_with_the_trainers_message(tmp_path):
         m.check("mnist-1step", {"iterations": 2.5})
     with pytest.raises(JobError, match="unknown config key 'stepz'"):
         m.check("mnist-1step", {}, "stepz=3")
-    with pytest.raises(JobError, match="teacher folder '/nowhere' has no config.json"):
-        m.check("mnist-1step", {"teacher": "/nowhere"})
+    with pytest.raises(JobError, match="teacher folder '.*/nowhere' has no config.json"):
+        m.check("mnist-1step", {"teacher": str(tmp_path / "nowhere")})     # inside the allowed folders
     with pytest.raises(JobError, match="unknown preset 'sdxl-nope'"):
         m.check("sdxl-nope")
     cfg, overrides = m.check("mnist-4step", {"iterations": 3})
     assert cfg.iterations == 3 and cfg.student_steps == 4 and overrides == ["iterations=3"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"iterations": 1_000_000_000}, "iterations=1000000000 is outside the app's bounds 1..1e+06"),
+    ({"batch_size": 100_000}, "batch_size=100000 is outside the app's bounds 1..1024"),
+    ({"generator_lr": 1e308}, "generator_lr=1e+308 is outside the app's bounds"),
+    ({"data": "/etc"}, "data='/etc' points outside the folders the app may read or write"),
+    ({"generator_init": "/root/elsewhere"}, "generator_init='/root/elsewhere' points outside"),
+    ({"latent_cache_dir": "/var/tmp/x"}, "latent_cache_dir='/var/tmp/x' points outside"),
+    ({"generator_init": "../outside-the-project"}, "generator_init='../outside-the-project' points outside"),
+    ({"family": "sdxl", "data": "hf:some/data", "eval_every": 0}, "family='sdxl': this app trains only pixel"),
+])
+def test_launch_settings_outside_the_apps_bounds_are_refused_naming_the_key(tmp_path, settings, message):
+    jobs = Jobs(tmp_path / "runs", cuda=False)
+    with pytest.raises(JobError, match=re.escape(message)):
+        jobs.check("mnist-1step", settings)
+
+
+def test_launch_settings_inside_the_bounds_pass(tmp_path, monkeypatch):
+    jobs = Jobs(tmp_path / "runs", cuda=False)
+    cfg, _ = jobs.check("mnist-4step", {"iterations": 10, "generator_init": "assets/mnist/dmd2-1step"})
+    assert cfg.generator_init == "assets/mnist/dmd2-1step"
+    jobs.check("mnist-1step", {"generator_init": str(tmp_path / "runs" / "a" / "student")})    # the runs folder
+    monkeypatch.setenv("DMD2_DATA_ROOTS", str(tmp_path / "mine"))
+    jobs.check("mnist-1step", {"data": str(tmp_path / "mine" / "digits")})                      # a listed folder
+    monkeypatch.setenv("DMD2_DATA_ROOTS", "")
+    with pytest.raises(JobError, match="data=.* points outside"):
+        jobs.check("mnist-1step", {"data": str(tmp_path / "mine" / "digits")})
+
+
+@pytest.mark.parametrize("name, settings, extra, message", [
+    (5, None, "", "the run name must be text, got int 5"),
+    ("x", ["iterations", 4], "", "config values must be a mapping of key to value, got list"),
+    ("x", None, ["iterations=4"], "other config values must be text"),
+    ("x", {"betas": ["a", "b"]}, "", "config betas=['a', 'b']: must be a list of two numbers"),
+    ("x", {"betas": "fast"}, "", "config betas='fast': must be a list of two numbers"),
+    ("x", {3: 4}, "", "config keys must be text"),
+])
+def test_bad_launch_inputs_get_a_message(tmp_path, name, settings, extra, message):
+    jobs = Jobs(tmp_path / "runs", cuda=False)
+    with pytest.raises(JobError, match=re.escape(message)):
+        jobs.run_dir(name)
+        jobs.check("mnist-1step", settings, extra)

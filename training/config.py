@@ -165,7 +165,8 @@ def _coerce(key: str, value):
         raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(FIELDS)}")
     default = FIELDS[key].default if FIELDS[key].default is not dataclasses.MISSING else None
     if key == "betas":
-        if not (isinstance(value, (list, tuple)) and len(value) == 2):
+        if not (isinstance(value, (list, tuple)) and len(value) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
             raise ConfigError(f"config betas={value!r}: must be a list of two numbers")
         return tuple(float(v) for v in value)
     if value is None or default is None:
@@ -256,16 +257,21 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def preset_family(path: str | Path) -> str | None:
+    """The family a preset file trains (pixel when it names none); None if it is not a distillation preset."""
+    try:
+        return (yaml.safe_load(Path(path).read_text()) or {}).get("family", "pixel")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None                       # e.g. an accelerate config
+
+
 def list_presets(configs: Path = CONFIGS, cuda: bool | None = None) -> list[str]:
     """Preset names (configs/<name>.yaml); presets of GPU families (SDXL, SD1.5) only when CUDA is available."""
     cuda = cuda_available() if cuda is None else cuda
     names = []
     for path in sorted(Path(configs).glob("*.yaml")):
-        try:
-            family = (yaml.safe_load(path.read_text()) or {}).get("family", "pixel")
-        except (yaml.YAMLError, AttributeError):
-            continue                      # not a distillation preset (e.g. an accelerate config)
-        if (family == "pixel" and "sdxl" not in path.stem) or cuda:
+        family = preset_family(path)
+        if family is not None and ((family == "pixel" and "sdxl" not in path.stem) or cuda):
             names.append(path.stem)
     return names
 
@@ -277,8 +283,14 @@ def overrides_from(settings: dict | None = None, extra: str = "") -> list[str]:
     true/false, strings quoted, whole floats for integer config keys as integers (a browser number
     box sends 4.0 for 4). Blank lines and lines starting with # in `extra` are ignored.
     """
+    if settings is not None and not isinstance(settings, dict):
+        raise ConfigError(f"config values must be a mapping of key to value, got {type(settings).__name__}")
+    if not isinstance(extra or "", str):
+        raise ConfigError(f"other config values must be text (key=value lines), got {type(extra).__name__}")
     out = []
     for key, value in (settings or {}).items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config keys must be text, got {key!r}")
         if value is None:
             continue
         is_int_key = key in FIELDS and type(FIELDS[key].default) is int

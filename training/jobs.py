@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.config import CONFIGS, ConfigError, list_presets, load_config, overrides_from
+from training.config import CONFIGS, ConfigError, list_presets, load_config, overrides_from, preset_family
+from training.launch_limits import LaunchRefused, check_launch
 from training.runs import DAMAGED, FINAL_STATES, Run, RunError, list_runs, safe_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +128,9 @@ class Jobs:
 
     def run_dir(self, name) -> Path:
         """runs_root/name; JobError for a name that is empty or could leave the runs folder."""
-        name = (name or "").strip() if isinstance(name, str) else name
+        if name is not None and not isinstance(name, str):
+            raise JobError(f"the run name must be text, got {type(name).__name__} {name!r}")
+        name = (name or "").strip()
         if not name:
             raise JobError("enter a run name (letters, digits, '.', '_' or '-')")
         try:
@@ -145,10 +148,18 @@ class Jobs:
             cfg = load_config(self.preset_path(preset), overrides)
         except (ConfigError, TypeError) as e:
             raise JobError(f"bad setting: {e}") from None
+        try:
+            check_launch(cfg, self.runs_root, self.families())
+        except LaunchRefused as e:
+            raise JobError(f"bad setting: {e}") from None
         teacher = Path(cfg.teacher) if Path(cfg.teacher).is_absolute() else ROOT / cfg.teacher
         if cfg.family == "pixel" and not (teacher / "config.json").is_file():
             raise JobError(f"bad setting: teacher folder {cfg.teacher!r} has no config.json")
         return cfg, overrides
+
+    def families(self) -> set[str]:
+        """The families of the presets this app offers (a launch may not switch to another)."""
+        return {preset_family(self.configs / f"{preset}.yaml") for preset in self.presets()}
 
     def run_names(self) -> list[str]:
         """The runs under runs_root, most recently changed first."""

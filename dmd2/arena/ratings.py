@@ -82,7 +82,18 @@ def leaderboard(votes: Iterable[Mapping], models: Sequence[str] | None = None, a
     model, rating, ci_low, ci_high, rank, battles, wins, losses, ties, both_bad. `rank` is
     1 + the number of models whose whole interval lies above this one's (Chatbot Arena style;
     with rounds=0, 1 + the number of models rated higher).
+    Same as `with_intervals(leaderboard(..., rounds=0), rating_intervals(...))`, which lets a caller
+    show the point ratings first and add the (slower) intervals later.
     """
+    votes = list(votes)
+    rows = _point_rows(votes, models, anchor, both_bad, l2)
+    if rounds <= 0:
+        return rows
+    return with_intervals(rows, rating_intervals(votes, models, anchor, rounds, seed, both_bad, l2))
+
+
+def _fit(votes: list[Mapping], models, anchor, both_bad, l2):
+    """The point fit: (names, battle arrays, every vote, rated mask, anchor index, theta or None, ratings)."""
     names, ia, ib, score, all_votes = _battles(votes, models, both_bad)
     k = len(names)
     rated = np.zeros(k, dtype=bool)
@@ -92,24 +103,57 @@ def leaderboard(votes: Iterable[Mapping], models: Sequence[str] | None = None, a
         if anchor not in names or not rated[names.index(anchor)]:
             raise ValueError(f"anchor model {anchor!r} has no counted battles; cannot anchor on it")
         anchor_idx = names.index(anchor)
-
-    ratings = np.full(k, np.nan)
-    low, high = np.full(k, np.nan), np.full(k, np.nan)
+    theta, ratings = None, np.full(k, np.nan)
     if rated.any():
         theta = _fit_theta(_wins_matrix(k, ia, ib, score), l2)
         ratings = _anchored(theta, rated, anchor_idx)
-        if rounds > 0:
-            low, high = _bootstrap(k, ia, ib, score, theta, anchor_idx, rounds, seed, l2)
+    return names, ia, ib, score, all_votes, anchor_idx, theta, ratings
 
+
+def _point_rows(votes, models, anchor, both_bad, l2) -> list[dict]:
+    """Point ratings and battle counts, no intervals (ci_low = ci_high = None), best first."""
+    names, _, _, _, all_votes, _, _, ratings = _fit(votes, models, anchor, both_bad, l2)
     rows = []
     for i, m in enumerate(names):
         mine = [(a == m, o) for a, b, o in all_votes if m in (a, b)]
         wins = sum(o == ("a" if is_a else "b") for is_a, o in mine)
         losses = sum(o == ("b" if is_a else "a") for is_a, o in mine)
-        rows.append(dict(model=m, rating=_num(ratings[i]), ci_low=_num(low[i]), ci_high=_num(high[i]),
+        rows.append(dict(model=m, rating=_num(ratings[i]), ci_low=None, ci_high=None,
                          rank=None, battles=len(mine), wins=wins, losses=losses,
                          ties=sum(o == "tie" for _, o in mine), both_bad=sum(o == "both_bad" for _, o in mine)))
-    def bound(r, key):              # without bootstrap rounds the interval shrinks to the rating
+    return _ranked(rows)
+
+
+def rating_intervals(votes: Iterable[Mapping], models: Sequence[str] | None = None, anchor: str | None = None,
+                     rounds: int = 1000, seed: int = 0, both_bad: str = "tie",
+                     l2: float = 1e-3) -> dict[str, tuple[float | None, float | None]]:
+    """95% bootstrap intervals of the ratings: model -> (low, high), (None, None) for a model without votes.
+
+    Resample the votes with replacement `rounds` times (seeded), refit, anchor each refit as the
+    point fit is anchored, take the 2.5 / 97.5 percentiles. The slow part of a leaderboard.
+    """
+    names, ia, ib, score, _, anchor_idx, theta, _ = _fit(list(votes), models, anchor, both_bad, l2)
+    k = len(names)
+    low, high = np.full(k, np.nan), np.full(k, np.nan)
+    if theta is not None and rounds > 0:
+        low, high = _bootstrap(k, ia, ib, score, theta, anchor_idx, rounds, seed, l2)
+    return {m: (_num(low[i]), _num(high[i])) for i, m in enumerate(names)}
+
+
+def with_intervals(rows: Sequence[Mapping], intervals: Mapping[str, tuple]) -> list[dict]:
+    """`rows` of `leaderboard(..., rounds=0)` with ci_low / ci_high from `intervals` (of `rating_intervals`)
+    and the ranks recomputed from them; a model missing from `intervals` keeps no interval."""
+    out = []
+    for r in rows:
+        low, high = intervals.get(r["model"], (None, None))
+        rated = r["rating"] is not None
+        out.append(dict(r, ci_low=low if rated else None, ci_high=high if rated else None, rank=None))
+    return _ranked(out)
+
+
+def _ranked(rows: list[dict]) -> list[dict]:
+    """Ranks filled in (1 + the number of models whose interval lies wholly above), sorted best first."""
+    def bound(r, key):              # without an interval it shrinks to the rating
         return r[key] if r[key] is not None else r["rating"]
 
     for r in rows:

@@ -137,6 +137,36 @@ def test_rate_limit_per_client_rolling_window(tmp_path):
         assert [r["battle_id"] for r in s.votes()] == ["b0", "b1", "b2", "b4", "b5"]
 
 
+def test_every_id_of_a_voter_carries_the_limit(tmp_path):
+    """A fresh session does not reset the limit while the voter's address (or user) is over it."""
+    with VoteStore(tmp_path / "votes.sqlite", max_votes=3, window_s=60) as s:
+        for k in range(3):
+            vote(s, f"b{k}", client=[f"session:{k}", "address:203.0.113.7"], now=1000.0 + k)
+        with pytest.raises(RateLimited) as info:                          # a new session, the same address
+            vote(s, "b3", client=["session:new", "address:203.0.113.7"], now=1010.0)
+        assert info.value.retry_after_s == pytest.approx(50.0)
+        vote(s, "b4", client=["session:new", "address:198.51.100.1"], now=1010.0)   # another address
+        with pytest.raises(RateLimited):                                  # ... but that session is at 1 of 3:
+            for k in range(3):                                            # the session limit still holds
+                vote(s, f"b5-{k}", client=["session:new", f"address:192.0.2.{k}"], now=1011.0 + k)
+        assert [r["battle_id"] for r in s.votes()] == ["b0", "b1", "b2", "b4", "b5-0", "b5-1"]
+        assert s.votes()[0]["client_hash"] == s.hash_client("session:0")  # the row keeps the first id
+        vote(s, "b6", client=["session:late", "address:203.0.113.7"], now=1060.5)   # b0 has left the window
+
+
+def test_ids_of_recent_votes_are_kept_only_for_the_window(tmp_path):
+    with VoteStore(tmp_path / "votes.sqlite", max_votes=5, window_s=60) as s:
+        vote(s, "b0", client=["session:a", "address:203.0.113.7"], now=1000.0)
+        vote(s, "b1", client=["session:b", "address:198.51.100.1"], now=1030.0)
+        with sqlite3.connect(s.path) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM recent_clients").fetchone()[0] == 4
+        vote(s, "b2", client=["session:c", "address:192.0.2.1"], now=1061.0)
+        with sqlite3.connect(s.path) as conn:                              # b0's ids are gone, its vote is not
+            kept = {h for (h,) in conn.execute("SELECT client_hash FROM recent_clients")}
+        assert s.hash_client("address:203.0.113.7") not in kept and s.hash_client("address:198.51.100.1") in kept
+        assert len(s) == 3
+
+
 def test_client_ids_are_stored_hashed(tmp_path, monkeypatch):
     monkeypatch.delenv("DMD2_ARENA_SALT", raising=False)
     raw = "alice@192.168.7.77#session-9f1c"

@@ -15,7 +15,7 @@ from conftest import served, tiny_pixel_unet, write_broken_model
 from dmd2 import registry
 from dmd2.arena import BattleBook, VoteStore, read_csv, read_jsonl
 from dmd2.families.pixel import save_pixel_unet
-from dmd2.ui.arena import (IMAGES_PER_SIDE, Arena, VoteRejected, client_id, parse_class, parse_outcome)
+from dmd2.ui.arena import (IMAGES_PER_SIDE, Arena, VoteRejected, client_ids, parse_class, parse_outcome)
 from dmd2.ui.widgets import DISPLAY_SCALE, make_grid
 from dmd2.ui.leaderboard import COLUMNS, export_votes, leaderboard_plot, leaderboard_table
 
@@ -61,12 +61,51 @@ def test_parse_class_and_outcome():
         assert e.value.reason == "bad_outcome"
 
 
-def test_client_id_prefers_the_session():
-    both = types.SimpleNamespace(session_hash="s1", client=types.SimpleNamespace(host="10.0.0.1"))
-    host_only = types.SimpleNamespace(session_hash=None, client=types.SimpleNamespace(host="10.0.0.1"))
-    assert client_id(both) == "session:s1"
-    assert client_id(host_only) == "host:10.0.0.1"
-    assert client_id(None) == "anonymous"
+def fake_request(session=None, host="10.0.0.1", forwarded=None, username=None):
+    """What the vote handlers read of a gr.Request: session_hash, client.host, headers, username."""
+    headers = {"x-forwarded-for": forwarded} if forwarded else {}
+    return types.SimpleNamespace(session_hash=session, client=types.SimpleNamespace(host=host) if host else None,
+                                 headers=headers, username=username)
+
+
+def test_client_ids_are_session_address_and_user(monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert client_ids(fake_request("s1")) == ["session:s1", "address:10.0.0.1"]
+    assert client_ids(fake_request("s1", username="ada")) == ["session:s1", "address:10.0.0.1", "user:ada"]
+    assert client_ids(fake_request(None)) == ["address:10.0.0.1"]
+    assert client_ids(fake_request(None, host=None)) == client_ids(None) == ["anonymous"]
+    # IPv6: the /64 a subscriber gets is one address; an IPv4-mapped address is its IPv4
+    assert client_ids(fake_request(host="2001:db8:1:2:aaaa::1"))[0] == "address:2001:db8:1:2::/64"
+    assert client_ids(fake_request(host="::ffff:192.0.2.5"))[0] == "address:192.0.2.5"
+
+
+def test_x_forwarded_for_counts_only_behind_a_space_proxy(monkeypatch):
+    """Off a Space a client reaches the app directly and may write any x-forwarded-for: it is ignored."""
+    forged = fake_request("s1", host="10.0.0.1", forwarded="203.0.113.7, 10.0.0.9")
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert client_ids(forged) == ["session:s1", "address:10.0.0.1"]
+    monkeypatch.setenv("SPACE_ID", "user/space")                  # behind the Space's proxy: the first entry
+    assert client_ids(forged) == ["session:s1", "address:203.0.113.7"]
+    assert client_ids(fake_request("s1", host="10.0.0.1")) == ["session:s1", "address:10.0.0.1"]   # no header
+
+
+def test_a_vote_flood_with_fresh_sessions_is_refused_per_address_and_user(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    with VoteStore(tmp_path / "limited.sqlite", max_votes=3, window_s=60) as store:
+        arena = Arena(tiny_models[:2], store, rng=np.random.default_rng(2))
+        for k in range(3):
+            arena.vote(arena.new_round().token, "a", client_ids(fake_request(f"flood-{k}", host="192.0.2.1")))
+        with pytest.raises(VoteRejected, match="Too many votes") as e:
+            arena.vote(arena.new_round().token, "a", client_ids(fake_request("flood-3", host="192.0.2.1")))
+        assert e.value.reason == "rate_limited"
+        for k in range(3):                                    # the same logged-in user from fresh addresses
+            arena.vote(arena.new_round().token, "a",
+                       client_ids(fake_request(f"ada-{k}", host=f"198.51.100.{k}", username="ada")))
+        with pytest.raises(VoteRejected, match="Too many votes"):
+            arena.vote(arena.new_round().token, "a",
+                       client_ids(fake_request("ada-3", host="198.51.100.3", username="ada")))
+        arena.vote(arena.new_round().token, "a", client_ids(fake_request("other", host="198.51.100.3")))
+        assert len(store) == 7
 
 
 def test_new_round_same_class_and_seed_on_both_sides(arena, tiny_models):
@@ -299,6 +338,50 @@ def test_app_leaderboard_counts_votes_and_exports(app, client):
 
     assert read_csv(client.predict(api_name="/export_csv")) == db_votes(app)
     assert read_jsonl(client.predict(api_name="/export_jsonl")) == db_votes(app)
+
+
+def test_app_refuses_a_flood_with_fresh_sessions_from_one_address(tiny_models, tmp_path, monkeypatch):
+    """The live Arena tab, three votes a minute: a script that starts a new session for every vote is
+    refused after the third from its address; on a Space that address is x-forwarded-for's first entry."""
+    import gradio as gr
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from dmd2.ui.arena import build_arena_tab
+
+    store = VoteStore(tmp_path / "votes.sqlite", max_votes=3, window_s=60)
+    with gr.Blocks() as demo:
+        build_arena_tab(Arena(tiny_models[:2], store, rng=np.random.default_rng(3)))
+
+    def vote(client, forwarded=None):
+        """One round voted from a fresh session (sending `forwarded` as x-forwarded-for); the error or None."""
+        token = client.predict("random", api_name="/new_round")[0]
+        client.reset_session()
+        if forwarded:
+            client.headers["x-forwarded-for"] = forwarded
+        try:
+            client.predict(token, "a", api_name="/vote")
+        except AppError as e:
+            return str(e)
+        return None
+
+    try:
+        with served(demo) as url:
+            script = Client(url, verbose=False, download_files=str(tmp_path / "dl"))
+            monkeypatch.setenv("SPACE_ID", "user/space")        # behind the Space's proxy
+            # The entries after the first are proxies' (uvicorn, trusting its loopback peer, would take the
+            # last one as the client): only the first is the client's own address.
+            assert [vote(script, f"203.0.113.7, 10.0.0.{k}") for k in range(3)] == [None] * 3
+            assert "Too many votes: at most 3 per 60 s" in vote(script, "203.0.113.7, 10.0.0.3")
+            assert vote(script, "198.51.100.9, 10.0.0.1") is None          # another client still votes
+
+            monkeypatch.delenv("SPACE_ID")                                 # no proxy: the connection's address
+            plain = Client(url, verbose=False, download_files=str(tmp_path / "dl"))
+            assert [vote(plain) for _ in range(3)] == [None] * 3
+            assert "Too many votes" in vote(plain)                         # all from 127.0.0.1
+            assert len(store) == 7
+    finally:
+        store.close()
 
 
 def test_votes_path_from_env_and_a_bad_votes_flag_fails_early(tmp_path, monkeypatch):

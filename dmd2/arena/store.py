@@ -1,5 +1,10 @@
 """Arena votes in SQLite (WAL): each battle voted at most once, per-client rate limit, hashed client ids.
 
+A voter may have several ids (its session, its address, its user): each carries the rate limit, so a
+client that changes the one it controls (a fresh session) is still refused by the others. The ids of
+recent votes, hashed, live in `recent_clients` only as long as the limit's window needs them; a vote
+row keeps the hash of the voter's first id.
+
 Concurrency: one connection per thread (sqlite3 connections must not be shared mid-transaction);
 every vote is one `BEGIN IMMEDIATE` transaction, which takes SQLite's write lock before reading,
 so the duplicate check, the rate-limit count and the insert are atomic across threads *and*
@@ -18,6 +23,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 DEFAULT_PATH = Path("data") / "votes.sqlite"
 VOTES_ENV = "DMD2_VOTES"
@@ -45,7 +51,13 @@ CREATE TABLE IF NOT EXISTS votes (
     created_at  REAL    NOT NULL,
     client_hash TEXT    NOT NULL
 );
-CREATE INDEX IF NOT EXISTS votes_client_time ON votes (client_hash, created_at);
+CREATE TABLE IF NOT EXISTS recent_clients (
+    battle_id   TEXT    NOT NULL,
+    client_hash TEXT    NOT NULL,
+    created_at  REAL    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS recent_clients_client_time ON recent_clients (client_hash, created_at);
+CREATE INDEX IF NOT EXISTS recent_clients_time ON recent_clients (created_at);
 """
 
 
@@ -54,7 +66,7 @@ class DuplicateVote(Exception):
 
 
 class RateLimited(Exception):
-    """This client voted too often within the rolling window."""
+    """This client (one of its ids) voted too often within the rolling window."""
 
     def __init__(self, max_votes: int, window_s: float, retry_after_s: float):
         self.max_votes, self.window_s, self.retry_after_s = max_votes, window_s, retry_after_s
@@ -124,8 +136,16 @@ class VoteStore:
         return hmac.new(self._salt, str(client_id).encode(), hashlib.sha256).hexdigest()
 
     def record(self, battle_id: str, model_a: str, model_b: str, prompt: str, seed: int,
-               outcome: str, client_id: str, now: float | None = None) -> dict:
-        """Store one vote; raises DuplicateVote, RateLimited, or ValueError for a malformed vote."""
+               outcome: str, client_id: str | Sequence[str], now: float | None = None) -> dict:
+        """Store one vote; raises DuplicateVote, RateLimited, or ValueError for a malformed vote.
+
+        `client_id`: who votes, one id or several of the same voter (e.g. session, address, user). Each
+        id is rate-limited on its own and the vote is refused if any of them is over the limit; the row
+        keeps the first, hashed.
+        """
+        ids = [client_id] if isinstance(client_id, str) else list(dict.fromkeys(map(str, client_id)))
+        if not ids:
+            raise ValueError("a vote needs a client id")
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
         if model_a == model_b:
@@ -135,13 +155,16 @@ class VoteStore:
         now = time.time() if now is None else float(now)
         row = dict(battle_id=str(battle_id), model_a=str(model_a), model_b=str(model_b),
                    prompt=str(prompt), seed=int(seed), outcome=outcome, created_at=now,
-                   client_hash=self.hash_client(client_id))
+                   client_hash=self.hash_client(ids[0]))
+        hashes = [self.hash_client(i) for i in ids]
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")     # write lock first: check + insert are one atomic step
         try:
             if conn.execute("SELECT 1 FROM votes WHERE battle_id = ?", (row["battle_id"],)).fetchone():
                 raise DuplicateVote(f"battle {battle_id!r} already has a vote")
-            self._check_rate(conn, row["client_hash"], now)
+            # Rows that have left the window count for no limit: no need to keep who voted then.
+            conn.execute("DELETE FROM recent_clients WHERE created_at <= ?", (now - self.window_s,))
+            self._check_rate(conn, hashes, now)
             try:
                 conn.execute(f"INSERT INTO votes ({', '.join(COLUMNS)}) "
                              f"VALUES ({', '.join('?' * len(COLUMNS))})", [row[c] for c in COLUMNS])
@@ -149,21 +172,29 @@ class VoteStore:
                 if "battle_id" in str(e):
                     raise DuplicateVote(f"battle {battle_id!r} already has a vote") from e
                 raise ValueError(f"invalid vote: {e}") from e
+            conn.executemany("INSERT INTO recent_clients (battle_id, client_hash, created_at) VALUES (?, ?, ?)",
+                             [(row["battle_id"], h, now) for h in hashes])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         return row
 
-    def _check_rate(self, conn: sqlite3.Connection, client_hash: str, now: float) -> None:
-        """Raise RateLimited if this client already has `max_votes` votes in the last `window_s` seconds."""
+    def _check_rate(self, conn: sqlite3.Connection, client_hashes: list[str], now: float) -> None:
+        """Raise RateLimited if any of these client ids already has `max_votes` votes in the last `window_s`
+        seconds; its retry time is when enough of them have left the window for all ids to be under it."""
         if self.max_votes is None:
             return
-        count, oldest = conn.execute(
-            "SELECT COUNT(*), MIN(created_at) FROM votes WHERE client_hash = ? AND created_at > ?",
-            (client_hash, now - self.window_s)).fetchone()
-        if count >= self.max_votes:
-            raise RateLimited(self.max_votes, self.window_s, oldest + self.window_s - now)
+        retry = None
+        for client_hash in client_hashes:
+            times = [t for (t,) in conn.execute(
+                "SELECT created_at FROM recent_clients WHERE client_hash = ? AND created_at > ? ORDER BY created_at",
+                (client_hash, now - self.window_s))]
+            if len(times) >= self.max_votes:
+                wait = times[len(times) - self.max_votes] + self.window_s - now
+                retry = wait if retry is None else max(retry, wait)
+        if retry is not None:
+            raise RateLimited(self.max_votes, self.window_s, retry)
 
     def votes(self) -> list[dict]:
         """All votes, oldest first, as dicts with the keys in COLUMNS."""

@@ -26,6 +26,7 @@ from dmd2.arena.store import OUTCOMES
 from dmd2.families.base import ModelLoadError
 from dmd2.families.pixel import PixelFamily
 from dmd2.prompts import check_prompt, example_prompts
+from dmd2.ui.auth import client_address
 from dmd2.ui.widgets import DISPLAY_SCALE, conditioning, display_name, make_grid, prompt_box
 
 IMAGES_PER_SIDE = 4          # a 2 x 2 grid per side: one digit is too little to judge a model by
@@ -94,17 +95,22 @@ def parse_outcome(value) -> str:
     return outcome
 
 
-def client_id(request) -> str:
-    """Who votes, for the rate limit: the Gradio session (one per page load or Client), else the host.
+def client_ids(request) -> list[str]:
+    """Who votes, for the rate limits: the Gradio session, the client's address and the logged-in user.
 
-    Not the host first: behind a reverse proxy (Hugging Face Spaces) every user has the proxy's address.
+    The vote store limits each id on its own. The session (one per page load or Client) is chosen by the
+    client, so a script gets a fresh one per vote for free; the address (`client_address`: behind a
+    Space's proxy the forwarded one) and the user (`request.username`, None unless logged in) it cannot
+    change cheaply. The session comes first: it is the id a vote row keeps (hashed).
     """
-    session = getattr(request, "session_hash", None) if request is not None else None
-    if session:
-        return f"session:{session}"
-    client = getattr(request, "client", None) if request is not None else None
-    host = getattr(client, "host", None) if client is not None else None
-    return f"host:{host}" if host else "anonymous"
+    if request is None:
+        return ["anonymous"]
+    session = getattr(request, "session_hash", None)
+    address = client_address(request)
+    user = getattr(request, "username", None)
+    ids = [f"session:{session}" if session else None, f"address:{address}" if address else None,
+           f"user:{user}" if user else None]
+    return [i for i in ids if i] or ["anonymous"]
 
 
 class Arena:
@@ -201,8 +207,9 @@ class Arena:
         return Round(token, battle.prompt, battle.image_a, battle.image_b,
                      f"Class **{label}**, same seed for both. Which side drew it better?")
 
-    def vote(self, token, outcome, client: str) -> Verdict:
-        """Verify the token, record the vote once, reveal the names; VoteRejected says why a vote is refused."""
+    def vote(self, token, outcome, client: "str | Sequence[str]") -> Verdict:
+        """Verify the token, record the vote once, reveal the names; VoteRejected says why a vote is refused.
+        `client`: the voter's id, or its ids (`client_ids`), each rate-limited."""
         outcome = parse_outcome(outcome)
         try:
             battle = self.book.verify(token)
@@ -272,7 +279,7 @@ def build_arena_tab(arena: Arena, wrap: Callable = lambda f: f) -> dict:
             if not token:
                 raise gr.Error("No battle to vote on: press New round first.")
             try:
-                v = arena.vote(token, outcome, client_id(request))
+                v = arena.vote(token, outcome, client_ids(request))
             except VoteRejected as e:
                 raise gr.Error(str(e)) from None
             return [v.message] + [gr.Button(interactive=False) for _ in buttons]
@@ -287,7 +294,7 @@ def build_arena_tab(arena: Arena, wrap: Callable = lambda f: f) -> dict:
         def vote(token: str, outcome: str, request: gr.Request) -> dict:
             """Vote on a battle: `token` from /new_round, `outcome` one of a, b, tie, both_bad."""
             try:
-                return arena.vote(token, outcome, client_id(request)).as_dict()
+                return arena.vote(token, outcome, client_ids(request)).as_dict()
             except VoteRejected as e:
                 raise gr.Error(str(e)) from None
 

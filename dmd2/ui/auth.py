@@ -1,8 +1,10 @@
-"""Who may train from the app: the admin token (with a lockout after wrong guesses) and public detection."""
+"""Who may train from the app: the admin token (with a lockout after wrong guesses) and public detection;
+and who a client is, by the address its requests come from (for limits a script cannot reset cheaply)."""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 import threading
 import time
@@ -11,6 +13,51 @@ TOKEN_ENV = "DMD2_ADMIN_TOKEN"
 MAX_WRONG_TOKENS = 5   # wrong admin tokens allowed per LOCKOUT_S window; then every attempt is refused
 LOCKOUT_S = 60.0
 LOOPBACK_HOSTS = ("localhost", "::1")
+PROXY_HEADER = "x-forwarded-for"
+
+
+def behind_proxy() -> bool:
+    """Whether the app runs behind a proxy that puts the client's address first in x-forwarded-for:
+    on a Hugging Face Space ($SPACE_ID)."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def address_key(host: str) -> str:
+    """An address as a client key: IPv4 as is, IPv4-mapped IPv6 as its IPv4, other IPv6 as its /64 network
+    (one subscriber usually gets a whole /64, so rotating addresses inside it costs nothing); a name as given."""
+    host = host.strip()
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host.lower()
+    if ip.version == 6:
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def client_address(request) -> str | None:
+    """The address a request (a gr.Request) came from, as `address_key` gives it; None if it has none.
+
+    Behind Hugging Face Spaces' proxy every request arrives from the proxy, and the client's own address
+    is the first entry of x-forwarded-for. That header is trusted only when the app knows it runs behind
+    such a proxy (behind_proxy()): a client that reaches the app directly can send any x-forwarded-for it
+    likes, and trusting it there would give a script a fresh address per request and so a way around
+    every per-address limit. Elsewhere the address is the connection's, request.client.host.
+    """
+    if request is None:
+        return None
+    host = None
+    if behind_proxy():
+        headers = getattr(request, "headers", None)
+        forwarded = headers.get(PROXY_HEADER) if headers is not None else None
+        if forwarded:
+            host = str(forwarded).split(",")[0].strip()
+    if not host:
+        client = getattr(request, "client", None)
+        host = getattr(client, "host", None) if client is not None else None
+    return address_key(str(host)) if host else None
 
 
 class NotAllowed(ValueError):

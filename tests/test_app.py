@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import served, tiny_pixel_unet, write_broken_model
 from dmd2 import registry
 from dmd2.families.pixel import save_pixel_unet
-from dmd2.ui.compare import compare
+from dmd2.ui.compare import compare, compare_steps
 from dmd2.ui.widgets import make_grid
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,14 +85,44 @@ def test_compare_reports_progress_to_the_end(tiny_models):
     (dict(seed=1.5), "seed must be an integer"),
     (dict(seed="abc"), "seed must be an integer"),
     (dict(label=12), "class label must be in 0..9"),
+    (dict(label="three"), "class label must be an integer, got 'three'"),
     (dict(steps=0), "steps must be between"),
+    (dict(steps="many"), "teacher steps must be an integer, got 'many'"),
     (dict(num_images=17), "number of images must be between"),
+    (dict(num_images="abc"), "number of images must be an integer, got 'abc'"),
     (dict(guidance=float("nan")), "guidance must be a finite number"),
+    (dict(guidance="strong"), "teacher guidance must be a number, got 'strong'"),
 ])
 def test_compare_rejects_bad_input(tiny_models, kwargs, message):
     args = dict(label=1, seed=0, num_images=1, steps=1, guidance=None) | kwargs
     with pytest.raises(ValueError, match=message):
         compare(tiny_models[:1], **args)
+
+
+def test_compare_takes_numbers_written_as_strings(tiny_models):
+    """The class is documented as '0'-'9': the string '3' is class 3, like every numeric field given as text."""
+    as_text = compare(tiny_models[:1], label="3", seed="7", num_images="2", steps="2", guidance="2.0")
+    as_numbers = compare(tiny_models[:1], label=3, seed=7, num_images=2, steps=2, guidance=2.0)
+    assert np.array_equal(as_text[0][0], as_numbers[0][0])
+
+
+def test_compare_steps_gives_students_before_the_teacher(tiny_models):
+    teacher, student, broken = tiny_models
+    steps = list(compare_steps([teacher, student, broken], 3, 7, 2, STEPS, 2.0))
+    assert len(steps) == 3                                        # after loading, after each model that loaded
+    first, second, last = steps
+    assert first[0] == (None, None) and first[1] == (None, None)  # nothing sampled yet
+    assert first[2][0] is None and "could not load" in first[2][1]      # a load failure shows at once
+    assert second[1][1].startswith("tiny-student: NFE 2") and second[0] == (None, None)   # student first
+    assert last[0][1].startswith("tiny-teacher: NFE 6") and last[1][1] == second[1][1]
+    final = compare([teacher, student, broken], 3, 7, 2, STEPS, 2.0)
+    assert [c for _, c in final][2] == last[2][1] and np.array_equal(final[0][0], last[0][0])
+
+
+def test_compare_shows_a_load_failure_in_one_line_without_server_paths(tiny_models):
+    [(img, cap)] = compare(tiny_models[2:], 0, 0, 1, 1, None)
+    assert img is None and cap.startswith("broken: could not load: ")
+    assert "\n" not in cap and str(Path(tiny_models[2]).parent) not in cap
 
 
 def test_compare_needs_a_model():
@@ -149,8 +179,14 @@ def test_app_compare_endpoint(client):
 @pytest.mark.parametrize("bad, message", [
     (dict(seed=-1), "seed must be between 0 and"),
     (dict(seed=2.5), "seed must be an integer"),
-    (dict(label=12), "12 is not in the list of choices"),      # the dropdown's own check
-    (dict(steps=0), "less than minimum value 1"),              # the slider's own check
+    (dict(label=12), "class label must be in 0..9 for tiny-teacher, got 12"),
+    (dict(label="x"), "class label must be an integer, got 'x'"),
+    (dict(steps=0), "teacher steps must be between 1 and 100, got 0"),     # the slider's range
+    (dict(steps=101), "teacher steps must be between 1 and 100, got 101"),
+    (dict(steps="abc"), "teacher steps must be an integer, got 'abc'"),    # was a bare "Error"
+    (dict(num_images="four"), "number of images must be an integer, got 'four'"),
+    (dict(guidance="high"), "teacher guidance must be a number, got 'high'"),
+    (dict(guidance=9), "teacher guidance must be a finite number between 1 and 8, got 9.0"),
 ])
 def test_app_bad_input_is_an_error_and_the_server_keeps_serving(client, bad, message):
     from gradio_client.exceptions import AppError
@@ -158,6 +194,23 @@ def test_app_bad_input_is_an_error_and_the_server_keeps_serving(client, bad, mes
     with pytest.raises(AppError, match=message):
         call(client, **bad)
     assert call(client, num_images=1)[1].startswith("tiny-teacher: NFE 6")
+
+
+def test_app_takes_the_class_as_a_string(client):
+    """'3' was refused by the dropdown's own check ("not in the list of choices"); it is class 3."""
+    assert np.array_equal(pixels(call(client, label="3", num_images=1)[0]), pixels(call(client, label=3, num_images=1)[0]))
+    assert call(client, label="3", seed="5", num_images="1", steps="3", guidance="2")[1].startswith("tiny-teacher: NFE 6")
+
+
+def test_app_compare_streams_the_students_before_the_teacher(client):
+    job = client.submit(2, 5, 1, STEPS, 2.0, api_name="/compare")
+    final = job.result()
+    streamed = job.outputs()
+    assert streamed[-1] == final and len(final) == 6       # the last output is predict's, same shape as before
+    with_student = [out for out in streamed if out[3].startswith("tiny-student: NFE 2")]
+    assert with_student and with_student[0][0] is None           # the student's panel came first ...
+    assert with_student[0][1] == "tiny-teacher: sampling..."     # ... while the teacher's was still sampling
+    assert final[1].startswith("tiny-teacher: NFE 6") and "could not load" in final[5]
 
 
 def test_app_script_sdxl_mode_names_an_unknown_model(tmp_path):

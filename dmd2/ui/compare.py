@@ -12,21 +12,23 @@ from dmd2 import registry
 from dmd2.families.base import ModelLoadError
 from dmd2.families.pixel import PixelFamily
 from dmd2.prompts import check_prompt, example_prompts
-from dmd2.ui.widgets import DISPLAY_SCALE, conditioning, display_name, make_grid, prompt_box
+from dmd2.ui.widgets import DISPLAY_SCALE, conditioning, display_name, make_grid, prompt_box, public_message
 
 MAX_IMAGES = 16
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 1000        # the schedule has 1000 training timesteps
+UI_STEPS = (1, 100)     # the tab's teacher-steps slider: also the limit for its API
+UI_GUIDANCE = (1.0, 8.0)
 
 Progress = Callable[[float, str], None]
 
 
 def _as_int(value, what: str, low: int, high: int) -> int:
-    """An integer in [low, high] from an int or an integral float/str; ValueError saying what is wrong."""
+    """An integer in [low, high] from an int or an integral float/str; ValueError naming the field `what`."""
     if isinstance(value, bool) or value is None:
         raise ValueError(f"{what} must be an integer, got {value!r}")
     try:
-        f = float(value)
+        f = float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be an integer, got {value!r}") from None
     if not math.isfinite(f) or not f.is_integer():
@@ -34,6 +36,20 @@ def _as_int(value, what: str, low: int, high: int) -> int:
     if not low <= int(f) <= high:
         raise ValueError(f"{what} must be between {low} and {high}, got {int(f)}")
     return int(f)
+
+
+def _as_float(value, what: str, low: float, high: float) -> float:
+    """A finite number in [low, high] from a number or a numeric str; ValueError naming the field `what`."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    try:
+        f = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number, got {value!r}") from None
+    if not (math.isfinite(f) and low <= f <= high):
+        limits = f">= {low:g}" if math.isinf(high) else f"between {low:g} and {high:g}"
+        raise ValueError(f"{what} must be a finite number {limits}, got {f}")
+    return f
 
 
 def random_seed() -> int:
@@ -46,9 +62,31 @@ def compare(models: list[str], label, seed, num_images=4, steps=None, guidance=N
     """Sample `num_images` images of class `label` (class models) or of the prompt `label` (text
     models) from `seed` with each model.
 
-    Returns one (grid, caption) per model, caption "name: NFE n, steps s, x ms"; `steps` and
-    `guidance` apply to teachers (students use their own timesteps). Bad input raises ValueError;
-    a model that fails to load gives (None, "name: could not load: ...") and the others still run.
+    Returns one (grid, caption) per model, in the order of `models`, caption "name: NFE n, steps s, x ms";
+    `steps` and `guidance` apply to teachers (students use their own timesteps). Bad input raises
+    ValueError naming the field; a model that fails to load or to sample gives (None, "name: could not
+    load: ..." or "name: failed: ...") and the others still run. `compare_steps` gives the same results
+    model by model.
+    """
+    return [(img, cap) for img, cap in _last(compare_steps(models, label, seed, num_images, steps, guidance,
+                                                              scale=scale, progress=progress))]
+
+
+def _last(iterator):
+    last = None
+    for last in iterator:
+        pass
+    return last
+
+
+def compare_steps(models: list[str], label, seed, num_images=4, steps=None, guidance=None, scale: int = 1,
+                  progress: Progress | None = None, max_steps: int = MAX_STEPS,
+                  guidance_range: tuple[float, float] = (0.0, math.inf)):
+    """`compare`, one model at a time: yields the list of (grid, caption) per model (in the order of `models`)
+    after checking the input and loading the models, then after each model; a caption is None while that
+    model has not run yet. Students run first and the teachers (many steps) last, so the students' grids
+    come at once. `steps` may be 1..`max_steps`, `guidance` within `guidance_range`; the last list is
+    `compare`'s result.
     """
     if not models:
         raise ValueError("no models to compare: none is available (train or download one first)")
@@ -56,22 +94,16 @@ def compare(models: list[str], label, seed, num_images=4, steps=None, guidance=N
     seed = _as_int(seed, "seed", 0, MAX_SEED)
     label = check_prompt(label) if text else _as_int(label, "class label", 0, 10**6)
     num_images = _as_int(num_images, "number of images", 1, MAX_IMAGES)
-    steps = None if steps is None else _as_int(steps, "steps", 1, MAX_STEPS)
-    if guidance is not None:
-        try:
-            guidance = float(guidance)
-        except (TypeError, ValueError):
-            raise ValueError(f"guidance must be a number, got {guidance!r}") from None
-        if not (math.isfinite(guidance) and guidance >= 0):
-            raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
+    steps = None if steps is None else _as_int(steps, "teacher steps", 1, max_steps)
+    guidance = None if guidance is None else _as_float(guidance, "teacher guidance", *guidance_range)
 
-    loaded: dict[str, registry.LoadedModel | str] = {}
+    loaded: list[registry.LoadedModel | str] = []
     for name in models:
         try:
-            loaded[name] = registry.load(name)
+            loaded.append(registry.load(name))
         except Exception as e:  # a missing/corrupt model must not take the others down
-            loaded[name] = str(e) if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"
-    for name, m in loaded.items():
+            loaded.append(public_message(e if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"))
+    for name, m in zip(models, loaded):
         if isinstance(m, str):
             continue
         if text:
@@ -79,34 +111,43 @@ def compare(models: list[str], label, seed, num_images=4, steps=None, guidance=N
         elif label >= m.num_classes:
             raise ValueError(f"class label must be in 0..{m.num_classes - 1} for {display_name(name)}, got {label}")
 
+    def is_teacher(m) -> bool:
+        return not isinstance(m, str) and m.spec.kind == "teacher"
+
     # Progress counts network calls of the step loop: teacher steps, one unit per student.
     def cost(m):
-        return 0 if isinstance(m, str) else ((steps or m.default_steps()) if m.spec.kind == "teacher" else 1)
-    total = max(1, sum(cost(m) for m in loaded.values()))
+        return 0 if isinstance(m, str) else ((steps or m.default_steps()) if is_teacher(m) else 1)
+    total = max(1, sum(cost(m) for m in loaded))
     done = 0
     labels = [label] * num_images
-    results = []
-    for name, m in loaded.items():
-        title = display_name(name)
+    results: list[tuple[np.ndarray | None, str | None]] = [
+        (None, f"{display_name(name)}: could not load: {m}") if isinstance(m, str) else (None, None)
+        for name, m in zip(models, loaded)]
+    yield list(results)
+    for i in sorted(range(len(models)), key=lambda i: is_teacher(loaded[i])):     # students first
+        m, title = loaded[i], display_name(models[i])
         if isinstance(m, str):
-            results.append((None, f"{title}: could not load: {m}"))
             continue
         if progress is not None:
             progress(done / total, f"{title}: sampling")
         callback = None
-        if progress is not None and m.spec.kind == "teacher":
-            def callback(i, n, _done=done, _title=title):
-                progress((_done + i) / total, f"{_title}: step {i}/{n}")
-        if m.spec.kind == "teacher":
-            out = m.generate(labels, seed, steps=steps, guidance=guidance, callback=callback)
+        if progress is not None and is_teacher(m):
+            def callback(step, n, _done=done, _title=title):
+                progress((_done + step) / total, f"{_title}: step {step}/{n}")
+        try:
+            if is_teacher(m):
+                out = m.generate(labels, seed, steps=steps, guidance=guidance, callback=callback)
+            else:
+                out = m.generate(labels, seed)
+        except Exception as e:      # one model failing to sample must not take the others down
+            results[i] = (None, f"{title}: failed: {public_message(e)}")
         else:
-            out = m.generate(labels, seed)
+            caption = f"{title}: NFE {out.nfe}, steps {out.extra['steps']}, {out.seconds * 1000:.0f} ms"
+            results[i] = (make_grid(out.images, scale=scale), caption)
         done += cost(m)
-        caption = f"{title}: NFE {out.nfe}, steps {out.extra['steps']}, {out.seconds * 1000:.0f} ms"
-        results.append((make_grid(out.images, scale=scale), caption))
+        yield list(results)
     if progress is not None:
         progress(1.0, "done")
-    return results
 
 
 def _defaults(models: list[str]) -> dict:
@@ -152,8 +193,8 @@ def build_compare_tab(models: list[str], wrap: Callable = lambda f: f, mode: str
             dice = gr.Button("Random seed", scale=0)
             num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images")
         with gr.Row():
-            steps = gr.Slider(1, 100, value=d["steps"], step=1, label="Teacher steps")
-            guidance = gr.Slider(1.0, 8.0, value=d["guidance"], step=0.25, label="Teacher guidance (CFG)")
+            steps = gr.Slider(*UI_STEPS, value=d["steps"], step=1, label="Teacher steps")
+            guidance = gr.Slider(*UI_GUIDANCE, value=d["guidance"], step=0.25, label="Teacher guidance (CFG)")
         button = gr.Button("Generate", variant="primary")
         if text:
             gr.Examples([[p] for p in examples], inputs=[label], label="Example prompts")
@@ -173,30 +214,55 @@ def build_compare_tab(models: list[str], wrap: Callable = lambda f: f, mode: str
                     captions.append(gr.Markdown())
 
         def run(label, seed, num_images, steps, guidance, progress=gr.Progress()):
+            # Raw values (preprocess=False): our checks name the field of a bad one, where the components'
+            # own checks answered a string in a slider with a bare "Error" and refused the class "3".
+            warned = set()
             try:
-                results = compare(models, label, seed, num_images, steps, guidance, scale=1 if text else DISPLAY_SCALE,
-                                  progress=lambda f, desc: progress(f, desc=desc))
+                for results in compare_steps(models, label, seed, num_images, steps, guidance,
+                                             scale=1 if text else DISPLAY_SCALE, max_steps=UI_STEPS[1],
+                                             guidance_range=UI_GUIDANCE,
+                                             progress=lambda f, desc: progress(f, desc=desc)):
+                    failed = [cap for img, cap in results if img is None and cap is not None]
+                    if failed and len(failed) == len(results):
+                        raise gr.Error("no model could be loaded: " + "; ".join(failed))
+                    for cap in failed:
+                        if cap not in warned:
+                            warned.add(cap)
+                            gr.Warning(cap)
+                    yield _panels(models, results)
             except ValueError as e:
                 raise gr.Error(str(e)) from None
-            failed = [cap for img, cap in results if img is None]
-            if failed and len(failed) == len(results):
-                raise gr.Error("no model could be loaded: " + "; ".join(failed))
-            for cap in failed:
-                gr.Warning(cap)
-            out = []
-            for img, cap in results:
-                if img is not None and img.shape[-1] == 1:
-                    img = img[..., 0]          # grayscale: PIL takes H x W, not H x W x 1
-                out += [img, cap]
-            return out
 
         outputs = [c for pair in zip(images, captions) for c in pair]
-        button.click(wrap(run), [label, seed, num_images, steps, guidance], outputs, api_name="compare")
+        # Streamed: each model's panel fills in when it is done, students first, the teacher last; the
+        # last output (what gradio_client's predict returns) has every panel. The teacher's steps show
+        # as progress on the teacher's panels only, so the students' images stay visible meanwhile.
+        teachers = [img for name, img in zip(models, images) if _kind(name) == "teacher"]
+        button.click(wrap(run), [label, seed, num_images, steps, guidance], outputs, api_name="compare",
+                     preprocess=False, show_progress_on=teachers or None)
         dice.click(random_seed, None, seed, api_visibility="private")
         extra = _build_more_models(models, more_models, button, [label, seed, num_images, steps, guidance],
                                    tab, wrap, scale=1 if text else DISPLAY_SCALE) if more_models is not None else {}
     return dict(label=label, seed=seed, num_images=num_images, steps=steps, guidance=guidance,
                 images=images, captions=captions, generate=button, mode=mode, **extra)
+
+
+def _kind(name: str) -> str | None:
+    """"teacher" or "student" for a model name or folder, None if it cannot be told."""
+    try:
+        return registry.spec_for(name).kind
+    except Exception:
+        return None
+
+
+def _panels(models: list[str], results) -> list:
+    """The Compare panels' outputs (image, caption per model) for `compare_steps` results."""
+    out = []
+    for name, (img, cap) in zip(models, results):
+        if img is not None and img.shape[-1] == 1:
+            img = img[..., 0]          # grayscale: PIL takes H x W, not H x W x 1
+        out += [img, cap if cap is not None else f"{display_name(name)}: sampling..."]
+    return out
 
 
 def _build_more_models(models: list[str], more_models: Callable[[], list[str]], button, inputs: list,
@@ -221,15 +287,20 @@ def _build_more_models(models: list[str], more_models: Callable[[], list[str]], 
         return gr.Dropdown(choices=list(current()))
 
     def run_more(picked, label, seed, num_images, steps, guidance):
-        if not picked:
+        if picked is None or picked == []:
             return []
+        if isinstance(picked, str):
+            picked = [picked]
+        if not isinstance(picked, list) or not all(isinstance(p, str) for p in picked):
+            raise gr.Error(f"models to also compare must be a list of names, got {picked!r}")
         known = current()
         unknown = [p for p in picked if p not in known]
         if unknown:
             raise gr.Error(f"unknown model {unknown[0]!r}: it is not a finished run (any more); "
                            "press Refresh list")
         try:
-            results = compare([known[p] for p in picked], label, seed, num_images, steps, guidance, scale=scale)
+            results = _last(compare_steps([known[p] for p in picked], label, seed, num_images, steps, guidance,
+                                          scale=scale, max_steps=UI_STEPS[1], guidance_range=UI_GUIDANCE))
         except ValueError as e:
             raise gr.Error(str(e)) from None
         for img, cap in results:
@@ -241,7 +312,7 @@ def _build_more_models(models: list[str], more_models: Callable[[], list[str]], 
         """Models that can be added to the comparison now (finished training runs)."""
         return list(current())
 
-    button.click(wrap(run_more), [picked, *inputs], gallery, api_name="compare_more")
+    button.click(wrap(run_more), [picked, *inputs], gallery, api_name="compare_more", preprocess=False)
     gr.on([refresh.click, tab.select], choices, None, picked, api_visibility="private")
     gr.api(names, api_name="compare_more_models")
     return dict(more=picked, more_gallery=gallery, more_refresh=refresh)

@@ -1,65 +1,244 @@
-"""Leaderboard tab: Bradley-Terry ratings with 95% intervals from the arena votes, the win-rate matrix, exports."""
+"""Leaderboard tab: Bradley-Terry ratings with 95% intervals from the arena votes, the win-rate matrix, exports.
+
+A view costs one COUNT of the votes: the ratings, counts and plot are computed once per new vote count
+(`LeaderboardCache`), and the bootstrap intervals (1,000 refits) in the background, in a child process
+(a thread of this one would hold the GIL and slow the generation threads beside it). The first view after
+a vote shows the point ratings at once with "computing..." in the interval column; the tab fills the
+intervals in when they are ready.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import logging
+import multiprocessing
+import os
 import tempfile
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
 from dmd2.arena import VoteStore, leaderboard, win_rate_matrix, win_rate_plot
+from dmd2.arena.ratings import rating_intervals, with_intervals
 from dmd2.ui.widgets import display_name
 
 COLUMNS = ["Rank", "Model", "Rating", "95% CI", "Battles", "Wins", "Losses", "Ties", "Both bad"]
-BOOTSTRAP_ROUNDS = 1000          # about 0.3 s for a few hundred votes between three models
+BOOTSTRAP_ROUNDS = 1000          # about 0.5 s for a few hundred votes between three models
 EXPORT_FORMATS = ("csv", "jsonl")
+COMPUTING = "computing..."       # the interval cell while the bootstrap runs
+FILL_IN_WAIT_S = 120.0           # how long the tab waits for the intervals before leaving "computing..."
+BOOTSTRAP_NICE = 10              # the bootstrap process yields the CPU to generation
+
+log = logging.getLogger("dmd2.ui")
+
+
+def _rows_table(rows: Sequence[Mapping], pending: bool = False) -> pd.DataFrame:
+    """COLUMNS from leaderboard rows, ratings rounded; `pending`: the intervals are not there yet."""
+    out = []
+    for r in rows:
+        rated = r["rating"] is not None
+        ci = (f"{r['ci_low']:.0f} to {r['ci_high']:.0f}" if rated and r["ci_low"] is not None else
+              COMPUTING if rated and pending else "")
+        out.append([r["rank"] if rated else None, display_name(r["model"]),
+                    round(r["rating"]) if rated else None, ci, r["battles"], r["wins"], r["losses"],
+                    r["ties"], r["both_bad"]])
+    return pd.DataFrame(out, columns=COLUMNS).astype({"Rank": "Int64", "Rating": "Int64"})
 
 
 def leaderboard_table(votes: Sequence[Mapping], models: Sequence[str],
                       rounds: int = BOOTSTRAP_ROUNDS) -> pd.DataFrame:
     """One row per model (best first; models without votes last, unrated): COLUMNS, ratings rounded."""
-    rows = []
-    for r in leaderboard(votes, models=models, rounds=rounds):
-        rated = r["rating"] is not None
-        ci = (f"{r['ci_low']:.0f} to {r['ci_high']:.0f}" if rated and r["ci_low"] is not None else "")
-        rows.append([r["rank"] if rated else None, display_name(r["model"]),
-                     round(r["rating"]) if rated else None, ci, r["battles"], r["wins"], r["losses"],
-                     r["ties"], r["both_bad"]])
-    return pd.DataFrame(rows, columns=COLUMNS).astype({"Rank": "Int64", "Rating": "Int64"})
+    return _rows_table(leaderboard(votes, models=models, rounds=rounds))
+
+
+def _plot(rows: Sequence[Mapping], votes: Sequence[Mapping]):
+    """The win-rate matrix of `votes` in the order of `rows` (a leaderboard) as a matplotlib Figure."""
+    matrix, names = win_rate_matrix(votes, models=[r["model"] for r in rows])
+    return win_rate_plot(matrix, [display_name(n) for n in names])
 
 
 def leaderboard_plot(votes: Sequence[Mapping], models: Sequence[str]):
     """The win-rate matrix (row beats column) as a matplotlib Figure, in leaderboard order."""
-    order = [r["model"] for r in leaderboard(votes, models=models, rounds=0)]
-    matrix, names = win_rate_matrix(votes, models=order)
-    return win_rate_plot(matrix, [display_name(n) for n in names])
+    return _plot(leaderboard(votes, models=models, rounds=0), votes)
+
+
+_pool_lock = threading.Lock()
+_pool: list[ProcessPoolExecutor] = []
+
+
+def _bootstrap_pool() -> ProcessPoolExecutor:
+    """One child process for every leaderboard of this server (spawned, not forked: the server has threads)."""
+    with _pool_lock:
+        if not _pool:
+            _pool.append(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=os.nice, initargs=(BOOTSTRAP_NICE,)))
+            atexit.register(_pool[0].shutdown, wait=False, cancel_futures=True)
+        return _pool[0]
+
+
+def _drop_pool(pool: ProcessPoolExecutor) -> None:
+    with _pool_lock:
+        if _pool and _pool[0] is pool:
+            _pool.clear()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+class LeaderboardCache:
+    """The leaderboard of a vote store: ratings, counts and plot computed once per vote count, the bootstrap
+    intervals once per vote count too, in the background (`rounds` resamples, seeded by `seed`).
+
+    `view(store, models)` gives (table, plot, pending) at once; `pending` is True while the intervals of the
+    votes shown are still being computed. `render(figure)` turns the plot into what the view returns
+    (the tab passes gr.Plot's postprocess, so the PNG is encoded once per vote count, not per view).
+    `in_process=True` computes the intervals in this process's worker thread instead of a child process.
+    Counters `fits` and `bootstraps` say how often each ran.
+    """
+
+    def __init__(self, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0, render: Callable[[Any], Any] = lambda f: f,
+                 in_process: bool = False):
+        self.rounds, self.seed, self.render, self.in_process = rounds, seed, render, in_process
+        self.fits = self.bootstraps = 0
+        self._compute = threading.Lock()         # one recompute at a time; a second view waits and reuses it
+        self._state = threading.Condition()      # guards everything below
+        self._point: tuple | None = None         # (key, rows, plot)
+        self._intervals: tuple | None = None     # (key, {model: (low, high)}): the newest finished
+        self._wanted: tuple | None = None        # (key, votes, models): what the worker computes next
+        self._worker: threading.Thread | None = None
+
+    def view(self, store: VoteStore, models: Sequence[str]) -> tuple[pd.DataFrame, Any, bool]:
+        """(table, plot, pending) for the votes in `store` now, between `models` (and any other voted model)."""
+        models = tuple(models)
+        with self._compute:
+            point = self._point
+            if point is None or point[0] != (len(store), models):
+                votes = store.votes()
+                key = (len(votes), models)       # what was read: a vote may land between the count and the read
+                rows = leaderboard(votes, models=models, rounds=0)
+                point = (key, rows, self.render(_plot(rows, votes)))
+                with self._state:
+                    self._point = point
+                    self.fits += 1
+                    if any(r["rating"] is not None for r in rows) and self.rounds > 0:
+                        self._want(key, [(v["model_a"], v["model_b"], v["outcome"]) for v in votes], models)
+        key, rows, plot = point
+        intervals = self.intervals(key)
+        rated = any(r["rating"] is not None for r in rows)
+        if intervals is not None:
+            rows = with_intervals(rows, intervals)
+        return _rows_table(rows, pending=rated and intervals is None), plot, rated and intervals is None
+
+    def intervals(self, key) -> dict | None:
+        """The intervals of the votes `key` names, or None while they are not computed (or are outdated)."""
+        with self._state:
+            return self._intervals[1] if self._intervals is not None and self._intervals[0] == key else None
+
+    def ready(self) -> bool:
+        """Are the intervals of the latest view's votes computed (or not needed)?"""
+        with self._state:
+            point = self._point
+        if point is None or self.rounds <= 0 or not any(r["rating"] is not None for r in point[1]):
+            return True
+        return self.intervals(point[0]) is not None
+
+    def wait(self, timeout: float) -> bool:
+        """Block until `ready()` or `timeout` seconds; returns `ready()`."""
+        deadline = time.monotonic() + timeout
+        with self._state:
+            while not self.ready():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._state.wait(left)
+        return True
+
+    def _want(self, key, votes: list[tuple], models: tuple) -> None:
+        """Ask the worker for the intervals of `votes` (a newer request replaces one not yet started)."""
+        self._wanted = (key, votes, models)
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work, name="leaderboard-bootstrap", daemon=True)
+            self._worker.start()
+        self._state.notify_all()
+
+    def _work(self) -> None:
+        """Worker thread: compute the newest wanted intervals, one job at a time, until none is wanted."""
+        while True:
+            with self._state:
+                if self._wanted is None:
+                    self._worker = None
+                    return
+                (key, votes, models), self._wanted = self._wanted, None
+            try:
+                intervals = self._bootstrap(votes, models)
+            except Exception:                 # never seen; the table keeps saying "computing..."
+                log.exception("leaderboard bootstrap failed")
+                continue
+            with self._state:
+                self.bootstraps += 1
+                self._intervals = (key, intervals)
+                self._state.notify_all()
+
+    def _bootstrap(self, votes: list[tuple], models: tuple) -> dict:
+        votes = [dict(model_a=a, model_b=b, outcome=o) for a, b, o in votes]
+        kwargs = dict(models=models, rounds=self.rounds, seed=self.seed)
+        if not self.in_process:
+            pool = _bootstrap_pool()
+            try:
+                return pool.submit(rating_intervals, votes, **kwargs).result()
+            except Exception as e:            # no child process here (or it died): compute in this thread
+                log.warning("leaderboard bootstrap in a child process failed (%s); computing in-process", e)
+                _drop_pool(pool)
+        return rating_intervals(votes, **kwargs)
+
+
+_exports: list[tempfile.TemporaryDirectory] = []
+_exports_lock = threading.Lock()
+
+
+def _export_folder() -> Path:
+    """This process's one folder for vote exports (in the temp dir, removed when the process exits)."""
+    with _exports_lock:
+        if not _exports:
+            _exports.append(tempfile.TemporaryDirectory(prefix="dmd2-votes-"))
+        return Path(_exports[0].name)
 
 
 def export_votes(store: VoteStore, fmt: str, folder: str | Path | None = None) -> Path:
-    """Write every vote to `<folder>/votes-<UTC time>.<fmt>` (csv or jsonl; default: a fresh temp folder)."""
+    """Write every vote to `<folder>/votes.<fmt>` (csv or jsonl), replacing the last export of that format.
+
+    Default folder: one per process, in the temp dir: exports reuse one file per format instead of
+    leaving a folder behind each time (Gradio serves a copy from its cache, which `delete_cache` cleans).
+    The file is replaced atomically, so a download never gets half an export.
+    """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"export format must be one of {EXPORT_FORMATS}, got {fmt!r}")
-    folder = Path(tempfile.mkdtemp(prefix="dmd2-votes-") if folder is None else folder)
-    path = folder / f"votes-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.{fmt}"
+    path = Path(_export_folder() if folder is None else folder) / f"votes.{fmt}"
     (store.export_csv if fmt == "csv" else store.export_jsonl)(path)
     return path
 
 
 def build_leaderboard_tab(models: Sequence[str] | Callable[[], Sequence[str]],
-                          store: Callable[[], VoteStore]) -> dict:
+                          store: Callable[[], VoteStore], concurrency_limit: int | None = 4,
+                          cache: LeaderboardCache | None = None) -> dict:
     """The Leaderboard tab (inside an open gr.Blocks); `store()` gives the vote store (opened on first use).
 
-    `models` may be a function giving the current list (read on every refresh).
+    `models` may be a function giving the current list (read on every refresh). Views run
+    `concurrency_limit` at a time in their own queue (not behind generation). `cache` replaces the
+    default LeaderboardCache (1,000 bootstrap rounds).
     """
+    import anyio
     import gradio as gr
 
     current = models if callable(models) else (lambda fixed=list(models): fixed)
     with gr.Tab("Leaderboard", id="leaderboard") as tab:
         gr.Markdown("Bradley-Terry ratings on the Elo scale (mean 1000; 400 points = 10:1 odds) from "
                     "the arena votes, with 95% bootstrap intervals. Ties and 'both bad' count half a win "
-                    "to each side. Rank = 1 + the number of models whose whole interval is above.")
+                    "to each side. Rank = 1 + the number of models whose whole interval is above. After new "
+                    "votes the intervals take a few seconds; the table fills them in when they are ready.")
         refresh = gr.Button("Refresh")
         table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Leaderboard", elem_id="leaderboard-table")
         plot = gr.Plot(label="Win rates")
@@ -67,13 +246,30 @@ def build_leaderboard_tab(models: Sequence[str] | Callable[[], Sequence[str]],
             csv_button = gr.Button("Export CSV")
             jsonl_button = gr.Button("Export JSONL")
         file = gr.File(label="Votes", interactive=False)
+        if cache is None:
+            cache = LeaderboardCache(render=plot.postprocess)
 
         def show():
-            votes, names = store().votes(), list(current())
-            return leaderboard_table(votes, names), leaderboard_plot(votes, names)
+            table_now, plot_now, _ = cache.view(store(), list(current()))
+            return table_now, plot_now
 
-        refresh.click(show, None, [table, plot], api_name="leaderboard")
-        tab.select(show, None, [table, plot], api_visibility="private")
+        async def fill_in(shown):
+            """After a view: if it said "computing...", wait for the intervals and show them."""
+            column = shown[COLUMNS[3]] if isinstance(shown, pd.DataFrame) and COLUMNS[3] in shown else []
+            if not any(cell == COMPUTING for cell in column):
+                return gr.skip(), gr.skip()
+            deadline = time.monotonic() + FILL_IN_WAIT_S
+            while not cache.ready() and time.monotonic() < deadline:
+                await asyncio.sleep(0.25)
+            return await anyio.to_thread.run_sync(show)
+
+        limits = dict(concurrency_limit=concurrency_limit, concurrency_id="leaderboard")
+        waits = dict(concurrency_limit=None, concurrency_id="leaderboard-fill-in", api_visibility="private",
+                     show_progress="hidden")
+        refresh.click(show, None, [table, plot], api_name="leaderboard", **limits).then(
+            fill_in, table, [table, plot], **waits)
+        tab.select(show, None, [table, plot], api_visibility="private", **limits).then(
+            fill_in, table, [table, plot], **waits)
         csv_button.click(lambda: str(export_votes(store(), "csv")), None, file, api_name="export_csv")
         jsonl_button.click(lambda: str(export_votes(store(), "jsonl")), None, file, api_name="export_jsonl")
-    return dict(table=table, plot=plot, refresh=refresh, file=file)
+    return dict(table=table, plot=plot, refresh=refresh, file=file, cache=cache)

@@ -54,3 +54,41 @@ def test_is_public_counts_network_hosts_shares_and_spaces(monkeypatch, share, ho
     if space:
         monkeypatch.setenv("SPACE_ID", space)
     assert is_public(share, host) is public
+
+
+def test_one_clients_wrong_tokens_do_not_lock_out_another():
+    """The lockout is per client address: a guesser locks out itself, not the admin."""
+    now = [1000.0]
+    guarded = AdminGate(TOKEN, clock=lambda: now[0])
+    for _ in range(MAX_WRONG_TOKENS):
+        with pytest.raises(NotAllowed, match="Wrong admin token"):
+            guarded.authorize("guess", client="203.0.113.66")
+    with pytest.raises(NotAllowed, match="Too many wrong admin tokens"):
+        guarded.authorize(TOKEN, client="203.0.113.66")
+    guarded.authorize(TOKEN, client="198.51.100.20")                 # the admin, elsewhere
+    guarded.authorize(TOKEN)                                         # callers without an address: their own key
+    with pytest.raises(NotAllowed, match="Wrong admin token"):      # another guesser starts from zero
+        guarded.authorize("guess", client="192.0.2.1")
+    now[0] += LOCKOUT_S
+    guarded.authorize(TOKEN, client="203.0.113.66")
+
+
+def test_the_lockout_table_forgets_stale_clients_and_stays_bounded(monkeypatch):
+    from dmd2.ui import auth
+
+    now = [1000.0]
+    guarded = AdminGate(TOKEN, clock=lambda: now[0])
+    for k in range(50):
+        with pytest.raises(NotAllowed, match="Wrong admin token"):
+            guarded.authorize("guess", client=f"192.0.2.{k}")
+    assert len(guarded._failures) == 50
+    now[0] += LOCKOUT_S                                              # their wrong tokens are all stale now
+    with pytest.raises(NotAllowed, match="Wrong admin token"):
+        guarded.authorize("guess", client="203.0.113.1")
+    assert list(guarded._failures) == ["203.0.113.1"]
+
+    monkeypatch.setattr(auth, "MAX_TRACKED_CLIENTS", 10)             # many addresses within one window
+    for k in range(30):
+        with pytest.raises(NotAllowed, match="Wrong admin token"):
+            guarded.authorize("guess", client=f"198.51.100.{k}")
+    assert list(guarded._failures) == [f"198.51.100.{k}" for k in range(20, 30)]   # the most recent kept

@@ -209,6 +209,37 @@ def test_a_failing_trainer_is_reported_with_its_error(app, teacher, tmp_path):
     assert v["state"] == "failed" and "exited with code 1" in v["error"] and "error:" in v["error"], v
 
 
+def test_one_clients_wrong_tokens_do_not_lock_the_admin_out(app, teacher, tmp_path, monkeypatch):
+    """Through /train_launch: a guesser's address is locked after MAX_WRONG_TOKENS, the admin's is not."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from dmd2.ui.auth import MAX_WRONG_TOKENS
+
+    client, manager = app
+    monkeypatch.setenv("SPACE_ID", "user/space")           # clients told apart by x-forwarded-for's first entry
+
+    def from_address(address):
+        return Client(client.src, verbose=False, download_files=str(tmp_path),
+                      headers={"x-forwarded-for": f"{address}, 10.0.0.1"})
+
+    guesser, admin = from_address("203.0.113.66"), from_address("198.51.100.20")
+    settings, extra = tiny(teacher)
+    for k in range(MAX_WRONG_TOKENS):
+        guesser.reset_session()                             # fresh sessions do not help the guesser
+        with pytest.raises(AppError, match="Wrong admin token"):
+            launch(guesser, "t-lock", settings, extra, token=f"guess-{k}")
+    with pytest.raises(AppError, match="Too many wrong admin tokens"):
+        launch(guesser, "t-lock", settings, extra)
+    with pytest.raises(AppError, match="bad run name"):    # the admin passes the gate (the name then fails)
+        launch(admin, "../t-lock", settings, extra)
+    with pytest.raises(AppError, match="Too many wrong admin tokens"):   # stop and resume: the same lockout
+        guesser.predict("done", TOKEN, api_name="/train_stop")
+    with pytest.raises(AppError, match="Too many wrong admin tokens"):
+        guesser.predict("done", TOKEN, api_name="/train_resume")
+    assert not (manager.runs_root / "t-lock").exists()
+
+
 def test_public_app_without_token_refuses_to_train(teacher, tmp_path, monkeypatch):
     from gradio_client import Client
     from gradio_client.exceptions import AppError

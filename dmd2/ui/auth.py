@@ -8,10 +8,13 @@ import ipaddress
 import os
 import threading
 import time
+from collections import OrderedDict
 
 TOKEN_ENV = "DMD2_ADMIN_TOKEN"
-MAX_WRONG_TOKENS = 5   # wrong admin tokens allowed per LOCKOUT_S window; then every attempt is refused
+MAX_WRONG_TOKENS = 5   # wrong admin tokens allowed per client per LOCKOUT_S window; then its attempts are refused
 LOCKOUT_S = 60.0
+MAX_TRACKED_CLIENTS = 10_000   # clients whose wrong tokens are remembered at once (the least recent are forgotten)
+UNKNOWN_CLIENT = "unknown"     # the key of callers without an address (direct Python calls)
 LOOPBACK_HOSTS = ("localhost", "::1")
 PROXY_HEADER = "x-forwarded-for"
 
@@ -77,14 +80,16 @@ def is_public(share: bool = False, host: str | None = None) -> bool:
 
 class AdminGate:
     """Launch, stop and resume need `admin_token` when one is set (constant-time compare); a `public`
-    app without a token refuses them all. After MAX_WRONG_TOKENS wrong tokens within LOCKOUT_S, every
-    attempt is refused until the window has passed."""
+    app without a token refuses them all. After MAX_WRONG_TOKENS wrong tokens from one client (its
+    `client_address`) within LOCKOUT_S, that client's attempts are refused until the window has passed;
+    other clients are not: one guesser cannot lock the real admin out."""
 
     def __init__(self, admin_token: str | None = None, public: bool = False, clock=time.monotonic):
         self.admin_token = admin_token or None            # an empty token would be no protection
         self.public = public
         self._clock = clock
-        self._failures: list[float] = []                  # times of recent wrong tokens
+        # client -> times of its recent wrong tokens; the client that failed least recently first
+        self._failures: OrderedDict[str, list[float]] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -99,8 +104,9 @@ class AdminGate:
                     f"admin token is configured. Set {TOKEN_ENV} on the server to enable it.")
         return None
 
-    def authorize(self, token: str | None) -> None:
-        """NotAllowed unless this caller may launch, stop or resume runs."""
+    def authorize(self, token: str | None, client: str | None = None) -> None:
+        """NotAllowed unless this caller may launch, stop or resume runs. `client`: who asks (its
+        `client_address`); callers without one share the UNKNOWN_CLIENT lockout."""
         refusal = self.refusal()
         if refusal:
             raise NotAllowed(refusal)
@@ -109,13 +115,28 @@ class AdminGate:
         if not token:
             raise NotAllowed("This app needs the admin token to launch, stop or resume runs: "
                              "enter it in the Admin token box.")
+        client = client or UNKNOWN_CLIENT
         with self._lock:
             now = self._clock()
-            self._failures = [f for f in self._failures if now - f < LOCKOUT_S]
-            if len(self._failures) >= MAX_WRONG_TOKENS:
-                wait = LOCKOUT_S - (now - self._failures[0])
+            self._forget_stale(now)
+            failures = [f for f in self._failures.get(client, ()) if now - f < LOCKOUT_S]
+            if len(failures) >= MAX_WRONG_TOKENS:
+                wait = LOCKOUT_S - (now - failures[-MAX_WRONG_TOKENS])
                 raise NotAllowed(f"Too many wrong admin tokens ({MAX_WRONG_TOKENS} in {LOCKOUT_S:.0f} s): "
                                  f"try again in {wait:.0f} s.")
             if not hmac.compare_digest(str(token).encode(), self.admin_token.encode()):
-                self._failures.append(now)
+                self._failures[client] = failures + [now]
+                self._failures.move_to_end(client)
+                # Bounded memory: a guesser with many addresses cannot grow the table past this; the
+                # clients it forgets are the ones whose last wrong token is the oldest.
+                while len(self._failures) > MAX_TRACKED_CLIENTS:
+                    self._failures.popitem(last=False)
                 raise NotAllowed("Wrong admin token.")
+
+    def _forget_stale(self, now: float) -> None:
+        """Drop the clients whose last wrong token is older than LOCKOUT_S (they lead the ordered table)."""
+        while self._failures:
+            client, failures = next(iter(self._failures.items()))
+            if now - failures[-1] < LOCKOUT_S:
+                return
+            del self._failures[client]

@@ -10,6 +10,7 @@ admin token when DMD2_ADMIN_TOKEN is set), `/train_status` and `/train_runs`.
 
 # No `from __future__ import annotations`: gr.api reads the endpoints' type hints at run time.
 
+import functools
 import math
 import time
 from typing import Optional
@@ -17,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from dmd2 import registry
-from dmd2.ui.auth import TOKEN_ENV, AdminGate, NotAllowed
+from dmd2.ui.auth import TOKEN_ENV, AdminGate, NotAllowed, client_address
 from training.jobs import Jobs, JobError, training_records
 from training.runs import Run
 
@@ -54,17 +55,18 @@ class TrainManager(Jobs):
         """The form's knobs as the preset sets them."""
         return self.preset_values(preset, [key for key, _, _ in KNOBS])
 
+    # `client`: who asks (dmd2.ui.auth.client_address of its request), so wrong tokens lock out only it.
     def launch(self, preset: str, name: str, settings: Optional[dict] = None, extra: str = "",
-               token: Optional[str] = None) -> dict:
-        self.gate.authorize(token)
+               token: Optional[str] = None, client: Optional[str] = None) -> dict:
+        self.gate.authorize(token, client)
         return super().launch(preset, name, settings, extra)
 
-    def resume(self, name: str, token: Optional[str] = None) -> dict:
-        self.gate.authorize(token)
+    def resume(self, name: str, token: Optional[str] = None, client: Optional[str] = None) -> dict:
+        self.gate.authorize(token, client)
         return super().resume(name)
 
-    def stop(self, name: str, token: Optional[str] = None, **kwargs) -> dict:
-        self.gate.authorize(token)
+    def stop(self, name: str, token: Optional[str] = None, client: Optional[str] = None, **kwargs) -> dict:
+        self.gate.authorize(token, client)
         return super().stop(name, **kwargs)
 
 
@@ -180,9 +182,10 @@ def build_train_tab(manager: TrainManager) -> dict:
         timer = gr.Timer(POLL_S)
 
         def errors(fn):
-            def wrapped(*args):
+            @functools.wraps(fn)             # keeps fn's signature: Gradio finds its gr.Request parameter there
+            def wrapped(*args, **kwargs):
                 try:
-                    return fn(*args)
+                    return fn(*args, **kwargs)
                 except (JobError, NotAllowed) as e:
                     raise gr.Error(str(e)) from None
             return wrapped
@@ -217,19 +220,21 @@ def build_train_tab(manager: TrainManager) -> dict:
             return [gr.Dropdown(choices=names, value=v["name"]), progress_html(v), status_markdown(v),
                     manager.runs_table(), None]
 
-        def do_launch(preset, run_name, *rest):
+        # The request first: Gradio passes a gr.Request only to parameters before *rest.
+        def do_launch(request: gr.Request, preset, run_name, *rest):
             *knob_values, extra_text, token_text = rest
-            return after(manager.launch(preset, run_name, settings_of(knob_values), extra_text, token_text))
+            return after(manager.launch(preset, run_name, settings_of(knob_values), extra_text, token_text,
+                                        client=client_address(request)))
 
-        def do_stop(watched, token_text):
+        def do_stop(watched, token_text, request: gr.Request):
             if not watched:
                 raise JobError("select a run to stop")
-            return after(manager.stop(watched, token_text))
+            return after(manager.stop(watched, token_text, client=client_address(request)))
 
-        def do_resume(watched, token_text):
+        def do_resume(watched, token_text, request: gr.Request):
             if not watched:
                 raise JobError("select a run to resume")
-            return after(manager.resume(watched, token_text))
+            return after(manager.resume(watched, token_text, client=client_address(request)))
 
         def names_list():
             names = manager.run_names()
@@ -244,18 +249,19 @@ def build_train_tab(manager: TrainManager) -> dict:
         gr.on([timer.tick, watch.change], poll, [watch, seen], [progress, status, plot, sample, table, seen],
               api_visibility="private", show_progress="hidden", concurrency_limit=None, queue=False)
 
+        # gr.api passes the gr.Request (not an API parameter) to the parameter annotated with it.
         def train_launch(preset: str, name: str, settings: Optional[dict] = None, extra: str = "",
-                         token: str = "") -> dict:
+                         token: str = "", request: gr.Request = None) -> dict:
             """Launch a run: a preset name, a run name, config values ({"iterations": 100, ...}), the admin token."""
-            return errors(manager.launch)(preset, name, settings, extra, token)
+            return errors(manager.launch)(preset, name, settings, extra, token, client=client_address(request))
 
-        def train_stop(name: str, token: str = "") -> dict:
+        def train_stop(name: str, token: str = "", request: gr.Request = None) -> dict:
             """Stop a running run (SIGTERM to its process group)."""
-            return errors(manager.stop)(name, token)
+            return errors(manager.stop)(name, token, client=client_address(request))
 
-        def train_resume(name: str, token: str = "") -> dict:
+        def train_resume(name: str, token: str = "", request: gr.Request = None) -> dict:
             """Resume a run from its last checkpoint."""
-            return errors(manager.resume)(name, token)
+            return errors(manager.resume)(name, token, client=client_address(request))
 
         def train_status(name: str) -> dict:
             """A run's state, step, total, percent, ETA (s) and error."""

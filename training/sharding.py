@@ -1,12 +1,67 @@
-"""Full (unsharded) state dicts of FSDP-sharded models and their optimisers, for checkpoints and export.
+"""FSDP2 for the trained models: `fully_shard` per UNet block, applied by the trainer itself, and the full
+(unsharded) or sharded (DCP) state dicts of sharded models and their optimisers, for checkpoints and export.
 
-Each function is a collective under FSDP: every rank calls it. Gathered states live on the CPU of
+Why the trainer shards and not `accelerate.prepare`: accelerate refuses FSDP without a GPU (with
+`cpu=True` it silently runs DDP), so its FSDP path could never be tested here. The trainer applies
+`torch.distributed.fsdp.fully_shard` itself whenever FSDP is asked for (`accelerate launch --config_file
+configs/accelerate/fsdp.yaml`, which sets ACCELERATE_USE_FSDP=true, or that variable under torchrun): the
+same code on CPU (gloo) and GPU (NCCL), with the shard units named in that config.
+
+Each state function is a collective under FSDP: every rank calls it. Gathered states live on the CPU of
 rank 0 only (the other ranks get empty dicts); loading takes the full dicts on every rank.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+# The shard units: each block is all-gathered only while it runs (configs/accelerate/fsdp.yaml names the
+# same classes in fsdp_transformer_layer_cls_to_wrap; tests/test_fsdp.py checks that they agree).
+UNIT_CLASSES = ("DownBlock2D", "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def fsdp_requested(accelerator) -> bool:
+    """True when the run was launched for FSDP (accelerate's state, or ACCELERATE_USE_FSDP=true) on >1 process."""
+    from accelerate.utils import DistributedType
+
+    asked = (accelerator.distributed_type == DistributedType.FSDP
+             or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"))
+    return asked and accelerator.num_processes > 1
+
+
+def unit_classes() -> tuple[str, ...]:
+    """The block classes to shard apart: FSDP_TRANSFORMER_CLS_TO_WRAP (set by accelerate launch) or UNIT_CLASSES."""
+    names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+    return tuple(n.strip() for n in names.split(",") if n.strip()) or UNIT_CLASSES
+
+
+def shard(module: torch.nn.Module, device: torch.device, classes: tuple[str, ...] | None = None) -> list[str]:
+    """`fully_shard` every submodule of one of `classes`, then `module` itself (the rest); returns the unit names.
+
+    Parameters become DTensors sharded over all ranks (dim 0); a unit is all-gathered for its forward and
+    backward and resharded after. The parameters are fp32; bf16 compute comes from the trainer's autocast.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    classes = classes or unit_classes()
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    units = [name for name, m in module.named_modules() if name and type(m).__name__ in classes]
+    for name in units:
+        fully_shard(module.get_submodule(name), mesh=mesh, reshard_after_forward=True)
+    fully_shard(module, mesh=mesh, reshard_after_forward=True)
+    return units
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> float:
+    """torch's clip_grad_norm_ on (sharded) parameters: the norm of the full gradient, the same on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    norm = torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], max_norm)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 def _options(**kwargs):
@@ -36,3 +91,4 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mo
 
     set_model_state_dict(model, model_state, options=_options())
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=_options())
+

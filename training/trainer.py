@@ -6,6 +6,7 @@ The loop around it (logging, samples, checkpoints, the run folder) is `training/
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from pathlib import Path
@@ -50,13 +51,14 @@ class DMD2Trainer:
                  data: tuple[torch.Tensor, torch.Tensor] | None = None):
         """`teacher` / `data`: a pixel teacher UNet and (images, labels) already in memory (tests, scripts)."""
         from accelerate import Accelerator
-        from accelerate.utils import DistributedType
 
         self.cfg = cfg
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.acc.device
         rank = self.acc.process_index
-        self.sharded = self.acc.distributed_type == DistributedType.FSDP  # then some calls must run on every rank
+        # FSDP asked for: the trainer shards the generator and the critic itself (training/sharding.py), on CPU
+        # and GPU alike; then some calls (state dicts, sampling) must run on every rank.
+        self.sharded = sharding.fsdp_requested(self.acc)
         if self.sharded and cfg.ema_decay > 0:
             raise ConfigError("ema_decay > 0 with FSDP: the EMA would be a full copy of the generator on every GPU; "
                               "set ema_decay: 0 (as the SDXL presets do) or use DDP")
@@ -108,11 +110,17 @@ class DMD2Trainer:
             self.real_unet.to(frozen_dtype)
         self.ema = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
 
+        if self.sharded:  # before the optimisers, which then hold the sharded (DTensor) parameters
+            self.shard_units = {"generator": sharding.shard(generator, self.device),
+                                "critic": sharding.shard(critic, self.device)}
         adamw = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         trainable = [p for p in generator.parameters() if p.requires_grad]  # all of them, or only the LoRA's
         opt_g = torch.optim.AdamW(trainable, lr=cfg.generator_lr, **adamw)
         opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, **adamw)
-        self.generator, self.critic, self.opt_g, self.opt_c = self.acc.prepare(generator, critic, opt_g, opt_c)
+        if self.sharded:
+            self.generator, self.critic, self.opt_g, self.opt_c = generator, critic, opt_g, opt_c
+        else:
+            self.generator, self.critic, self.opt_g, self.opt_c = self.acc.prepare(generator, critic, opt_g, opt_c)
         # Horizons in each optimiser's own steps: the generator steps once per `ttur` critic steps.
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(
             self.opt_g, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.iterations // cfg.ttur, cfg.lr_min_ratio))
@@ -152,6 +160,15 @@ class DMD2Trainer:
             return real_cond
         return self.family.condition([self.prompts[i] for i in self.prompt_sampler.next().tolist()])
 
+    def _clip(self, module, max_norm: float) -> float:
+        if self.sharded:
+            return sharding.clip_grad_norm_(module.parameters(), max_norm)
+        return float(self.acc.clip_grad_norm_(module.parameters(), max_norm))
+
+    def _no_sync(self, module):
+        # DDP: its wrapper must not wait for gradients of a frozen module; FSDP: a frozen module has none to reduce.
+        return contextlib.nullcontext() if self.sharded else self.acc.no_sync(module)
+
     def _randint(self, low: int, high: int, n: int) -> torch.Tensor:
         return torch.randint(low, high, (n,), generator=self.rng).to(self.device)
 
@@ -185,7 +202,7 @@ class DMD2Trainer:
         self._check({k: out[k] for k in ("fake_denoise", "gan_critic") if k in out})
         self.opt_c.zero_grad(set_to_none=True)
         self.acc.backward(total)
-        grad_norm = self.acc.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
+        grad_norm = self._clip(self.critic, cfg.grad_clip)
         self.opt_c.step()
         self.opt_c.zero_grad(set_to_none=True)  # free the gradients between steps
         self.sched_c.step()
@@ -205,7 +222,7 @@ class DMD2Trainer:
         k = self.timesteps.index(int(t[0]))  # the student step being trained (one per batch)
         parts = {}
         # Frozen: no weight gradients for the critic; no_sync: its DDP wrapper expects none.
-        with self.critic_module.frozen(), self.acc.no_sync(self.critic):
+        with self.critic_module.frozen(), self._no_sync(self.critic):
             if cfg.dm_weight > 0:
                 T = fam.schedule.num_train_timesteps
                 t_dm = self._randint(int(cfg.dm_min_t * T), int(cfg.dm_max_t * T) + 1, n).clamp(max=T - 1)
@@ -223,7 +240,7 @@ class DMD2Trainer:
             total = cfg.dm_weight * parts.get("dm", 0.0) + cfg.gan_generator_weight * parts.get("gan_generator", 0.0)
             self.opt_g.zero_grad(set_to_none=True)
             self.acc.backward(total)
-        grad_norm = self.acc.clip_grad_norm_(self.generator.parameters(), cfg.grad_clip)
+        grad_norm = self._clip(self.generator, cfg.grad_clip)
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
         self.sched_g.step()
@@ -270,8 +287,8 @@ class DMD2Trainer:
     def state_dict(self) -> dict:
         """Everything a checkpoint holds (under FSDP a collective: every rank calls it, rank 0 gets the states)."""
         if self.sharded:
-            generator, opt_g = sharding.full_state(self.generator, self.opt_g.optimizer)
-            critic, opt_c = sharding.full_state(self.critic, self.opt_c.optimizer)
+            generator, opt_g = sharding.full_state(self.generator, self.opt_g)
+            critic, opt_c = sharding.full_state(self.critic, self.opt_c)
         else:
             generator, critic = self.generator_module.state_dict(), self.critic_module.state_dict()
             opt_g, opt_c = self.opt_g.state_dict(), self.opt_c.state_dict()
@@ -288,12 +305,28 @@ class DMD2Trainer:
             "rng": self.rng.get_state(),
             "sampler": self.sampler.state_dict(),
             "prompt_sampler": self.prompt_sampler.state_dict() if self.prompt_sampler else None,
+            # Every rank draws its own noise and data: their positions, so that each rank resumes its own.
+            "ranks": self._gathered(self._draw_state()),
         }
+
+    def _draw_state(self) -> dict:
+        return {"rng": self.rng.get_state(), "sampler": self.sampler.state_dict(),
+                "prompt_sampler": self.prompt_sampler.state_dict() if self.prompt_sampler else None}
+
+    def _gathered(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every rank (a collective when there are several processes)."""
+        import torch.distributed as dist
+
+        if self.acc.num_processes == 1 or not dist.is_initialized():
+            return [obj]
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         if self.sharded:
-            sharding.load_full_state(self.generator, self.opt_g.optimizer, state["generator"], state["opt_g"])
-            sharding.load_full_state(self.critic, self.opt_c.optimizer, state["critic"], state["opt_c"])
+            sharding.load_full_state(self.generator, self.opt_g, state["generator"], state["opt_g"])
+            sharding.load_full_state(self.critic, self.opt_c, state["critic"], state["opt_c"])
         else:
             self.generator_module.load_state_dict(state["generator"])
             self.critic_module.load_state_dict(state["critic"])
@@ -312,10 +345,12 @@ class DMD2Trainer:
                 group["initial_lr"] = base
             sched.last_epoch -= 1
             sched.step()
-        self.rng.set_state(state["rng"])
-        self.sampler.load_state_dict(state["sampler"])
+        ranks = state.get("ranks") or []  # checkpoints before per-rank states: every rank takes rank 0's
+        mine = ranks[self.acc.process_index] if len(ranks) == self.acc.num_processes else state
+        self.rng.set_state(mine["rng"])
+        self.sampler.load_state_dict(mine["sampler"])
         if self.prompt_sampler is not None:
-            self.prompt_sampler.load_state_dict(state["prompt_sampler"])
+            self.prompt_sampler.load_state_dict(mine["prompt_sampler"])
         self.step = state["step"]
         self.generator_updates = state["generator_updates"]
 

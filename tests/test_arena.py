@@ -367,3 +367,18 @@ def test_win_rate_matrix_and_plot():
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == names
     assert len(ax.texts) == 12                                       # one label per played cell
+
+
+def test_the_vote_limit_comes_from_the_environment(monkeypatch):
+    from dmd2.arena.store import vote_limit_from_env
+
+    monkeypatch.delenv("DMD2_VOTES_PER_MINUTE", raising=False)
+    assert vote_limit_from_env() == 30
+    monkeypatch.setenv("DMD2_VOTES_PER_MINUTE", "5")
+    assert vote_limit_from_env() == 5
+    monkeypatch.setenv("DMD2_VOTES_PER_MINUTE", "0")
+    assert vote_limit_from_env() is None                       # no limit, for a closed load test
+    for bad in ("many", "-1"):
+        monkeypatch.setenv("DMD2_VOTES_PER_MINUTE", bad)
+        with pytest.raises(ValueError, match="DMD2_VOTES_PER_MINUTE"):
+            vote_limit_from_env()

@@ -34,6 +34,23 @@ BUSY_TIMEOUT_MS = 30_000
 
 
 
+VOTE_LIMIT_ENV = "DMD2_VOTES_PER_MINUTE"
+
+
+def vote_limit_from_env(default: int = 30) -> int | None:
+    """Votes per client id per minute: $DMD2_VOTES_PER_MINUTE (0: no limit, for a closed load test), else `default`."""
+    raw = os.environ.get(VOTE_LIMIT_ENV, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{VOTE_LIMIT_ENV}={raw!r} must be a whole number of votes per minute (0: no limit)") from None
+    if value < 0:
+        raise ValueError(f"{VOTE_LIMIT_ENV}={raw!r} must be >= 0 (0: no limit)")
+    return value or None
+
+
 def default_votes_path() -> Path:
     """Where arena votes go: $DMD2_VOTES, else data/votes.sqlite (relative to the working directory)."""
     return Path(os.environ.get(VOTES_ENV) or DEFAULT_PATH)

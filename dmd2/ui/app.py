@@ -10,6 +10,7 @@ import gradio as gr
 
 from dmd2 import registry
 from dmd2.arena import VoteStore, default_votes_path
+from dmd2.arena.store import vote_limit_from_env
 from dmd2.ui.arena import Arena, build_arena_tab
 from dmd2.ui.auth import TOKEN_ENV, is_public
 from dmd2.ui.compare import build_compare_tab
@@ -30,7 +31,7 @@ def lazy_store(path: str | os.PathLike) -> Callable[[], VoteStore]:
         with lock:
             if not opened:
                 try:
-                    opened.append(VoteStore(path))
+                    opened.append(VoteStore(path, max_votes=vote_limit_from_env()))
                 except Exception as e:     # unwritable folder, not a SQLite file, ...: say where
                     raise gr.Error(f"could not open the votes database {path}: {e}") from e
             return opened[0]

@@ -1,5 +1,6 @@
 """Launch the dmd2-studio Gradio app:
-`python app.py [--host H] [--port P] [--share] [--family pixel|sdxl|sd15] [--model NAME_OR_PATH ...] [--votes PATH] [--runs DIR]`."""
+`python app.py [--host H] [--port P] [--share] [--family pixel|sdxl|sd15] [--model NAME_OR_PATH ...] [--votes PATH] [--runs DIR]
+[--concurrency N] [--queue-size N]`."""
 
 from __future__ import annotations
 
@@ -23,7 +24,14 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: $DMD2_VOTES or data/votes.sqlite)")
     p.add_argument("--runs", metavar="DIR", help="folder of training runs for the Train tab "
                    "(default: $DMD2_RUNS or runs/)")
+    p.add_argument("--concurrency", type=int, metavar="N", help="generations (Compare, Arena rounds) running at "
+                   "once (default: $DMD2_CONCURRENCY, else 1 on a GPU, on CPU cores / torch threads)")
+    p.add_argument("--queue-size", type=int, metavar="N", help="requests waiting at most; more are told the app "
+                   "is busy (default: $DMD2_QUEUE_SIZE, else 32 per generation slot)")
     args = p.parse_args(argv)
+    for flag, value in (("--concurrency", args.concurrency), ("--queue-size", args.queue_size)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
 
     from dmd2 import registry
     from dmd2.arena import VoteStore, default_votes_path
@@ -53,8 +61,14 @@ def main(argv: list[str] | None = None) -> int:
             "internet; pass local pipeline or student folders with --model" if args.family != "pixel" else ""),
             file=sys.stderr)
 
-    build_app(args.model, votes, family=args.family, runs_root=args.runs, public=is_public(args.share, args.host)).launch(
-        server_name=args.host, server_port=args.port, share=args.share)
+    try:
+        demo = build_app(args.model, votes, family=args.family, runs_root=args.runs,
+                         public=is_public(args.share, args.host), concurrency=args.concurrency,
+                         queue_size=args.queue_size)
+    except ValueError as e:           # a bad $DMD2_CONCURRENCY, $DMD2_QUEUE_SIZE or $DMD2_DELETE_CACHE
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0
 
 

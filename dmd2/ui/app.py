@@ -1,4 +1,4 @@
-"""The Gradio Blocks app: a tab per module, models from the registry unless given."""
+"""The Gradio Blocks app: a tab per module, models from the registry unless given; queue and cache settings."""
 
 from __future__ import annotations
 
@@ -21,6 +21,16 @@ from training.jobs import default_runs_root
 from training.runs import finished_students
 
 TITLE = "DMD2 studio"
+CONCURRENCY_ENV = "DMD2_CONCURRENCY"        # generations (Compare, Arena rounds) running at once
+QUEUE_SIZE_ENV = "DMD2_QUEUE_SIZE"          # requests waiting at most; more are refused as "busy"
+DELETE_CACHE_ENV = "DMD2_DELETE_CACHE"      # "FREQUENCY,AGE" in seconds, or "off"
+DELETE_CACHE = (600, 3600)                  # every 10 min, drop Gradio's cached files older than 1 h
+QUEUE_PER_WORKER = 32                       # default queue size: 32 waiting requests per generation slot
+VOTE_CONCURRENCY = 8                        # votes: a short SQLite transaction each
+LIGHT_CONCURRENCY = 4                       # every other event (status polls, lists, exports)
+GENERATE_EVENTS = ("compare", "compare_more", "new_round")     # api names of the events that sample
+BUSY_MESSAGE = ("The app is busy: {size} requests are already waiting, as many as it queues. "
+                "Try again in a moment.")
 
 
 def lazy_store(path: str | os.PathLike) -> Callable[[], VoteStore]:
@@ -55,9 +65,89 @@ def app_models(models: list[str], runs_root, family: str | None = None) -> list[
     return list(dict.fromkeys(list(models) + runs))
 
 
+def _env_int(name: str, default: int) -> int:
+    """A positive integer from the environment variable `name` (unset or empty: `default`)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"${name} must be a whole number >= 1, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"${name} must be a whole number >= 1, got {value}")
+    return value
+
+
+def _env_delete_cache() -> tuple[int, int] | None:
+    """`(frequency, age)` from $DMD2_DELETE_CACHE ("600,3600"; "off" disables), else DELETE_CACHE."""
+    raw = os.environ.get(DELETE_CACHE_ENV, "").strip().lower()
+    if not raw:
+        return DELETE_CACHE
+    if raw in ("off", "none", "0", "no"):
+        return None
+    try:
+        frequency, age = (int(x) for x in raw.split(","))
+    except ValueError:
+        raise ValueError(f"${DELETE_CACHE_ENV} must be FREQUENCY,AGE in seconds (e.g. 600,3600) or off, "
+                         f"got {raw!r}") from None
+    if frequency < 1 or age < 1:
+        raise ValueError(f"${DELETE_CACHE_ENV}: frequency and age must be >= 1 s, got {raw!r}")
+    return frequency, age
+
+
+def default_concurrency() -> int:
+    """Generations run at once by default: 1 on a GPU; on CPU, one per group of torch threads that the
+    cores hold (with OMP_NUM_THREADS=1 on 2 cores: 2)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, torch.get_num_threads()))
+
+
+def configure_queue(demo: gr.Blocks, concurrency: int, queue_size: int) -> dict[str, list[str]]:
+    """Queue `demo`: the events that sample (GENERATE_EVENTS) share one group of `concurrency` slots, votes
+    have their own (they never wait behind generation; the Leaderboard tab sets its own group), everything
+    else runs LIGHT_CONCURRENCY at a time, and at most `queue_size` requests wait.
+
+    A request beyond that is refused (HTTP 503 from /queue/join, Gradio's "queue_full"): the browser shows
+    Gradio's "This application is currently busy. Please try again.", gradio_client raises QueueError, and
+    the 503's detail, for any other client, is BUSY_MESSAGE. Returns the api names put in each group.
+    """
+    groups: dict[str, list[str]] = {"generate": [], "votes": []}
+    for fn in demo.fns.values():
+        name = fn.api_name or ""
+        if name in GENERATE_EVENTS:
+            fn.concurrency_id, fn.concurrency_limit = "generate", concurrency
+            groups["generate"].append(name)
+        elif name == "vote" or name.startswith("vote_button_"):
+            fn.concurrency_id, fn.concurrency_limit = "votes", VOTE_CONCURRENCY
+            groups["votes"].append(name)
+    demo.queue(max_size=queue_size, default_concurrency_limit=LIGHT_CONCURRENCY)
+    _say_busy(demo._queue)
+    return groups
+
+
+def _say_busy(queue) -> None:
+    """Make a full queue's refusal say BUSY_MESSAGE (Gradio's own detail is "Queue is full. Max size is N
+    and size is N."). Wraps gradio.queueing.Queue.push, which returns (ok, detail, state)."""
+    push = queue.push
+
+    async def push_or_busy(*args, **kwargs):
+        ok, detail, state = await push(*args, **kwargs)
+        if state == "queue_full":
+            detail = BUSY_MESSAGE.format(size=queue.max_size)
+        return ok, detail, state
+
+    queue.push = push_or_busy
+
+
 def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | None = None,
               family: str | None = None, runs_root: str | os.PathLike | None = None, public: bool | None = None,
-              trainer: TrainManager | None = None) -> gr.Blocks:
+              trainer: TrainManager | None = None, concurrency: int | None = None, queue_size: int | None = None,
+              delete_cache: tuple[int, int] | bool | None = None) -> gr.Blocks:
     """The app; `models` are registry names or model folders (default: every built-in of `family`
     with weights here; `family` defaults to "pixel"). Text-to-image families ("sdxl", "sd15") get a
     prompt box where the class models have a class picker; given only `models`, theirs decides.
@@ -66,6 +156,16 @@ def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | N
     Runs go to `runs_root` (default: `default_runs_root()`); the students of its finished runs join
     Compare, Arena and Leaderboard while the app runs. `public` (default: on a Hugging Face Space)
     disables training unless $DMD2_ADMIN_TOKEN is set. `trainer` replaces the default TrainManager.
+
+    Sized for the machine (see `configure_queue`):
+    - `concurrency`: generations (Compare, Compare's runs, Arena rounds) running at once; default
+      $DMD2_CONCURRENCY, else `default_concurrency()` (1 on a GPU, on CPU cores / torch threads). Votes,
+      the Leaderboard and the rest have their own slots, so they never wait behind a generation.
+    - `queue_size`: requests waiting at most (more are refused with "busy, try again in a moment");
+      default $DMD2_QUEUE_SIZE, else QUEUE_PER_WORKER x `concurrency`.
+    - `delete_cache`: `(frequency, age)` in seconds: every `frequency` seconds Gradio deletes the files it
+      cached for clients (images, exports) that are older than `age`; default $DMD2_DELETE_CACHE
+      ("600,3600", or "off"), else DELETE_CACHE; False: never.
     """
     if models is None:
         models = registry.available(family or "pixel")
@@ -78,11 +178,19 @@ def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | N
 
     def current_models() -> list[str]:
         return app_models(models, trainer.runs_root, family)
-    with gr.Blocks(title=TITLE) as demo:
+    concurrency = concurrency or _env_int(CONCURRENCY_ENV, 0) or default_concurrency()
+    queue_size = queue_size or _env_int(QUEUE_SIZE_ENV, QUEUE_PER_WORKER * concurrency)
+    for what, value in (("concurrency", concurrency), ("queue_size", queue_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be a whole number >= 1, got {value!r}")
+    if delete_cache is None or delete_cache is True:
+        delete_cache = _env_delete_cache()
+    with gr.Blocks(title=TITLE, delete_cache=delete_cache or None) as demo:
         gr.Markdown(f"# {TITLE}\nFew-step DMD2 students (Yin et al., 2024) beside their many-step teacher.")
         with gr.Tabs():
             mode = build_compare_tab(models, wrap=gpu, mode=mode, more_models=current_models)["mode"]
             build_arena_tab(Arena(current_models, store, mode=mode), wrap=gpu)
             build_leaderboard_tab(current_models, store)
             build_train_tab(trainer)
+    configure_queue(demo, concurrency, queue_size)
     return demo

@@ -85,3 +85,16 @@ def test_damage_appearing_while_the_app_runs_is_reported_not_raised(app, runs):
     finally:
         good.status_path.write_text(before)
     assert app.predict("good", api_name="/train_status")["state"] == "finished"
+
+
+def test_the_train_tab_says_when_a_finished_student_is_not_served(app, runs):
+    from dmd2.ui.train import status_markdown
+
+    v = app.predict("corrupt", api_name="/train_status")
+    assert v["state"] == "finished" and v["served"] is False and v["student_error"]
+    text = status_markdown(v)
+    assert "**finished**, but its student is not served: could not load" in text and str(runs) not in text   # no paths
+    good = app.predict("good", api_name="/train_status")
+    assert good["served"] is True and "now in Compare" in status_markdown(good)
+    damaged = app.predict("damaged-0", api_name="/train_status")
+    assert "**damaged**: its run folder cannot be read" in status_markdown(damaged)

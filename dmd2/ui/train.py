@@ -19,6 +19,7 @@ import numpy as np
 
 from dmd2 import registry
 from dmd2.ui.auth import TOKEN_ENV, AdminGate, NotAllowed, client_address
+from dmd2.ui.widgets import public_message
 from training.jobs import Jobs, JobError, training_records
 from training.runs import Run
 
@@ -70,6 +71,18 @@ class TrainManager(Jobs):
         return super().stop(name, **kwargs)
 
 
+    def view(self, name: str, with_eta: bool = True) -> dict:
+        """`Jobs.view`, plus for a finished run whether the app serves its student (`served`: it loads) and why
+        not (`student_error`)."""
+        v = super().view(name, with_eta)
+        if v["state"] == "finished":
+            student = str(Run(self.run_dir(name)).student)
+            v["served"] = bool(v["student"]) and registry.loads(student)
+            v["student_error"] = None if v["served"] else (
+                registry.load_failure(student) or "its student folder is incomplete (dmd2.json and weights)")
+        return v
+
+
 def format_duration(seconds: float) -> str:
     """'45 s', '2 min 05 s', '1 h 03 min'."""
     s = max(0, int(round(seconds)))
@@ -108,14 +121,16 @@ def status_markdown(v: Optional[dict]) -> str:
     text = {
         "starting": "starting (loading the teacher and the data)",
         "running": f"running (pid {v['pid']})" if v.get("pid") else "running",
-        "finished": "finished: its student is now in Compare (Also compare) and in the Arena",
+        "finished": ("finished: its student is now in Compare (Also compare) and in the Arena" if v.get("served", True)
+                     else f"finished, but its student is not served: {public_message(v.get('student_error') or '')}"),
+        "damaged": "damaged: its run folder cannot be read (below); it is left out of Compare and the Arena",
         "stopped": "stopped: press Resume to continue from its last checkpoint",
         "interrupted": "interrupted (its process is gone): press Resume to continue from its last checkpoint",
         "ending": "ending",
     }.get(state, state)
     out = f"Run **{name}**: **{state}**" + (text[len(state):] if text.startswith(state) else f" ({text})")
-    if v.get("error") and state in ("failed", "stopped", "interrupted"):
-        out += f"\n\n```\n{v['error']}\n```"
+    if v.get("error") and state in ("failed", "stopped", "interrupted", "damaged"):
+        out += f"\n\n```\n{public_message(v['error'])}\n```"
     return out
 
 

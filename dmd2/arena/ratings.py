@@ -224,3 +224,12 @@ def win_rate_plot(matrix: np.ndarray, names: Sequence[str]):
                         color="white" if abs(matrix[i, j] - 0.5) > 0.3 else "black", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return fig
+
+
+def win_rate_png(matrix: np.ndarray, names: Sequence[str]) -> bytes:
+    """`win_rate_plot` rendered as PNG bytes (for a process that shows the plot without drawing it)."""
+    import io
+
+    buffer = io.BytesIO()
+    win_rate_plot(matrix, names).savefig(buffer, format="png")
+    return buffer.getvalue()

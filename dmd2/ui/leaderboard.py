@@ -1,16 +1,17 @@
 """Leaderboard tab: Bradley-Terry ratings with 95% intervals from the arena votes, the win-rate matrix, exports.
 
-A view costs one COUNT of the votes: the ratings, counts and plot are computed once per new vote count
-(`LeaderboardCache`), and the bootstrap intervals (1,000 refits) in the background, in a child process
-(a thread of this one would hold the GIL and slow the generation threads beside it). The first view after
-a vote shows the point ratings at once with "computing..." in the interval column; the tab fills the
-intervals in when they are ready.
+A view costs one COUNT of the votes: the ratings and counts are computed once per new vote count
+(`LeaderboardCache`), and the bootstrap intervals (1,000 refits) and the win-rate plot in the background,
+in a child process (a thread of this one would hold the GIL and slow the generation threads beside it).
+The first view after a vote shows the point ratings at once with "computing..." in the interval column;
+the tab fills the intervals (and the plot) in when they are ready.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import base64
 import logging
 import multiprocessing
 import os
@@ -24,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import pandas as pd
 
 from dmd2.arena import VoteStore, leaderboard, win_rate_matrix, win_rate_plot
-from dmd2.arena.ratings import rating_intervals, with_intervals
+from dmd2.arena.ratings import rating_intervals, win_rate_png, with_intervals
 from dmd2.ui.widgets import display_name
 
 COLUMNS = ["Rank", "Model", "Rating", "95% CI", "Battles", "Wins", "Losses", "Ties", "Both bad"]
@@ -56,15 +57,11 @@ def leaderboard_table(votes: Sequence[Mapping], models: Sequence[str],
     return _rows_table(leaderboard(votes, models=models, rounds=rounds))
 
 
-def _plot(rows: Sequence[Mapping], votes: Sequence[Mapping]):
-    """The win-rate matrix of `votes` in the order of `rows` (a leaderboard) as a matplotlib Figure."""
-    matrix, names = win_rate_matrix(votes, models=[r["model"] for r in rows])
-    return win_rate_plot(matrix, [display_name(n) for n in names])
-
-
 def leaderboard_plot(votes: Sequence[Mapping], models: Sequence[str]):
     """The win-rate matrix (row beats column) as a matplotlib Figure, in leaderboard order."""
-    return _plot(leaderboard(votes, models=models, rounds=0), votes)
+    order = [r["model"] for r in leaderboard(votes, models=models, rounds=0)]
+    matrix, names = win_rate_matrix(votes, models=order)
+    return win_rate_plot(matrix, [display_name(n) for n in names])
 
 
 _pool_lock = threading.Lock()
@@ -89,25 +86,28 @@ def _drop_pool(pool: ProcessPoolExecutor) -> None:
 
 
 class LeaderboardCache:
-    """The leaderboard of a vote store: ratings, counts and plot computed once per vote count, the bootstrap
-    intervals once per vote count too, in the background (`rounds` resamples, seeded by `seed`).
+    """The leaderboard of a vote store: ratings and counts computed once per vote count; the bootstrap
+    intervals (`rounds` resamples, seeded by `seed`) and the win-rate plot once per vote count too, in the
+    background.
 
-    `view(store, models)` gives (table, plot, pending) at once; `pending` is True while the intervals of the
-    votes shown are still being computed. `render(figure)` turns the plot into what the view returns
-    (the tab passes gr.Plot's postprocess, so the PNG is encoded once per vote count, not per view).
-    `in_process=True` computes the intervals in this process's worker thread instead of a child process.
-    Counters `fits` and `bootstraps` say how often each ran.
+    `view(store, models)` gives (table, plot, pending) at once. `pending` is True while the intervals of
+    the votes shown are still being computed; the plot is then the newest one drawn (a few votes behind
+    at most), except that the first view, and any view before there is a rated model, draws it here.
+    `render(png)` turns the plot's PNG bytes into what the view returns (the tab makes gr.Plot's value
+    of it). `in_process=True` runs the background work in this process's worker thread instead of a child
+    process. Counters: `fits` (rating refits) and `bootstraps` (background jobs done).
     """
 
-    def __init__(self, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0, render: Callable[[Any], Any] = lambda f: f,
+    def __init__(self, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0, render: Callable[[bytes], Any] = lambda b: b,
                  in_process: bool = False):
         self.rounds, self.seed, self.render, self.in_process = rounds, seed, render, in_process
         self.fits = self.bootstraps = 0
-        self._compute = threading.Lock()         # one recompute at a time; a second view waits and reuses it
+        self._compute = threading.Lock()         # one refit at a time; a second view waits and reuses it
         self._state = threading.Condition()      # guards everything below
-        self._point: tuple | None = None         # (key, rows, plot)
-        self._intervals: tuple | None = None     # (key, {model: (low, high)}): the newest finished
-        self._wanted: tuple | None = None        # (key, votes, models): what the worker computes next
+        self._point: tuple | None = None         # (key, rows)
+        self._plot: tuple | None = None          # (key, rendered plot): the newest drawn
+        self._intervals: tuple | None = None     # (key, {model: (low, high)}): the newest computed
+        self._wanted: tuple | None = None        # (key, job kwargs): what the worker computes next
         self._worker: threading.Thread | None = None
 
     def view(self, store: VoteStore, models: Sequence[str]) -> tuple[pd.DataFrame, Any, bool]:
@@ -119,18 +119,28 @@ class LeaderboardCache:
                 votes = store.votes()
                 key = (len(votes), models)       # what was read: a vote may land between the count and the read
                 rows = leaderboard(votes, models=models, rounds=0)
-                point = (key, rows, self.render(_plot(rows, votes)))
+                matrix, names = win_rate_matrix(votes, models=[r["model"] for r in rows])
+                plot_args = (matrix, [display_name(n) for n in names])
+                rated = any(r["rating"] is not None for r in rows)
+                if not rated or self._plot is None:      # nothing to wait for, or nothing to show yet
+                    plot = self.render(win_rate_png(*plot_args))
+                    with self._state:
+                        self._plot = (key, plot)
+                point = (key, rows)
                 with self._state:
                     self._point = point
                     self.fits += 1
-                    if any(r["rating"] is not None for r in rows) and self.rounds > 0:
-                        self._want(key, [(v["model_a"], v["model_b"], v["outcome"]) for v in votes], models)
-        key, rows, plot = point
+                    if rated:
+                        self._want(key, dict(votes=[(v["model_a"], v["model_b"], v["outcome"]) for v in votes],
+                                             models=models, plot_args=plot_args))
+        key, rows = point
+        with self._state:
+            plot = self._plot[1]
         intervals = self.intervals(key)
-        rated = any(r["rating"] is not None for r in rows)
         if intervals is not None:
             rows = with_intervals(rows, intervals)
-        return _rows_table(rows, pending=rated and intervals is None), plot, rated and intervals is None
+        pending = intervals is None and self.rounds > 0 and any(r["rating"] is not None for r in rows)
+        return _rows_table(rows, pending=pending), plot, pending
 
     def intervals(self, key) -> dict | None:
         """The intervals of the votes `key` names, or None while they are not computed (or are outdated)."""
@@ -138,12 +148,12 @@ class LeaderboardCache:
             return self._intervals[1] if self._intervals is not None and self._intervals[0] == key else None
 
     def ready(self) -> bool:
-        """Are the intervals of the latest view's votes computed (or not needed)?"""
+        """Are the intervals and the plot of the latest view's votes computed (or not needed)?"""
         with self._state:
-            point = self._point
-        if point is None or self.rounds <= 0 or not any(r["rating"] is not None for r in point[1]):
+            point, plot = self._point, self._plot
+        if point is None or not any(r["rating"] is not None for r in point[1]):
             return True
-        return self.intervals(point[0]) is not None
+        return plot is not None and plot[0] == point[0] and (self.rounds <= 0 or self.intervals(point[0]) is not None)
 
     def wait(self, timeout: float) -> bool:
         """Block until `ready()` or `timeout` seconds; returns `ready()`."""
@@ -156,43 +166,49 @@ class LeaderboardCache:
                 self._state.wait(left)
         return True
 
-    def _want(self, key, votes: list[tuple], models: tuple) -> None:
-        """Ask the worker for the intervals of `votes` (a newer request replaces one not yet started)."""
-        self._wanted = (key, votes, models)
+    def _want(self, key, job: dict) -> None:
+        """Ask the worker for the intervals and plot of a vote count (a newer ask replaces one not yet started)."""
+        self._wanted = (key, job)
         if self._worker is None or not self._worker.is_alive():
             self._worker = threading.Thread(target=self._work, name="leaderboard-bootstrap", daemon=True)
             self._worker.start()
         self._state.notify_all()
 
     def _work(self) -> None:
-        """Worker thread: compute the newest wanted intervals, one job at a time, until none is wanted."""
+        """Worker thread: compute the newest wanted intervals and plot, one job at a time, until none is wanted."""
         while True:
             with self._state:
                 if self._wanted is None:
                     self._worker = None
                     return
-                (key, votes, models), self._wanted = self._wanted, None
+                (key, job), self._wanted = self._wanted, None
             try:
-                intervals = self._bootstrap(votes, models)
+                intervals, png = self._run(**job)
+                plot = self.render(png)
             except Exception:                 # never seen; the table keeps saying "computing..."
                 log.exception("leaderboard bootstrap failed")
                 continue
             with self._state:
                 self.bootstraps += 1
                 self._intervals = (key, intervals)
+                if self._plot is None or self._plot[0][0] <= key[0]:     # never replace a newer plot
+                    self._plot = (key, plot)
                 self._state.notify_all()
 
-    def _bootstrap(self, votes: list[tuple], models: tuple) -> dict:
+    def _run(self, votes: list[tuple], models: tuple, plot_args: tuple) -> tuple[dict, bytes]:
+        """(intervals, plot PNG) of `votes`: in the child process, or here if that is not possible."""
         votes = [dict(model_a=a, model_b=b, outcome=o) for a, b, o in votes]
         kwargs = dict(models=models, rounds=self.rounds, seed=self.seed)
         if not self.in_process:
             pool = _bootstrap_pool()
             try:
-                return pool.submit(rating_intervals, votes, **kwargs).result()
+                png = pool.submit(win_rate_png, *plot_args)
+                intervals = pool.submit(rating_intervals, votes, **kwargs) if self.rounds > 0 else None
+                return (intervals.result() if intervals is not None else {}), png.result()
             except Exception as e:            # no child process here (or it died): compute in this thread
-                log.warning("leaderboard bootstrap in a child process failed (%s); computing in-process", e)
+                log.warning("leaderboard work in a child process failed (%s); computing in-process", e)
                 _drop_pool(pool)
-        return rating_intervals(votes, **kwargs)
+        return (rating_intervals(votes, **kwargs) if self.rounds > 0 else {}), win_rate_png(*plot_args)
 
 
 _exports: list[tempfile.TemporaryDirectory] = []
@@ -221,6 +237,13 @@ def export_votes(store: VoteStore, fmt: str, folder: str | Path | None = None) -
     return path
 
 
+def plot_value(png: bytes):
+    """gr.Plot's value for a PNG of a matplotlib figure (what its postprocess makes of the figure itself)."""
+    from gradio.components.plot import PlotData
+
+    return PlotData(type="matplotlib", plot="data:image/png;base64," + base64.b64encode(png).decode("ascii"))
+
+
 def build_leaderboard_tab(models: Sequence[str] | Callable[[], Sequence[str]],
                           store: Callable[[], VoteStore], concurrency_limit: int | None = 4,
                           cache: LeaderboardCache | None = None) -> dict:
@@ -247,11 +270,11 @@ def build_leaderboard_tab(models: Sequence[str] | Callable[[], Sequence[str]],
             jsonl_button = gr.Button("Export JSONL")
         file = gr.File(label="Votes", interactive=False)
         if cache is None:
-            cache = LeaderboardCache(render=plot.postprocess)
+            cache = LeaderboardCache(render=plot_value)
 
         def show():
             table_now, plot_now, _ = cache.view(store(), list(current()))
-            return table_now, plot_now
+            return table_now, plot_value(plot_now) if isinstance(plot_now, bytes) else plot_now
 
         async def fill_in(shown):
             """After a view: if it said "computing...", wait for the intervals and show them."""

@@ -205,7 +205,7 @@ def test_bad_family_and_wrong_teacher_fail_clearly(world):
 def test_presets_carry_the_official_hyperparameters(name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     header = (ROOT / "configs" / f"{name}.yaml").read_text().split("\nfamily:")[0]
-    assert "training distill" in header and "GB" in header  # the command and the expected memory
+    assert "training distill" in header and "GiB" in header  # the command and the computed memory
     if name.startswith("sdxl"):
         assert (cfg.family, cfg.real_guidance, cfg.ttur, cfg.batch_size) == ("sdxl", 8.0, 5, 2)
         assert (cfg.gan_generator_weight, cfg.gan_critic_weight, cfg.resolution) == (5e-3, 1e-2, 1024)

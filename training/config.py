@@ -57,6 +57,8 @@ class DistillConfig:
     gan_generator_weight: float = 3e-3         # 0 with gan_critic_weight 0 switches the GAN off
     gan_critic_weight: float = 1e-2
     gan_max_t: int = 1000                      # real and fake are noised at t ~ U[0, gan_max_t)
+    gan_head: str = "small"                    # "small": conv-conv-conv + spatial mean (the MNIST students);
+                                               # "official": DMD2's strided 4x4 convs down to 1x1, GroupNorm 32
     # two time-scale update rule and optimisation
     ttur: int = 5                              # critic updates per generator update
     iterations: int = 2000                     # critic updates; the generator updates every `ttur`-th
@@ -65,7 +67,12 @@ class DistillConfig:
     critic_lr: float = 2e-5
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
-    warmup_steps: int = 500                    # linear LR warm-up (in optimiser steps of each model)
+    warmup_steps: int = 500                    # linear LR warm-up length, in units of warmup_unit
+    warmup_unit: str = "optimizer_steps"       # "optimizer_steps": each model's own updates (500 = 500 critic
+                                               # updates and 500 generator updates = 500 * ttur iterations);
+                                               # "iterations": critic updates, the same span for both models
+                                               # (the official trainer's 500 scheduler steps, counted once per
+                                               # process per iteration on 64 GPUs, are ~8 iterations)
     lr_schedule: str = "constant"              # after warm-up: "constant" or "cosine" (down to lr_min_ratio)
     lr_min_ratio: float = 0.1                  # cosine: final LR as a fraction of the base LR
     grad_clip: float = 10.0
@@ -130,6 +137,7 @@ class DistillConfig:
         need(self.gan_generator_weight >= 0, "gan_generator_weight", "must be >= 0")
         need(self.gan_critic_weight >= 0, "gan_critic_weight", "must be >= 0")
         need(1 <= self.gan_max_t <= 1000, "gan_max_t", "must be in 1..1000")
+        need(self.gan_head in ("small", "official"), "gan_head", "must be 'small' or 'official'")
         need(self.dm_weight > 0 or self.gan_generator_weight > 0, "dm_weight",
              "with dm_weight 0 the GAN generator weight must be > 0, or the generator learns nothing")
         need(isinstance(self.ttur, int) and self.ttur >= 1, "ttur", "must be an integer >= 1")
@@ -140,6 +148,8 @@ class DistillConfig:
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.warmup_unit in ("optimizer_steps", "iterations"), "warmup_unit",
+             "must be 'optimizer_steps' or 'iterations'")
         need(self.lr_schedule in ("constant", "cosine"), "lr_schedule", "must be 'constant' or 'cosine'")
         need(0 <= self.lr_min_ratio <= 1, "lr_min_ratio", "must be in [0, 1]")
         need(self.grad_clip > 0, "grad_clip", "must be > 0")

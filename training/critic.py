@@ -32,6 +32,57 @@ class GanHead(nn.Module):
         return self.net(features.float()).mean(dim=(1, 2, 3))
 
 
+class OfficialGanHead(nn.Module):
+    """The official DMD2 head (`cls_pred_branch`): 4x4 stride-2 convs down to 4x4, a 4x4 stride-4 conv to 1x1
+    (each with GroupNorm 32 and SiLU), then a 1x1 conv to one logit.
+
+    `size` is the bottleneck's side at training resolution: 32 for SDXL at 1024 px (three stride-2 convs,
+    as sdxl_guidance.py), 8 for SD1.5 at 512 px (one, as sd_guidance.py). At a side below 4 the last conv
+    shrinks to cover it; any spatial output left is averaged.
+    """
+
+    def __init__(self, channels: int, size: int, groups: int = 32):
+        super().__init__()
+        groups = groups if channels % groups == 0 else 1
+        layers = []
+
+        def block(kernel, stride, padding):
+            layers.extend([nn.Conv2d(channels, channels, kernel_size=kernel, stride=stride, padding=padding),
+                           nn.GroupNorm(groups, channels), nn.SiLU()])
+
+        while size > 4:
+            block(4, 2, 1)
+            size //= 2
+        block(min(4, size), min(4, size), 0)
+        layers.append(nn.Conv2d(channels, 1, kernel_size=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features.float()).mean(dim=(1, 2, 3))
+
+
+GAN_HEADS = ("small", "official")
+
+
+def bottleneck_size(family: Family, unet: nn.Module) -> int:
+    """The side of the UNet's mid-block features at the family's training resolution (the shorter side)."""
+    side = min(family.latent_shape(1)[-2:])
+    for block in unet.down_blocks:
+        if getattr(block, "downsamplers", None):
+            side = (side + 1) // 2  # diffusers' 3x3 stride-2 conv with padding 1
+    return side
+
+
+def gan_head(kind: str, family: Family, unet: nn.Module) -> nn.Module:
+    """The GAN head `kind` ("small": ours, conv-conv-conv and a spatial mean; "official": DMD2's) for `unet`."""
+    channels = family.bottleneck_channels(unet)
+    if kind == "official":
+        return OfficialGanHead(channels, bottleneck_size(family, unet))
+    if kind == "small":
+        return GanHead(channels)
+    raise ValueError(f"unknown GAN head {kind!r}; one of {', '.join(GAN_HEADS)}")
+
+
 class Critic(nn.Module):
     """Trainable fake score (initialised from the teacher) + GAN head.
 
@@ -41,11 +92,12 @@ class Critic(nn.Module):
     computed for the critic there.
     """
 
-    def __init__(self, family: Family, teacher: nn.Module, use_gan: bool = True, num_steps: int = 0):
+    def __init__(self, family: Family, teacher: nn.Module, use_gan: bool = True, num_steps: int = 0,
+                 head: str = "small"):
         super().__init__()
         self.family = family
         self.fake_unet = copy.deepcopy(teacher).train().requires_grad_(True)
-        self.gan_head = GanHead(family.bottleneck_channels(teacher)) if use_gan else None
+        self.gan_head = gan_head(head, family, teacher) if use_gan else None
         # Per-step critic (num_steps > 0): one embedding per student step, added to the fake score's time
         # embedding, so it models the outputs of each step apart. Zero at the start: the teacher's copy.
         self.step_embedding = None

@@ -9,6 +9,7 @@ hashes the images, the captions, the VAE's config and weights and the resolution
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -160,13 +161,41 @@ def _valid_cache(obj, key: str, n: int, shape: tuple[int, ...]) -> str | None:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def fp32_vae(family):
+    """Inside, `family.vae` is the VAE in fp32: as it is, or (frozen_dtype bf16/fp16) reloaded in fp32 from the
+    family's source, so that latents are encoded at full precision whatever the frozen parts' dtype."""
+    from diffusers import AutoencoderKL
+
+    from dmd2.families.sd_loading import load_part
+
+    vae = family.vae
+    if next(vae.parameters()).dtype == torch.float32:
+        yield vae
+        return
+    family.vae = load_part(AutoencoderKL, family.source, subfolder="vae", dtype=torch.float32,
+                           **family.load_kwargs).to(family.device).eval().requires_grad_(False)
+    try:
+        yield family.vae
+    finally:
+        family.vae = vae
+
+
 def cached_latents(family, images: CaptionedImages, resolution: int, cache_dir, batch_size: int = 8,
                    log: Callable[[str], None] = print) -> tuple[torch.Tensor, list[str]]:
     """(latents (N, C, h, w) float16, captions): from the cache when it matches, else encoded once and saved.
 
+    The VAE encodes in fp32 whatever the family's dtype (as the official code, which keeps the SDXL VAE in
+    fp32 and stores its latents in fp16): `frozen_dtype: bf16` changes neither the latents nor the cache key.
+
     A cache that cannot be read or does not match (other images, VAE, resolution, shape) is rebuilt.
     The returned latents are memory-mapped from the cache file, so big datasets need not fit in RAM.
     """
+    with fp32_vae(family):
+        return _cached_latents(family, images, resolution, cache_dir, batch_size, log)
+
+
+def _cached_latents(family, images, resolution, cache_dir, batch_size, log):
     shape = tuple(family.latent_shape(1)[1:])
     key = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "data": images.fingerprint, "captions": images.captions,
                                      "vae": module_fingerprint(family.vae), "resolution": resolution,

@@ -32,7 +32,7 @@ class NonFiniteLoss(FloatingPointError):
     """A loss became NaN or inf; the message names the step and the loss."""
 
 
-def lr_factor(schedule: str, warmup_steps: int, horizon: int, min_ratio: float):
+def lr_factor(schedule: str, warmup_steps: float, horizon: int, min_ratio: float):
     """LR multiplier per optimiser step: linear warm-up, then constant or cosine down to `min_ratio`."""
     def factor(s: int) -> float:
         if warmup_steps > 0 and s < warmup_steps:
@@ -99,7 +99,7 @@ class DMD2Trainer:
         if cfg.generator_init:
             init_generator(generator, self.family.load_student(cfg.generator_init), cfg.generator_init)
         critic = Critic(self.family, self.real_unet, use_gan=cfg.use_gan,
-                        num_steps=cfg.student_steps if cfg.critic_per_step else 0).to(self.device)
+                        num_steps=cfg.student_steps if cfg.critic_per_step else 0, head=cfg.gan_head).to(self.device)
         if cfg.lora_rank:
             add_lora(generator, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules or self.family.lora_target_modules,
                      base_dtype=frozen_dtype)
@@ -121,9 +121,11 @@ class DMD2Trainer:
             self.generator, self.critic, self.opt_g, self.opt_c = generator, critic, opt_g, opt_c
         else:
             self.generator, self.critic, self.opt_g, self.opt_c = self.acc.prepare(generator, critic, opt_g, opt_c)
-        # Horizons in each optimiser's own steps: the generator steps once per `ttur` critic steps.
+        # Horizons in each optimiser's own steps: the generator steps once per `ttur` critic steps; a warm-up
+        # counted in iterations is `ttur` times shorter in generator updates.
+        warmup_g = cfg.warmup_steps / cfg.ttur if cfg.warmup_unit == "iterations" else cfg.warmup_steps
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(
-            self.opt_g, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.iterations // cfg.ttur, cfg.lr_min_ratio))
+            self.opt_g, lr_factor(cfg.lr_schedule, warmup_g, cfg.iterations // cfg.ttur, cfg.lr_min_ratio))
         self.sched_c = torch.optim.lr_scheduler.LambdaLR(
             self.opt_c, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.iterations, cfg.lr_min_ratio))
 

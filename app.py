@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from dmd2 import registry
     from dmd2.arena import VoteStore, default_votes_path
     from dmd2.families.base import ModelLoadError
-    from dmd2.ui.app import build_app  # imported late: gradio is slow to import
+    from dmd2.ui.app import build_app, describe_queue  # imported late: gradio is slow to import
     from dmd2.ui.auth import is_public
 
     votes = args.votes or default_votes_path()
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:           # a bad $DMD2_CONCURRENCY, $DMD2_QUEUE_SIZE or $DMD2_DELETE_CACHE
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(describe_queue(demo.queue_settings), flush=True)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0
 

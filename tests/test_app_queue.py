@@ -49,7 +49,7 @@ def test_queue_is_sized_and_votes_and_leaderboard_do_not_wait_behind_generation(
 
 
 def test_defaults_and_environment(tiny_models, tmp_path, monkeypatch):
-    from dmd2.ui.app import DELETE_CACHE, QUEUE_PER_WORKER, build_app, default_concurrency
+    from dmd2.ui.app import DELETE_CACHE, QUEUE_PER_WORKER, build_app, default_concurrency, describe_queue
 
     for name in ("DMD2_CONCURRENCY", "DMD2_QUEUE_SIZE", "DMD2_DELETE_CACHE"):
         monkeypatch.delenv(name, raising=False)
@@ -62,6 +62,9 @@ def test_defaults_and_environment(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("DMD2_DELETE_CACHE", "60,120")
     demo = build_app(tiny_models, votes_path=tmp_path / "v.sqlite")
     assert (demo._queue.max_size, demo.delete_cache, groups(demo)["compare"]) == (7, (60, 120), ("generate", 3))
+    assert demo.queue_settings == dict(concurrency=3, queue_size=7, delete_cache=(60, 120))
+    assert describe_queue(demo.queue_settings) == ("queue: 3 generation slot(s), at most 7 requests waiting; "
+                                                   "Gradio's cache cleaned every 60 s (files older than 120 s)")
     monkeypatch.setenv("DMD2_DELETE_CACHE", "off")
     assert build_app(tiny_models, votes_path=tmp_path / "v.sqlite").delete_cache is None
     for name, value, message in (("DMD2_QUEUE_SIZE", "lots", r"\$DMD2_QUEUE_SIZE must be a whole number"),

@@ -166,6 +166,7 @@ def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | N
     - `delete_cache`: `(frequency, age)` in seconds: every `frequency` seconds Gradio deletes the files it
       cached for clients (images, exports) that are older than `age`; default $DMD2_DELETE_CACHE
       ("600,3600", or "off"), else DELETE_CACHE; False: never.
+    The values in force are in the returned app's `queue_settings` dict.
     """
     if models is None:
         models = registry.available(family or "pixel")
@@ -193,4 +194,13 @@ def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | N
             build_leaderboard_tab(current_models, store)
             build_train_tab(trainer)
     configure_queue(demo, concurrency, queue_size)
+    demo.queue_settings = dict(concurrency=concurrency, queue_size=queue_size, delete_cache=delete_cache or None)
     return demo
+
+
+def describe_queue(settings: dict) -> str:
+    """One line for the server log: `build_app(...).queue_settings` in words."""
+    cache = settings["delete_cache"]
+    return (f"queue: {settings['concurrency']} generation slot(s), at most {settings['queue_size']} requests "
+            "waiting; Gradio's cache " + (f"cleaned every {cache[0]} s (files older than {cache[1]} s)"
+                                          if cache else "never cleaned"))

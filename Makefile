@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: demo test install clean-venv browser rebuild-4step
+.PHONY: demo test test-slow install clean-venv browser rebuild-4step
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -22,6 +22,10 @@ browser:
 
 test: browser $(STAMP)
 	$(PY) -m pytest -q
+
+# Real-size UNets with random weights (tests/test_real_size.py: ~2 min, peak RSS 19.2 GiB); skipped by `make test`
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 clean-venv:
 	rm -rf .venv

@@ -5,9 +5,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 FAMILIES = ("pixel", "sdxl", "sd15")
+FAMILY_ENV, MODELS_ENV = "DMD2_FAMILY", "DMD2_MODELS"   # a Space picks its family and models with variables
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,10 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 to serve the network)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="open a public gradio.live link")
-    p.add_argument("--family", default="pixel", choices=FAMILIES,
-                   help="model family to serve: pixel (class-conditional MNIST) or a text-to-image family")
+    p.add_argument("--family", default=os.environ.get(FAMILY_ENV) or "pixel", choices=FAMILIES,
+                   help="model family to serve: pixel (class-conditional MNIST) or a text-to-image family "
+                   f"(default: ${FAMILY_ENV}, else pixel)")
     p.add_argument("--model", action="append", metavar="NAME_OR_PATH",
-                   help="a registry name or model folder to show (repeatable; default: all available)")
+                   help="a registry name or model folder to show (repeatable; default: the comma-separated "
+                   f"${MODELS_ENV}, else all available)")
     p.add_argument("--votes", metavar="PATH", help="SQLite file for arena votes "
                    "(default: $DMD2_VOTES or data/votes.sqlite)")
     p.add_argument("--runs", metavar="DIR", help="folder of training runs for the Train tab "
@@ -29,12 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue-size", type=int, metavar="N", help="requests waiting at most; more are told the app "
                    "is busy (default: $DMD2_QUEUE_SIZE, else 32 per generation slot)")
     args = p.parse_args(argv)
+    if args.family not in FAMILIES:                    # a bad $DMD2_FAMILY (argparse checks only the flag)
+        p.error(f"{FAMILY_ENV}={args.family!r}: choose one of {', '.join(FAMILIES)}")
+    if args.model is None and os.environ.get(MODELS_ENV, "").strip():
+        args.model = [m.strip() for m in os.environ[MODELS_ENV].split(",") if m.strip()]
     for flag, value in (("--concurrency", args.concurrency), ("--queue-size", args.queue_size)):
         if value is not None and value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
 
     from dmd2 import registry
     from dmd2.arena import VoteStore, default_votes_path
+    from dmd2.arena.sync import start_sync
     from dmd2.families.base import ModelLoadError
     from dmd2.ui.app import build_app, describe_queue  # imported late: gradio is slow to import
     from dmd2.ui.auth import is_public
@@ -65,11 +75,18 @@ def main(argv: list[str] | None = None) -> int:
         demo = build_app(args.model, votes, family=args.family, runs_root=args.runs,
                          public=is_public(args.share, args.host), concurrency=args.concurrency,
                          queue_size=args.queue_size)
-    except ValueError as e:           # a bad $DMD2_CONCURRENCY, $DMD2_QUEUE_SIZE or $DMD2_DELETE_CACHE
+        sync = start_sync(VoteStore(votes))            # $DMD2_VOTES_REPO: votes survive a Space's restart
+    except ValueError as e:  # a bad $DMD2_CONCURRENCY, $DMD2_QUEUE_SIZE, $DMD2_DELETE_CACHE or vote-sync setting
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(describe_queue(demo.queue_settings), flush=True)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+    # A Space stops the app with SIGTERM: as an interrupt, Gradio shuts down and the last votes are synced.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+    finally:
+        if sync is not None:
+            sync.stop()
     return 0
 
 

@@ -392,9 +392,15 @@ def test_votes_path_from_env_and_a_bad_votes_flag_fails_early(tmp_path, monkeypa
     from dmd2.arena import default_votes_path
 
     monkeypatch.delenv("DMD2_VOTES", raising=False)
-    assert default_votes_path() == Path("data") / "votes.sqlite"
+    assert default_votes_path(persistent=tmp_path / "no-data") == Path("data") / "votes.sqlite"
+    (tmp_path / "data-volume").mkdir()                          # a Space's persistent storage, mounted at /data
+    assert default_votes_path(persistent=tmp_path / "data-volume") == tmp_path / "data-volume" / "votes.sqlite"
+    (tmp_path / "data-volume").chmod(0o500)
+    if not os.access(tmp_path / "data-volume", os.W_OK):        # root may write anyway
+        assert default_votes_path(persistent=tmp_path / "data-volume") == Path("data") / "votes.sqlite"
+    (tmp_path / "data-volume").chmod(0o700)
     monkeypatch.setenv("DMD2_VOTES", str(tmp_path / "v.sqlite"))
-    assert default_votes_path() == tmp_path / "v.sqlite"
+    assert default_votes_path(persistent=tmp_path / "data-volume") == tmp_path / "v.sqlite"
 
     (tmp_path / "a-file").write_text("")
     bad = tmp_path / "a-file" / "votes.sqlite"                  # parent is a file: cannot be created, even as root

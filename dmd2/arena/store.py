@@ -51,9 +51,18 @@ def vote_limit_from_env(default: int = 30) -> int | None:
     return value or None
 
 
-def default_votes_path() -> Path:
-    """Where arena votes go: $DMD2_VOTES, else data/votes.sqlite (relative to the working directory)."""
-    return Path(os.environ.get(VOTES_ENV) or DEFAULT_PATH)
+PERSISTENT = Path("/data")    # a Hugging Face Space's persistent storage, when the Space has it
+
+
+def default_votes_path(persistent: Path = PERSISTENT) -> Path:
+    """Where arena votes go: $DMD2_VOTES; else `persistent`/votes.sqlite when that folder exists and is writable
+    (a Space's persistent storage survives restarts, its other disk does not); else data/votes.sqlite
+    (relative to the working directory)."""
+    if os.environ.get(VOTES_ENV):
+        return Path(os.environ[VOTES_ENV])
+    if persistent.is_dir() and os.access(persistent, os.W_OK | os.X_OK):
+        return persistent / "votes.sqlite"
+    return DEFAULT_PATH
 
 
 SCHEMA = f"""

@@ -14,7 +14,7 @@ from dmd2.arena.store import vote_limit_from_env
 from dmd2.ui.arena import Arena, build_arena_tab
 from dmd2.ui.auth import TOKEN_ENV, is_public
 from dmd2.ui.compare import build_compare_tab
-from dmd2.ui.gpu import gpu
+from dmd2.ui.gpu import on_zero_gpu, sized_gpu
 from dmd2.ui.leaderboard import build_leaderboard_tab
 from dmd2.ui.train import TrainManager, build_train_tab
 from training.jobs import default_runs_root
@@ -29,6 +29,8 @@ QUEUE_PER_WORKER = 32                       # default queue size: 32 waiting req
 VOTE_CONCURRENCY = 8                        # votes: a short SQLite transaction each
 LIGHT_CONCURRENCY = 4                       # every other event (status polls, lists, exports)
 GENERATE_EVENTS = ("compare", "compare_more", "new_round")     # api names of the events that sample
+ZERO_GPU_TRAINING = ("Training is disabled on ZeroGPU: a Space there gets a GPU only for a minute or two per "
+                     "request, not for a training run. Use a dedicated GPU Space or train from the command line.")
 BUSY_MESSAGE = ("The app is busy: {size} requests are already waiting, as many as it queues. "
                 "Try again in a moment.")
 
@@ -144,6 +146,12 @@ def _say_busy(queue) -> None:
     queue.push = push_or_busy
 
 
+def preload(models: list[str]) -> None:
+    """Load every model now (a failure is remembered by the registry and shown when the model is used)."""
+    for name in models:
+        registry.loads(name)
+
+
 def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | None = None,
               family: str | None = None, runs_root: str | os.PathLike | None = None, public: bool | None = None,
               trainer: TrainManager | None = None, concurrency: int | None = None, queue_size: int | None = None,
@@ -172,13 +180,18 @@ def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | N
         models = registry.available(family or "pixel")
     models = list(models)
     mode = ("class" if family == "pixel" else "text") if family else None
-    store = lazy_store(default_votes_path() if votes_path is None else votes_path)
+    votes_path = default_votes_path() if votes_path is None else votes_path
+    store = lazy_store(votes_path)
+    zero = on_zero_gpu()
     if trainer is None:
         trainer = TrainManager(default_runs_root() if runs_root is None else runs_root,
-                               admin_token=os.environ.get(TOKEN_ENV), public=is_public() if public is None else public)
+                               admin_token=os.environ.get(TOKEN_ENV), public=is_public() if public is None else public,
+                               disabled=ZERO_GPU_TRAINING if zero else None)
 
     def current_models() -> list[str]:
         return app_models(models, trainer.runs_root, family)
+    if zero:
+        preload(current_models())     # ZeroGPU: weights load (and go to cuda) now, never inside a GPU call
     concurrency = concurrency or _env_int(CONCURRENCY_ENV, 0) or default_concurrency()
     queue_size = queue_size or _env_int(QUEUE_SIZE_ENV, QUEUE_PER_WORKER * concurrency)
     for what, value in (("concurrency", concurrency), ("queue_size", queue_size)):
@@ -189,9 +202,11 @@ def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | N
     with gr.Blocks(title=TITLE, delete_cache=delete_cache or None) as demo:
         gr.Markdown(f"# {TITLE}\nFew-step DMD2 students (Yin et al., 2024) beside their many-step teacher.")
         with gr.Tabs():
-            mode = build_compare_tab(models, wrap=gpu, mode=mode, more_models=current_models)["mode"]
-            build_arena_tab(Arena(current_models, store, mode=mode), wrap=gpu)
-            build_leaderboard_tab(current_models, store)
+            mode = build_compare_tab(models, wrap=sized_gpu(current_models, images=4), mode=mode,
+                                     more_models=current_models)["mode"]
+            arena = Arena(current_models, store, mode=mode)
+            build_arena_tab(arena, wrap=sized_gpu(current_models, images=arena.images_per_side, top=2))
+            build_leaderboard_tab(current_models, store, votes_path=votes_path)
             build_train_tab(trainer)
     configure_queue(demo, concurrency, queue_size)
     demo.queue_settings = dict(concurrency=concurrency, queue_size=queue_size, delete_cache=delete_cache or None)

@@ -84,9 +84,11 @@ class AdminGate:
     `client_address`) within LOCKOUT_S, that client's attempts are refused until the window has passed;
     other clients are not: one guesser cannot lock the real admin out."""
 
-    def __init__(self, admin_token: str | None = None, public: bool = False, clock=time.monotonic):
+    def __init__(self, admin_token: str | None = None, public: bool = False, clock=time.monotonic,
+                 disabled: str | None = None):
         self.admin_token = admin_token or None            # an empty token would be no protection
         self.public = public
+        self.disabled = disabled                          # why this app never trains (e.g. ZeroGPU), or None
         self._clock = clock
         # client -> times of its recent wrong tokens; the client that failed least recently first
         self._failures: OrderedDict[str, list[float]] = OrderedDict()
@@ -98,6 +100,8 @@ class AdminGate:
 
     def refusal(self) -> str | None:
         """Why training is disabled on this app, or None."""
+        if self.disabled:
+            return self.disabled
         if self.public and self.admin_token is None:
             return (f"Training is disabled: this app is public (--share, a Hugging Face Space or a network "
                     f"--host such as 0.0.0.0) and no "

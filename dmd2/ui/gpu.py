@@ -1,14 +1,73 @@
-"""`gpu(fn)`: the Hugging Face Spaces (ZeroGPU) decorator when the `spaces` package is importable, a no-op otherwise."""
+"""Hugging Face Spaces' ZeroGPU: `gpu(fn, duration)` is `spaces.GPU` there and `fn` itself everywhere else.
+
+ZeroGPU lends a GPU only while a decorated function runs, so (its conventions) the models are loaded and
+placed on `cuda` once at start-up, outside the decorated functions, and each decorated call asks for about
+as many seconds as its work needs: a shorter request is scheduled sooner, one that runs over is cut off.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
+ZERO_GPU_ENV = "SPACES_ZERO_GPU"    # set by Spaces on ZeroGPU hardware
+# Seconds per image per network pass on a ZeroGPU-class GPU (A100/H200 slices), at the family's resolution,
+# rounded up from public SDXL/SD1.5 timings; the budget below adds decoding and a margin.
+SECONDS_PER_PASS = {"sdxl": 0.1, "sd15": 0.04, "pixel": 0.002}
+MIN_SECONDS, MAX_SECONDS = 15, 300
 
-def gpu(fn: Callable, duration: int | None = None) -> Callable:
-    """`spaces.GPU(fn)` (with `duration` seconds, if given) on Spaces; `fn` itself everywhere else."""
+
+def on_zero_gpu() -> bool:
+    """Whether this app runs on ZeroGPU hardware."""
+    return os.environ.get(ZERO_GPU_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def gpu(fn: Callable, duration: int | Callable[..., int] | None = None) -> Callable:
+    """`spaces.GPU(fn)` (asking for `duration` seconds, a number or a function of fn's arguments) when the
+    `spaces` package is importable; `fn` itself everywhere else."""
     try:
         import spaces
     except ImportError:
         return fn
     return spaces.GPU(fn) if duration is None else spaces.GPU(duration=duration)(fn)
+
+
+def sampling_seconds(specs, images: int, teacher_steps: int | None = None) -> int:
+    """The GPU seconds to ask for to sample `images` images from each model spec (teachers at
+    `teacher_steps` or their default, with CFG counting two passes a step), with a margin."""
+    work = 0.0
+    for spec in specs:
+        passes = (len(spec.timesteps) or 4) if spec.kind == "student" else (teacher_steps or spec.steps) * 2
+        work += 3.0 + passes * images * SECONDS_PER_PASS.get(spec.family, 0.1)     # + loading to the GPU, decoding
+    return int(min(MAX_SECONDS, max(MIN_SECONDS, 10 + 1.5 * work)))
+
+
+def sized_gpu(models: Callable[[], list[str]], images: int, top: int | None = None) -> Callable[[Callable], Callable]:
+    """A `wrap` for a tab's sampling function: `gpu(fn)` asking for `sampling_seconds` of the models it may
+    sample (`models()`, or a `picked` argument; the `top` most expensive if given) at its `num_images` and
+    `steps` arguments (else `images` and each teacher's default)."""
+    import inspect
+
+    from dmd2 import registry
+
+    def wrap(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+
+        def duration(*args, **kwargs) -> int:
+            given = signature.bind_partial(*args, **kwargs).arguments
+            specs = []
+            for name in models():
+                try:
+                    specs.append(registry.spec_for(name))
+                except Exception:           # a broken model costs nothing: it fails at once
+                    continue
+            cost = lambda s: sampling_seconds([s], images)            # noqa: E731
+            specs = sorted(specs, key=cost, reverse=True)[:top] if top else specs
+            try:
+                n = int(given.get("num_images") or images)
+                steps = int(given["steps"]) if given.get("steps") else None
+            except (TypeError, ValueError):
+                n, steps = images, None     # a bad value is refused inside; ask for the default budget
+            return sampling_seconds(specs, max(1, n), steps)
+        return gpu(fn, duration=duration)
+    return wrap

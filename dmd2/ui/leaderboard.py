@@ -246,12 +246,12 @@ def plot_value(png: bytes):
 
 def build_leaderboard_tab(models: Sequence[str] | Callable[[], Sequence[str]],
                           store: Callable[[], VoteStore], concurrency_limit: int | None = 4,
-                          cache: LeaderboardCache | None = None) -> dict:
+                          cache: LeaderboardCache | None = None, votes_path=None) -> dict:
     """The Leaderboard tab (inside an open gr.Blocks); `store()` gives the vote store (opened on first use).
 
     `models` may be a function giving the current list (read on every refresh). Views run
     `concurrency_limit` at a time in their own queue (not behind generation). `cache` replaces the
-    default LeaderboardCache (1,000 bootstrap rounds).
+    default LeaderboardCache (1,000 bootstrap rounds). `votes_path`: the votes database, named on the tab.
     """
     import anyio
     import gradio as gr
@@ -262,6 +262,8 @@ def build_leaderboard_tab(models: Sequence[str] | Callable[[], Sequence[str]],
                     "the arena votes, with 95% bootstrap intervals. Ties and 'both bad' count half a win "
                     "to each side. Rank = 1 + the number of models whose whole interval is above. After new "
                     "votes the intervals take a few seconds; the table fills them in when they are ready.")
+        if votes_path is not None:
+            gr.Markdown(f"Votes are stored in `{votes_path}`.", elem_id="leaderboard-votes-path")
         refresh = gr.Button("Refresh")
         table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Leaderboard", elem_id="leaderboard-table")
         plot = gr.Plot(label="Win rates")

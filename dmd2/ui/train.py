@@ -44,13 +44,14 @@ class TrainManager(Jobs):
     """The tab's jobs: `Jobs` under `runs_root` whose launch, stop and resume first pass the admin gate.
 
     `admin_token`: when set, launch / stop / resume need it. `public`: the app is reachable from the
-    internet; then training is refused unless a token is set. Other arguments go to `Jobs`.
+    internet; then training is refused unless a token is set. `disabled`: why this app never trains (ZeroGPU
+    cannot hold a GPU for a run), shown in the tab. Other arguments go to `Jobs`.
     """
 
     def __init__(self, runs_root, admin_token: Optional[str] = None, public: bool = False, clock=time.monotonic,
-                 **jobs_kwargs):
+                 disabled: Optional[str] = None, **jobs_kwargs):
         super().__init__(runs_root, on_resume=registry.forget, **jobs_kwargs)
-        self.gate = AdminGate(admin_token, public, clock)
+        self.gate = AdminGate(admin_token, public, clock, disabled=disabled)
 
     def knob_values(self, preset: str) -> dict:
         """The form's knobs as the preset sets them."""

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import served
 from dmd2.arena import VoteStore, leaderboard, read_csv, read_jsonl
-from dmd2.ui.leaderboard import COLUMNS, COMPUTING, LeaderboardCache, export_votes
+from dmd2.ui.leaderboard import COLUMNS, COMPUTING, UPDATING, LeaderboardCache, export_votes
 
 MODELS = ["m/strong", "m/weak", "m/idle"]
 ROUNDS = 40
@@ -54,8 +54,10 @@ def test_ratings_once_per_vote_count_and_the_bootstrap_once(store, in_process):
     assert second.equals(third)
 
     store.record("b-new", "m/weak", "m/idle", "x", 0, "a", "c")           # a new vote: computed once more
-    fourth, _, _ = cache.view(store, MODELS)
+    fourth, _, pending = cache.view(store, MODELS)
     assert cache.fits == 2 and fourth["Battles"].tolist() == [6, 7, 1]
+    if pending:                     # meanwhile: the intervals of the six votes before, marked as updating
+        assert intervals_column(fourth) == [f"{cell} {UPDATING}" for cell in intervals_column(second)[:2]] + [COMPUTING]
     assert cache.wait(WAIT_S)
     cache.view(store, MODELS)
     assert cache.bootstraps == 2 and cache.fits == 2

@@ -3,8 +3,9 @@
 A view costs one COUNT of the votes: the ratings and counts are computed once per new vote count
 (`LeaderboardCache`), and the bootstrap intervals (1,000 refits) and the win-rate plot in the background,
 in a child process (a thread of this one would hold the GIL and slow the generation threads beside it).
-The first view after a vote shows the point ratings at once with "computing..." in the interval column;
-the tab fills the intervals (and the plot) in when they are ready.
+The first view after a vote shows the point ratings at once, with the intervals of the votes before
+marked "(updating)" (or "computing..." if there are none yet); the tab fills the new intervals (and the
+plot) in when they are ready.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from dmd2.ui.widgets import display_name
 COLUMNS = ["Rank", "Model", "Rating", "95% CI", "Battles", "Wins", "Losses", "Ties", "Both bad"]
 BOOTSTRAP_ROUNDS = 1000          # about 0.5 s for a few hundred votes between three models
 EXPORT_FORMATS = ("csv", "jsonl")
-COMPUTING = "computing..."       # the interval cell while the bootstrap runs
+COMPUTING = "computing..."       # the interval cell while the bootstrap runs (no earlier one to show)
+UPDATING = "(updating)"          # after an interval of fewer votes, while the bootstrap of these runs
 FILL_IN_WAIT_S = 120.0           # how long the tab waits for the intervals before leaving "computing..."
 BOOTSTRAP_NICE = 10              # the bootstrap process yields the CPU to generation
 
@@ -39,12 +41,13 @@ log = logging.getLogger("dmd2.ui")
 
 
 def _rows_table(rows: Sequence[Mapping], pending: bool = False) -> pd.DataFrame:
-    """COLUMNS from leaderboard rows, ratings rounded; `pending`: the intervals are not there yet."""
+    """COLUMNS from leaderboard rows, ratings rounded; `pending`: the intervals of these votes are not there
+    yet (the rows' intervals, if any, are of fewer votes)."""
     out = []
     for r in rows:
         rated = r["rating"] is not None
-        ci = (f"{r['ci_low']:.0f} to {r['ci_high']:.0f}" if rated and r["ci_low"] is not None else
-              COMPUTING if rated and pending else "")
+        ci = (f"{r['ci_low']:.0f} to {r['ci_high']:.0f}" + (f" {UPDATING}" if pending else "")
+              if rated and r["ci_low"] is not None else COMPUTING if rated and pending else "")
         out.append([r["rank"] if rated else None, display_name(r["model"]),
                     round(r["rating"]) if rated else None, ci, r["battles"], r["wins"], r["losses"],
                     r["ties"], r["both_bad"]])
@@ -91,8 +94,9 @@ class LeaderboardCache:
     background.
 
     `view(store, models)` gives (table, plot, pending) at once. `pending` is True while the intervals of
-    the votes shown are still being computed; the plot is then the newest one drawn (a few votes behind
-    at most), except that the first view, and any view before there is a rated model, draws it here.
+    the votes shown are still being computed: the table then shows the newest intervals computed, of
+    fewer votes, marked UPDATING (or COMPUTING where there are none), and the newest plot drawn, except
+    that the first view, and any view before there is a rated model, draws its plot here.
     `render(png)` turns the plot's PNG bytes into what the view returns (the tab makes gr.Plot's value
     of it). `in_process=True` runs the background work in this process's worker thread instead of a child
     process. Counters: `fits` (rating refits) and `bootstraps` (background jobs done).
@@ -137,9 +141,13 @@ class LeaderboardCache:
         with self._state:
             plot = self._plot[1]
         intervals = self.intervals(key)
+        pending = intervals is None and self.rounds > 0 and any(r["rating"] is not None for r in rows)
+        if pending:                 # meanwhile the newest intervals of the same models, marked as updating
+            with self._state:
+                newest = self._intervals
+            intervals = newest[1] if newest is not None and newest[0][1] == key[1] else None
         if intervals is not None:
             rows = with_intervals(rows, intervals)
-        pending = intervals is None and self.rounds > 0 and any(r["rating"] is not None for r in rows)
         return _rows_table(rows, pending=pending), plot, pending
 
     def intervals(self, key) -> dict | None:
@@ -279,9 +287,9 @@ def build_leaderboard_tab(models: Sequence[str] | Callable[[], Sequence[str]],
             return table_now, plot_value(plot_now) if isinstance(plot_now, bytes) else plot_now
 
         async def fill_in(shown):
-            """After a view: if it said "computing...", wait for the intervals and show them."""
+            """After a view: if it said "computing..." or "(updating)", wait for the intervals and show them."""
             column = shown[COLUMNS[3]] if isinstance(shown, pd.DataFrame) and COLUMNS[3] in shown else []
-            if not any(cell == COMPUTING for cell in column):
+            if not any(cell == COMPUTING or str(cell).endswith(UPDATING) for cell in column):
                 return gr.skip(), gr.skip()
             deadline = time.monotonic() + FILL_IN_WAIT_S
             while not cache.ready() and time.monotonic() < deadline:

@@ -22,3 +22,10 @@ def test_readme_front_matter_matches_requirements_and_keeps_the_setup_commands_f
     assert body[0].startswith("# ")                        # the title, then the two set-up commands
     code = [line for line in body[1:] if line.strip()][:3]
     assert code[0] == "```bash" and code[1].startswith("make demo") and code[2].startswith("make test")
+
+
+def test_readme_front_matter_enables_hugging_face_login():
+    """hf_oauth: true makes the Hub set OAUTH_CLIENT_ID and the rest on the Space, so the Arena offers login."""
+    text = (ROOT / "README.md").read_text()
+    meta = yaml.safe_load(re.match(r"---\n(.*?)\n---\n", text, re.S).group(1))
+    assert meta["hf_oauth"] is True

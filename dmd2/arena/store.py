@@ -35,6 +35,8 @@ BUSY_TIMEOUT_MS = 30_000
 
 
 VOTE_LIMIT_ENV = "DMD2_VOTES_PER_MINUTE"
+DAILY_VOTES_ENV = "DMD2_DAILY_VOTES"
+DAY_S = 24 * 3600.0
 
 
 def vote_limit_from_env(default: int = 30) -> int | None:
@@ -48,6 +50,20 @@ def vote_limit_from_env(default: int = 30) -> int | None:
         raise ValueError(f"{VOTE_LIMIT_ENV}={raw!r} must be a whole number of votes per minute (0: no limit)") from None
     if value < 0:
         raise ValueError(f"{VOTE_LIMIT_ENV}={raw!r} must be >= 0 (0: no limit)")
+    return value or None
+
+
+def daily_votes_from_env(default: int = 200) -> int | None:
+    """Votes per logged-in user per rolling 24 h: $DMD2_DAILY_VOTES (0: no cap), else `default`."""
+    raw = os.environ.get(DAILY_VOTES_ENV, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{DAILY_VOTES_ENV}={raw!r} must be a whole number of votes per day (0: no cap)") from None
+    if value < 0:
+        raise ValueError(f"{DAILY_VOTES_ENV}={raw!r} must be >= 0 (0: no cap)")
     return value or None
 
 
@@ -77,6 +93,7 @@ CREATE TABLE IF NOT EXISTS votes (
     created_at  REAL    NOT NULL,
     client_hash TEXT    NOT NULL
 );
+CREATE INDEX IF NOT EXISTS votes_client_time ON votes (client_hash, created_at);
 CREATE TABLE IF NOT EXISTS recent_clients (
     battle_id   TEXT    NOT NULL,
     client_hash TEXT    NOT NULL,
@@ -98,6 +115,15 @@ class RateLimited(Exception):
         self.max_votes, self.window_s, self.retry_after_s = max_votes, window_s, retry_after_s
         super().__init__(f"rate limit: at most {max_votes} votes per {window_s:g} s per client; "
                          f"try again in {max(retry_after_s, 0.0):.0f} s")
+
+
+class DailyCapReached(Exception):
+    """This voter (a logged-in user: the vote row's id) already cast `cap` votes in the last 24 hours."""
+
+    def __init__(self, cap: int, retry_after_s: float):
+        self.cap, self.retry_after_s = cap, retry_after_s
+        super().__init__(f"daily cap: at most {cap} votes per 24 h per user; "
+                         f"try again in {max(retry_after_s, 0.0) / 3600:.1f} h")
 
 
 def _load_or_create_salt(db_path: Path) -> bytes:
@@ -162,12 +188,14 @@ class VoteStore:
         return hmac.new(self._salt, str(client_id).encode(), hashlib.sha256).hexdigest()
 
     def record(self, battle_id: str, model_a: str, model_b: str, prompt: str, seed: int,
-               outcome: str, client_id: str | Sequence[str], now: float | None = None) -> dict:
-        """Store one vote; raises DuplicateVote, RateLimited, or ValueError for a malformed vote.
+               outcome: str, client_id: str | Sequence[str], now: float | None = None,
+               daily_limit: int | None = None) -> dict:
+        """Store one vote; raises DuplicateVote, RateLimited, DailyCapReached, or ValueError for a malformed vote.
 
         `client_id`: who votes, one id or several of the same voter (e.g. session, address, user). Each
         id is rate-limited on its own and the vote is refused if any of them is over the limit; the row
-        keeps the first, hashed.
+        keeps the first, hashed. `daily_limit`: at most that many votes in a rolling 24 h whose row keeps
+        the same first id (the arena passes it for a logged-in user, whose id then comes first).
         """
         ids = [client_id] if isinstance(client_id, str) else list(dict.fromkeys(map(str, client_id)))
         if not ids:
@@ -191,6 +219,8 @@ class VoteStore:
             # Rows that have left the window count for no limit: no need to keep who voted then.
             conn.execute("DELETE FROM recent_clients WHERE created_at <= ?", (now - self.window_s,))
             self._check_rate(conn, hashes, now)
+            if daily_limit is not None:
+                self._check_daily(conn, row["client_hash"], daily_limit, now)
             try:
                 conn.execute(f"INSERT INTO votes ({', '.join(COLUMNS)}) "
                              f"VALUES ({', '.join('?' * len(COLUMNS))})", [row[c] for c in COLUMNS])
@@ -221,6 +251,15 @@ class VoteStore:
                 retry = wait if retry is None else max(retry, wait)
         if retry is not None:
             raise RateLimited(self.max_votes, self.window_s, retry)
+
+    @staticmethod
+    def _check_daily(conn: sqlite3.Connection, client_hash: str, cap: int, now: float) -> None:
+        """Raise DailyCapReached if the votes kept under `client_hash` in the last 24 h number `cap` or more."""
+        times = [t for (t,) in conn.execute(
+            "SELECT created_at FROM votes WHERE client_hash = ? AND created_at > ? ORDER BY created_at",
+            (client_hash, now - DAY_S))]
+        if len(times) >= cap:
+            raise DailyCapReached(cap, times[len(times) - cap] + DAY_S - now)
 
     def votes(self) -> list[dict]:
         """All votes, oldest first, as dicts with the keys in COLUMNS."""

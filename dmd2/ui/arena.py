@@ -9,11 +9,20 @@ what makes the vote count once.
 
 Endpoints for gradio_client: `/new_round` (class or "random" -> token, image A, image B, ...)
 and `/vote` (token, outcome in a / b / tie / both_bad -> the revealed battle as a dict).
+
+Optional Hugging Face login: with a `gr.LoginButton` in the tab (on a Space with `hf_oauth: true`, or
+whenever login is required), the vote handlers take a `gr.OAuthProfile | None` that Gradio injects from
+the session. A logged-in voter's first id is its Hugging Face user (`hf:<sub>`), so the limits count it and
+the vote row keeps it (hashed with the store's salt), and it has a daily cap ($DMD2_DAILY_VOTES, default
+200 per rolling 24 h). With $DMD2_REQUIRE_LOGIN=1 a logged-out vote is refused; without it the
+per-client limits (session, address) are all a logged-out voter gets.
 """
 
 # No `from __future__ import annotations` here: gr.api reads the vote endpoint's type hints
 # with typing.get_type_hints, which cannot resolve a string "gr.Request" in this module.
 
+import logging
+import os
 import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -22,7 +31,7 @@ import numpy as np
 
 from dmd2 import registry
 from dmd2.arena import BattleBook, DuplicateVote, InvalidToken, NotVotable, RateLimited, VoteStore, new_battle
-from dmd2.arena.store import OUTCOMES
+from dmd2.arena.store import OUTCOMES, DailyCapReached, daily_votes_from_env
 from dmd2.families.base import ModelLoadError
 from dmd2.families.pixel import PixelFamily
 from dmd2.prompts import check_prompt, example_prompts
@@ -33,10 +42,51 @@ IMAGES_PER_SIDE = 4          # a 2 x 2 grid per side: one digit is too little to
 RANDOM = "random"
 BUTTONS = (("A is better", "a"), ("B is better", "b"), ("Tie", "tie"), ("Both bad", "both_bad"))
 OUTCOME_TEXT = {"a": "A is better", "b": "B is better", "tie": "a tie", "both_bad": "both bad"}
+REQUIRE_LOGIN_ENV = "DMD2_REQUIRE_LOGIN"
+LOGIN_REQUIRED = ("Log in with Hugging Face to vote (the \"Sign in with Hugging Face\" button at the top of "
+                  "the Arena tab): this arena counts only logged-in votes.")
+_FROM_ENV = object()
+log = logging.getLogger("dmd2.ui")
+
+
+def require_login_from_env() -> bool:
+    """$DMD2_REQUIRE_LOGIN: 1 / true / yes: only logged-in users vote; unset, 0 / false / no: anyone."""
+    raw = os.environ.get(REQUIRE_LOGIN_ENV, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{REQUIRE_LOGIN_ENV}={raw!r} must be 1 or 0")
+
+
+def login_available() -> bool:
+    """Is Hugging Face login set up here? On a Space with `hf_oauth: true` the Hub sets $OAUTH_CLIENT_ID."""
+    return bool(os.environ.get("OAUTH_CLIENT_ID"))
+
+
+def oauth_missing() -> list[str]:
+    """The packages Gradio's login needs that are not installed (gradio[oauth]: itsdangerous for the session
+    cookie, and on a Space authlib for the real OAuth flow)."""
+    import importlib.util
+
+    from gradio.utils import get_space
+
+    needed = ["itsdangerous"] + (["authlib"] if get_space() is not None else [])
+    return [m for m in needed if importlib.util.find_spec(m) is None]
+
+
+def user_id(profile) -> str | None:
+    """The stable id of a logged-in Hugging Face user (`gr.OAuthProfile`, a dict of the OpenID userinfo):
+    its `sub` (which a rename keeps), else its username; None when logged out."""
+    if profile is None:
+        return None
+    uid = profile.get("sub") or getattr(profile, "username", None) or profile.get("preferred_username")
+    return str(uid) if uid else None
 
 
 class VoteRejected(Exception):
-    """A vote that was not recorded; `reason` is invalid_token, already_voted, rate_limited or bad_outcome."""
+    """A vote that was not recorded; `reason` is invalid_token, already_voted, rate_limited, bad_outcome,
+    login_required or daily_cap."""
 
     def __init__(self, reason: str, message: str, retry_after_s: float | None = None):
         super().__init__(message)
@@ -95,22 +145,26 @@ def parse_outcome(value) -> str:
     return outcome
 
 
-def client_ids(request) -> list[str]:
+def client_ids(request, user: str | None = None) -> list[str]:
     """Who votes, for the rate limits: the Gradio session, the client's address and the logged-in user.
+
+    `user`: the Hugging Face user id (`user_id(profile)`) when logged in: it then comes first (`hf:<id>`), so
+    the vote row keeps it and the daily cap counts it.
 
     The vote store limits each id on its own. The session (one per page load or Client) is chosen by the
     client, so a script gets a fresh one per vote for free; the address (`client_address`: behind a
     Space's proxy the forwarded one) and the user (`request.username`, None unless logged in) it cannot
     change cheaply. The session comes first: it is the id a vote row keeps (hashed).
     """
+    hf = [f"hf:{user}"] if user else []
     if request is None:
-        return ["anonymous"]
+        return hf or ["anonymous"]
     session = getattr(request, "session_hash", None)
     address = client_address(request)
     user = getattr(request, "username", None)
     ids = [f"session:{session}" if session else None, f"address:{address}" if address else None,
            f"user:{user}" if user else None]
-    return [i for i in ids if i] or ["anonymous"]
+    return hf + [i for i in ids if i] or ["anonymous"]
 
 
 class Arena:
@@ -118,12 +172,17 @@ class Arena:
 
     `models` may be a function giving the current list, read on every round: a training run that
     finishes while the app is up joins the arena without a restart.
+    `require_login` (default $DMD2_REQUIRE_LOGIN): refuse votes without a user; `daily_votes` (default
+    $DMD2_DAILY_VOTES, 200; None: no cap): a logged-in user's votes per rolling 24 h.
     """
 
     def __init__(self, models: "Sequence[str] | Callable[[], Sequence[str]]",
                  store: "VoteStore | Callable[[], VoteStore]",
                  book: BattleBook | None = None, rng: np.random.Generator | None = None,
-                 images_per_side: int = IMAGES_PER_SIDE, mode: str | None = None):
+                 images_per_side: int = IMAGES_PER_SIDE, mode: str | None = None,
+                 require_login: bool | None = None, daily_votes=_FROM_ENV):
+        self.require_login = require_login_from_env() if require_login is None else bool(require_login)
+        self.daily_votes = daily_votes_from_env() if daily_votes is _FROM_ENV else daily_votes
         self._models = models if callable(models) else list(models)
         self.mode = mode or conditioning(self.models)     # "class": battles on a class; "text": on a prompt
         self._store = store
@@ -207,23 +266,34 @@ class Arena:
         return Round(token, battle.prompt, battle.image_a, battle.image_b,
                      f"Class **{label}**, same seed for both. Which side drew it better?")
 
-    def vote(self, token, outcome, client: "str | Sequence[str]") -> Verdict:
+    def vote(self, token, outcome, client: "str | Sequence[str]", user: str | None = None) -> Verdict:
         """Verify the token, record the vote once, reveal the names; VoteRejected says why a vote is refused.
-        `client`: the voter's id, or its ids (`client_ids`), each rate-limited."""
+        `client`: the voter's id, or its ids (`client_ids`), each rate-limited. `user`: the logged-in
+        Hugging Face user's id (`user_id`), None when logged out: its votes are capped per day, and with
+        `require_login` a vote without one is refused."""
         outcome = parse_outcome(outcome)
+        if user is None and self.require_login:
+            raise VoteRejected("login_required", LOGIN_REQUIRED)
+        ids = [client] if isinstance(client, str) else list(client)
+        if user is not None:               # the user's id first: the one the row keeps and the cap counts
+            ids = [f"hf:{user}"] + [i for i in ids if i != f"hf:{user}"]
         try:
             battle = self.book.verify(token)
         except InvalidToken as e:
             raise VoteRejected("invalid_token", f"Vote rejected: {e}.") from e
         try:
             self.store.record(battle["battle_id"], battle["model_a"], battle["model_b"], battle["prompt"],
-                              battle["seed"], outcome, client)
+                              battle["seed"], outcome, ids,
+                              daily_limit=self.daily_votes if user is not None else None)
         except DuplicateVote as e:
             raise VoteRejected("already_voted", "You already voted on this battle; it counts once. "
                                "Start a new round to vote again.") from e
         except RateLimited as e:
             raise VoteRejected("rate_limited", f"Too many votes: at most {e.max_votes} per {e.window_s:g} s. "
                                f"Try again in {max(e.retry_after_s, 1.0):.0f} s.", e.retry_after_s) from e
+        except DailyCapReached as e:
+            raise VoteRejected("daily_cap", f"Daily vote cap reached: at most {e.cap} votes per user in 24 hours. "
+                               f"Try again in {max(e.retry_after_s / 3600, 0.1):.1f} h.", e.retry_after_s) from e
         a, b = display_name(battle["model_a"]), display_name(battle["model_b"])
         what = "the same prompt" if self.mode == "text" else f"class {battle['prompt']}"
         message = (f"Vote recorded ({OUTCOME_TEXT[outcome]}). **A** was **{a}**, **B** was **{b}** "
@@ -231,14 +301,34 @@ class Arena:
         return Verdict(a, b, outcome, battle["prompt"], int(battle["seed"]), message)
 
 
-def build_arena_tab(arena: Arena, wrap: Callable = lambda f: f) -> dict:
-    """The Arena tab (inside an open gr.Blocks); `wrap` decorates the sampling function (spaces.GPU)."""
+def build_arena_tab(arena: Arena, wrap: Callable = lambda f: f, login: bool | None = None) -> dict:
+    """The Arena tab (inside an open gr.Blocks); `wrap` decorates the sampling function (spaces.GPU).
+
+    `login`: show a `gr.LoginButton` (Hugging Face OAuth); default: when the arena requires login or the
+    Space has OAuth set up (`login_available`). Off a Space, Gradio mocks the login with the machine's own
+    Hugging Face account, which must then be logged in (`hf auth login`).
+    """
     import gradio as gr
 
     text = arena.mode == "text"
+    login = (arena.require_login or login_available()) if login is None else login
+    missing = oauth_missing() if login else []
+    if missing and arena.require_login:
+        raise RuntimeError(f"{REQUIRE_LOGIN_ENV}=1 needs Gradio's login, which needs {', '.join(missing)}: "
+                           "pip install 'gradio[oauth]'")
+    if missing:
+        log.warning("no Hugging Face login in the Arena: %s not installed (pip install 'gradio[oauth]')",
+                    ", ".join(missing))
+        login = False
     with gr.Tab("Arena", id="arena"):
         gr.Markdown(f"Two anonymous models draw the same {'prompt' if text else 'digit class'} from the same "
                     "seed. Vote for the better side; the names are revealed after your vote.")
+        login_button = None
+        if login:
+            login_button = gr.LoginButton(elem_id="arena-login")
+            gr.Markdown("**Log in with Hugging Face to vote.**" if arena.require_login else
+                        "Logging in with Hugging Face is optional; it makes your votes count as one person's.",
+                        elem_id="arena-login-note")
         examples = example_prompts() if text else []
         with gr.Row():
             if text:
@@ -275,11 +365,12 @@ def build_arena_tab(arena: Arena, wrap: Callable = lambda f: f) -> dict:
             return [r.token, r.token or "", r.image_a, r.image_b, r.message, ""] + \
                 [gr.Button(interactive=r.votable) for _ in buttons]
 
-        def cast(token, outcome, request: gr.Request):
+        def cast(token, outcome, request: gr.Request, profile: gr.OAuthProfile | None):
             if not token:
                 raise gr.Error("No battle to vote on: press New round first.")
             try:
-                v = arena.vote(token, outcome, client_ids(request))
+                user = user_id(profile)
+                v = arena.vote(token, outcome, client_ids(request, user), user)
             except VoteRejected as e:
                 raise gr.Error(str(e)) from None
             return [v.message] + [gr.Button(interactive=False) for _ in buttons]
@@ -291,22 +382,24 @@ def build_arena_tab(arena: Arena, wrap: Callable = lambda f: f) -> dict:
             button.click(_bind(cast, outcome), [token_state], [reveal, *buttons],
                          api_name=f"vote_button_{outcome}", api_visibility="undocumented")
 
-        def vote(token: str, outcome: str, request: gr.Request) -> dict:
+        def vote(token: str, outcome: str, request: gr.Request, profile: gr.OAuthProfile | None) -> dict:
             """Vote on a battle: `token` from /new_round, `outcome` one of a, b, tie, both_bad."""
             try:
-                return arena.vote(token, outcome, client_ids(request)).as_dict()
+                user = user_id(profile)
+                return arena.vote(token, outcome, client_ids(request, user), user).as_dict()
             except VoteRejected as e:
                 raise gr.Error(str(e)) from None
 
         gr.api(vote, api_name="vote")
     return dict(label=label, new=new, image_a=image_a, image_b=image_b, info=info, buttons=buttons,
-                reveal=reveal, token=token_state)
+                reveal=reveal, token=token_state, login=login_button, vote=vote, cast=cast)
 
 
 def _bind(cast: Callable, outcome: str) -> Callable:
-    """`cast` with the button's outcome fixed, keeping the gr.Request parameter visible to Gradio."""
+    """`cast` with the button's outcome fixed, keeping the gr.Request and gr.OAuthProfile parameters visible
+    to Gradio (it injects them by type hint)."""
     import gradio as gr
 
-    def on_click(token, request: gr.Request):
-        return cast(token, outcome, request)
+    def on_click(token, request: gr.Request, profile: gr.OAuthProfile | None):
+        return cast(token, outcome, request, profile)
     return on_click

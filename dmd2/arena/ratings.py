@@ -44,6 +44,84 @@ def _battles(votes: Iterable[Mapping], models: Sequence[str] | None, both_bad: s
     return names, ia, ib, score, all_votes
 
 
+FLAG_VOTES_PER_HOUR_ENV = "DMD2_FLAG_VOTES_PER_HOUR"
+FLAG_SAME_SIDE_ENV = "DMD2_FLAG_SAME_SIDE"
+HOUR_S = 3600.0
+REASONS = {                     # exclusion reason -> how the Leaderboard says it (formatted with the threshold)
+    "votes_per_hour": "more than {} votes in an hour",
+    "same_side": "the same side in every vote (at least {} votes)",
+}
+
+
+def screening_from_env(per_hour: int = 120, same_side: int = 20) -> dict:
+    """`screen_votes` thresholds: $DMD2_FLAG_VOTES_PER_HOUR (default 120) and $DMD2_FLAG_SAME_SIDE (default 20
+    votes); 0 turns a test off."""
+    import os
+
+    out = {}
+    for key, env, default in (("max_per_hour", FLAG_VOTES_PER_HOUR_ENV, per_hour),
+                              ("same_side_min", FLAG_SAME_SIDE_ENV, same_side)):
+        raw = os.environ.get(env, "").strip()
+        try:
+            value = int(raw) if raw else default
+        except ValueError:
+            raise ValueError(f"{env}={raw!r} must be a whole number of votes (0: off)") from None
+        if value < 0:
+            raise ValueError(f"{env}={raw!r} must be >= 0 (0: off)")
+        out[key] = value or None
+    return out
+
+
+def screen_votes(votes: Iterable[Mapping], max_per_hour: int | None = 120,
+                 same_side_min: int | None = 20) -> tuple[list[Mapping], dict[str, dict]]:
+    """(kept votes, exclusions): the votes of flagged voters left out, and how many, and why.
+
+    A voter is a vote's `client_hash` (a logged-in user's hashed id, else its session's). Flagged:
+    `votes_per_hour`, more than `max_per_hour` votes within some hour (`created_at`, seconds); else
+    `same_side`, at least `same_side_min` votes all "a" or all "b" (a voter who does not look at the
+    images). None turns a test off. Every vote of a flagged voter is excluded; votes without a
+    client_hash are kept. `exclusions`: {reason: {"voters", "votes", "threshold"}} for both reasons
+    (a voter flagged by both counts under votes_per_hour only). Pure: no I/O, the input is not changed.
+    """
+    votes = list(votes)
+    by_voter: dict[str, list[Mapping]] = {}
+    for v in votes:
+        if v.get("client_hash"):
+            by_voter.setdefault(str(v["client_hash"]), []).append(v)
+    flagged: dict[str, str] = {}
+    for voter, mine in by_voter.items():
+        if max_per_hour is not None and len(mine) > max_per_hour:
+            times = sorted(float(v["created_at"]) for v in mine)
+            start = 0
+            for end, t in enumerate(times):
+                while t - times[start] >= HOUR_S:
+                    start += 1
+                if end - start + 1 > max_per_hour:
+                    flagged[voter] = "votes_per_hour"
+                    break
+        if voter not in flagged and same_side_min is not None and len(mine) >= same_side_min:
+            sides = {v["outcome"] for v in mine}
+            if sides in ({"a"}, {"b"}):
+                flagged[voter] = "same_side"
+    exclusions = {reason: {"voters": 0, "votes": 0, "threshold": t}
+                  for reason, t in (("votes_per_hour", max_per_hour), ("same_side", same_side_min))}
+    for voter, reason in flagged.items():
+        exclusions[reason]["voters"] += 1
+        exclusions[reason]["votes"] += len(by_voter[voter])
+    kept = [v for v in votes if str(v.get("client_hash") or "") not in flagged]
+    return kept, exclusions
+
+
+def exclusion_line(total: int, exclusions: Mapping[str, Mapping]) -> str:
+    """One line for under the leaderboard: how many of `total` votes count, and how many were left out why."""
+    parts = [f"{e['votes']} from {e['voters']} voter{'s' if e['voters'] != 1 else ''} with "
+             + REASONS[reason].format(e["threshold"]) for reason, e in exclusions.items() if e["votes"]]
+    excluded = sum(e["votes"] for e in exclusions.values())
+    if not excluded:
+        return f"All {total} votes counted; none excluded."
+    return f"Counted {total - excluded} of {total} votes; excluded {excluded}: " + "; ".join(parts) + "."
+
+
 def _wins_matrix(k: int, ia, ib, score, weight=None) -> np.ndarray:
     """W[i, j] = (weighted) number of wins of i over j, ties counted half to each."""
     w = np.ones_like(score) if weight is None else weight

@@ -6,6 +6,11 @@ in a child process (a thread of this one would hold the GIL and slow the generat
 The first view after a vote shows the point ratings at once, with the intervals of the votes before
 marked "(updating)" (or "computing..." if there are none yet); the tab fills the new intervals (and the
 plot) in when they are ready.
+
+Only votes cast while both names were hidden exist (a battle takes one vote, and the names are revealed
+by it). The votes of flagged voters (`ratings.screen_votes`: more than $DMD2_FLAG_VOTES_PER_HOUR votes
+in an hour, or the same side in every one of at least $DMD2_FLAG_SAME_SIDE votes) are left out of the
+ratings and the plot; a line under the table says how many and why.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from typing import Any, Callable, Mapping, Sequence
 import pandas as pd
 
 from dmd2.arena import VoteStore, leaderboard, win_rate_matrix, win_rate_plot
-from dmd2.arena.ratings import rating_intervals, win_rate_png, with_intervals
+from dmd2.arena.ratings import (exclusion_line, rating_intervals, screen_votes, screening_from_env, win_rate_png,
+                                with_intervals)
 from dmd2.ui.widgets import display_name
 
 COLUMNS = ["Rank", "Model", "Rating", "95% CI", "Battles", "Wins", "Losses", "Ties", "Both bad"]
@@ -100,11 +106,15 @@ class LeaderboardCache:
     `render(png)` turns the plot's PNG bytes into what the view returns (the tab makes gr.Plot's value
     of it). `in_process=True` runs the background work in this process's worker thread instead of a child
     process. Counters: `fits` (rating refits) and `bootstraps` (background jobs done).
+    `screening`: `screen_votes`'s thresholds (default `screening_from_env()`; both None: every vote counts);
+    `exclusions()` gives the last view's (total votes, exclusions) and `exclusion_note()` its line.
     """
 
     def __init__(self, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0, render: Callable[[bytes], Any] = lambda b: b,
-                 in_process: bool = False):
+                 in_process: bool = False, screening: Mapping | None = None):
         self.rounds, self.seed, self.render, self.in_process = rounds, seed, render, in_process
+        self.screening = dict(screening_from_env() if screening is None else screening)
+        self._excluded: tuple | None = None      # (key, total votes, exclusions) of the last refit
         self.fits = self.bootstraps = 0
         self._compute = threading.Lock()         # one refit at a time; a second view waits and reuses it
         self._state = threading.Condition()      # guards everything below
@@ -122,6 +132,8 @@ class LeaderboardCache:
             if point is None or point[0] != (len(store), models):
                 votes = store.votes()
                 key = (len(votes), models)       # what was read: a vote may land between the count and the read
+                total = len(votes)
+                votes, excluded = screen_votes(votes, **self.screening)
                 rows = leaderboard(votes, models=models, rounds=0)
                 matrix, names = win_rate_matrix(votes, models=[r["model"] for r in rows])
                 plot_args = (matrix, [display_name(n) for n in names])
@@ -133,6 +145,7 @@ class LeaderboardCache:
                 point = (key, rows)
                 with self._state:
                     self._point = point
+                    self._excluded = (key, total, excluded)
                     self.fits += 1
                     if rated:
                         self._want(key, dict(votes=[(v["model_a"], v["model_b"], v["outcome"]) for v in votes],
@@ -149,6 +162,16 @@ class LeaderboardCache:
         if intervals is not None:
             rows = with_intervals(rows, intervals)
         return _rows_table(rows, pending=pending), plot, pending
+
+    def exclusions(self) -> tuple[int, dict] | None:
+        """(votes in the store, `screen_votes` exclusions) as of the last view's refit; None before a view."""
+        with self._state:
+            return None if self._excluded is None else self._excluded[1:]
+
+    def exclusion_note(self) -> str:
+        """The line under the table: how many votes count and how many were excluded, why."""
+        got = self.exclusions()
+        return "" if got is None else exclusion_line(*got)
 
     def intervals(self, key) -> dict | None:
         """The intervals of the votes `key` names, or None while they are not computed (or are outdated)."""
@@ -274,6 +297,7 @@ def build_leaderboard_tab(models: Sequence[str] | Callable[[], Sequence[str]],
             gr.Markdown(f"Votes are stored in `{votes_path}`.", elem_id="leaderboard-votes-path")
         refresh = gr.Button("Refresh")
         table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Leaderboard", elem_id="leaderboard-table")
+        note = gr.Markdown(elem_id="leaderboard-excluded")     # how many votes were excluded, and why
         plot = gr.Plot(label="Win rates")
         with gr.Row():
             csv_button = gr.Button("Export CSV")
@@ -299,10 +323,13 @@ def build_leaderboard_tab(models: Sequence[str] | Callable[[], Sequence[str]],
         limits = dict(concurrency_limit=concurrency_limit, concurrency_id="leaderboard")
         waits = dict(concurrency_limit=None, concurrency_id="leaderboard-fill-in", api_visibility="private",
                      show_progress="hidden")
-        refresh.click(show, None, [table, plot], api_name="leaderboard", **limits).then(
-            fill_in, table, [table, plot], **waits)
-        tab.select(show, None, [table, plot], api_visibility="private", **limits).then(
-            fill_in, table, [table, plot], **waits)
+        shown = refresh.click(show, None, [table, plot], api_name="leaderboard", **limits)
+        shown.then(fill_in, table, [table, plot], **waits)
+        # /leaderboard keeps its two outputs; the exclusion line is its own step (and endpoint) after it
+        shown.then(cache.exclusion_note, None, note, api_name="leaderboard_exclusions", **limits)
+        selected = tab.select(show, None, [table, plot], api_visibility="private", **limits)
+        selected.then(fill_in, table, [table, plot], **waits)
+        selected.then(cache.exclusion_note, None, note, api_visibility="private", **limits)
         csv_button.click(lambda: str(export_votes(store(), "csv")), None, file, api_name="export_csv")
         jsonl_button.click(lambda: str(export_votes(store(), "jsonl")), None, file, api_name="export_jsonl")
-    return dict(table=table, plot=plot, refresh=refresh, file=file, cache=cache)
+    return dict(table=table, plot=plot, refresh=refresh, file=file, cache=cache, note=note)

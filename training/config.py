@@ -86,6 +86,8 @@ class DistillConfig:
     eval_num: int = 500                        # samples in a quick evaluation
     checkpoint_every: int = 250                # steps between checkpoints
     keep_checkpoints: int = 2                  # older checkpoints are deleted
+    checkpoint_format: str = "full"            # "full": rank 0 writes the gathered state.pt; "sharded": every rank
+                                               # writes its own DCP shards (torch.distributed.checkpoint), no gather
     extra: dict = field(default_factory=dict)  # free-form notes carried into config.yaml
 
     @property
@@ -158,6 +160,7 @@ class DistillConfig:
         for key in ("log_every", "sample_every", "eval_every", "checkpoint_every", "eval_num"):
             need(isinstance(getattr(self, key), int) and getattr(self, key) >= 0, key, "must be an integer >= 0")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        need(self.checkpoint_format in ("full", "sharded"), "checkpoint_format", "must be 'full' or 'sharded'")
         return self
 
     def to_dict(self) -> dict:

@@ -63,10 +63,26 @@ def write_student_card(run: Run, cfg: DistillConfig, trainer: DMD2Trainer, secon
     (Path(folder or run.student) / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
 
 
+def save_checkpoint(run: Run, trainer: DMD2Trainer, cfg: DistillConfig) -> None:
+    """A checkpoint in cfg.checkpoint_format; every rank calls it. "full": the states gathered on rank 0, which
+    writes state.pt; "sharded": every rank writes its own DCP shards, rank 0 state.pt with the rest."""
+    acc = trainer.acc
+    if cfg.checkpoint_format == "sharded":
+        run.save_checkpoint(trainer.step, trainer.state_dict(sharded=True), keep=cfg.keep_checkpoints,
+                            shards=trainer.sharded_state(), main=acc.is_main_process, barrier=acc.wait_for_everyone)
+        return
+    state = trainer.state_dict()
+    if acc.is_main_process:
+        run.save_checkpoint(trainer.step, state, keep=cfg.keep_checkpoints)
+
+
 def load_checkpoint_into(trainer: DMD2Trainer, state: dict, path: Path) -> None:
-    """trainer.load_state_dict with a clear error when the checkpoint's networks differ from the config's."""
+    """trainer.load_state_dict with a clear error when the checkpoint's networks differ from the config's.
+
+    Reads either format, whatever cfg.checkpoint_format says (a sharded one through its dcp/ folder; DCP
+    reshards, so any number of processes can read it)."""
     try:
-        trainer.load_state_dict(state)
+        trainer.load_state_dict(state, read_shards=lambda template: Run.read_shards(path, template))
     except RuntimeError as e:  # torch's strict load: missing / unexpected / reshaped tensors
         first = str(e).strip().splitlines()[0]
         raise RunError(f"checkpoint {path} does not fit the config: {first} (settings that change the networks, "
@@ -133,9 +149,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
                     run.log_metrics({"step": step, "seconds": round(time.time() - start, 2), **scores})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 acc.wait_for_everyone()
-                state = trainer.state_dict()
-                if main:
-                    run.save_checkpoint(step, state, keep=cfg.keep_checkpoints)
+                save_checkpoint(run, trainer, cfg)
     except NonFiniteLoss as e:
         if main:
             run.set_status("failed", step=trainer.step, error=str(e))
@@ -143,11 +157,10 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
     acc.wait_for_everyone()
     finished = trainer.step >= cfg.iterations
     if finished:
-        state = trainer.state_dict() if not cfg.checkpoint_every or trainer.step % cfg.checkpoint_every else None
+        if not cfg.checkpoint_every or trainer.step % cfg.checkpoint_every:
+            save_checkpoint(run, trainer, cfg)
         student = trainer.full_student()
     if finished and main:
-        if state is not None:
-            run.save_checkpoint(trainer.step, state, keep=cfg.keep_checkpoints)
         trainer.family.save_student(student, run.student, timesteps=trainer.timesteps,
                                     family=trainer.family.name, teacher=cfg.teacher)
         write_student_card(run, cfg, trainer, time.time() - start, command)

@@ -4,7 +4,7 @@
              metrics.jsonl      one JSON object per logged step or quick evaluation
              status.json        {"state": running | finished | stopped | failed, "step", "total_steps", "error", "pid", ...}
              train.log          the trainer's stdout and stderr when the app started it
-             checkpoints/step-N/state.pt
+             checkpoints/step-N/state.pt   (checkpoint_format: sharded: + dcp/, every rank's DCP shards)
              samples/latest.png (and samples/step-N.png)
              student/           a finished run's student: dmd2.json + a diffusers UNet (config.json) or a LoRA file
 
@@ -34,6 +34,7 @@ DAMAGED = "damaged"                                     # a status.json that can
 STATUS_FIELDS = {"step": (int,), "total_steps": (int,), "updated": (float, int), "started": (float, int),
                  "pid": (int,), "error": (str,)}       # their types when present (None is allowed)
 FINAL_STATES = ("finished", "stopped", "failed")
+SHARDS = "dcp"                                          # a sharded checkpoint's DCP folder, beside its state.pt
 
 
 class RunError(RuntimeError):
@@ -236,18 +237,45 @@ class Run:
         found = [p for p in self.checkpoints.glob("step-*") if (p / "state.pt").is_file()]
         return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
-    def save_checkpoint(self, step: int, state: dict, keep: int = 2) -> Path:
-        """Write to a temporary folder, then rename: a kill mid-save never damages the last checkpoint."""
+    def save_checkpoint(self, step: int, state: dict, keep: int = 2, shards: dict | None = None, main: bool = True,
+                        barrier=None) -> Path:
+        """Write to a temporary folder, then rename: a kill mid-save never damages the last checkpoint.
+
+        shards (checkpoint_format: sharded): every rank calls this with its own shards, which it writes into
+        dcp/ (torch.distributed.checkpoint; no gather), `main` marks the one process that writes state.pt
+        (the rest of the state), renames and prunes; `barrier` waits for all ranks. Without shards only the
+        main process calls it, with the full state.
+        """
         final = self.checkpoints / f"step-{step:08d}"
         tmp = self.checkpoints / f".tmp-step-{step:08d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(state, tmp / "state.pt")
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if shards is not None:
+            if barrier:
+                barrier()  # the folder exists (and holds nothing stale) before any rank writes into it
+            from training.sharding import write_shards
+
+            write_shards(shards, tmp / SHARDS)
+            if barrier:
+                barrier()
+        if not main:
+            return final
+        torch.save(state, tmp / "state.pt")  # last: a checkpoint is complete once its state.pt exists
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in self.checkpoint_dirs()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    @staticmethod
+    def read_shards(path: Path, template: dict) -> None:
+        """Fill `template` (this rank's tensors) from the sharded checkpoint `path`'s dcp/ folder."""
+        from training.sharding import read_shards
+
+        if not (path / SHARDS / ".metadata").is_file():
+            raise RunError(f"checkpoint {path} is sharded but {path / SHARDS} holds no complete DCP checkpoint")
+        read_shards(template, path / SHARDS)
 
     def load_checkpoint(self, path: Path | None = None) -> dict:
         """The latest (or given) checkpoint's state; a clear RunError if none or corrupt."""

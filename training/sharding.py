@@ -92,3 +92,37 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mo
     set_model_state_dict(model, model_state, options=_options())
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=_options())
 
+
+
+# --- sharded (DCP) checkpoints: each rank writes and reads only the shards it holds ----------------------
+def local_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model state, optimiser state keyed by parameter names) as this rank holds them: DTensor shards under
+    FSDP, plain tensors otherwise; nothing is gathered. Initialises an optimiser that has not stepped yet."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return get_model_state_dict(model), get_optimizer_state_dict(model, optimizer)
+
+
+def load_local_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                     optimizer_state: dict) -> None:
+    """Put states of `local_state`'s layout (as `read_shards` filled them) into the model and optimiser."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, model_state)
+    set_optimizer_state_dict(model, optimizer, optimizer_state)
+
+
+def write_shards(state: dict, folder) -> None:
+    """torch.distributed.checkpoint: every rank writes its own shards of `state` into `folder` (rank 0 adds the
+    metadata); a collective under several processes."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=str(folder))
+
+
+def read_shards(template: dict, folder) -> None:
+    """Fill `template` (a `local_state`-shaped dict of this rank's tensors) in place from a DCP `folder`; it may
+    have been written by another number of processes (DCP reshards)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(template, checkpoint_id=str(folder))

@@ -286,15 +286,21 @@ class DMD2Trainer:
         unet.load_state_dict(state)
         return unet
 
-    def state_dict(self) -> dict:
-        """Everything a checkpoint holds (under FSDP a collective: every rank calls it, rank 0 gets the states)."""
-        if self.sharded:
+    def state_dict(self, sharded: bool = False) -> dict:
+        """Everything a checkpoint holds (under FSDP a collective: every rank calls it, rank 0 gets the states).
+
+        sharded: leave the networks and optimisers out (format "sharded"): `sharded_state()` holds them, for DCP.
+        """
+        if sharded:
+            generator = critic = opt_g = opt_c = None
+        elif self.sharded:
             generator, opt_g = sharding.full_state(self.generator, self.opt_g)
             critic, opt_c = sharding.full_state(self.critic, self.opt_c)
         else:
             generator, critic = self.generator_module.state_dict(), self.critic_module.state_dict()
             opt_g, opt_c = self.opt_g.state_dict(), self.opt_c.state_dict()
         return {
+            "format": "sharded" if sharded else "full",
             "step": self.step,
             "generator_updates": self.generator_updates,
             "generator": generator,
@@ -311,6 +317,14 @@ class DMD2Trainer:
             "ranks": self._gathered(self._draw_state()),
         }
 
+    def sharded_state(self) -> dict:
+        """The networks and optimisers as this rank holds them (DTensor shards under FSDP), for a DCP checkpoint;
+        a collective under FSDP."""
+        gen, critic = (self.generator, self.critic) if self.sharded else (self.generator_module, self.critic_module)
+        generator, opt_g = sharding.local_state(gen, self.opt_g)
+        critic_state, opt_c = sharding.local_state(critic, self.opt_c)
+        return {"generator": generator, "critic": critic_state, "opt_g": opt_g, "opt_c": opt_c}
+
     def _draw_state(self) -> dict:
         return {"rng": self.rng.get_state(), "sampler": self.sampler.state_dict(),
                 "prompt_sampler": self.prompt_sampler.state_dict() if self.prompt_sampler else None}
@@ -325,8 +339,19 @@ class DMD2Trainer:
         dist.all_gather_object(out, obj)
         return out
 
-    def load_state_dict(self, state: dict) -> None:
-        if self.sharded:
+    def load_state_dict(self, state: dict, read_shards=None) -> None:
+        """Restore a checkpoint's state; a "sharded" one also needs `read_shards(template)`, which fills this
+        rank's `sharded_state()` in place from the checkpoint's DCP folder."""
+        if state.get("format") == "sharded":
+            if read_shards is None:
+                raise RunError("this checkpoint is sharded (checkpoint_format: sharded): its weights are in its dcp/ "
+                               "folder, which this caller does not read")
+            shards = self.sharded_state()  # the template: this rank's shapes and placements
+            read_shards(shards)
+            gen, critic = (self.generator, self.critic) if self.sharded else (self.generator_module, self.critic_module)
+            sharding.load_local_state(gen, self.opt_g, shards["generator"], shards["opt_g"])
+            sharding.load_local_state(critic, self.opt_c, shards["critic"], shards["opt_c"])
+        elif self.sharded:
             sharding.load_full_state(self.generator, self.opt_g, state["generator"], state["opt_g"])
             sharding.load_full_state(self.critic, self.opt_c, state["critic"], state["opt_c"])
         else:

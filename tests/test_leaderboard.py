@@ -103,3 +103,35 @@ def test_live_leaderboard_computes_once_for_repeated_views(store, tmp_path):
     assert cache.fits == 1 and cache.bootstraps == 1
     assert all(v == views[0] for v in views)
     assert all(" to " in row[3] for row in views[0]["data"][:2])          # the intervals, once ready
+
+
+def test_the_bootstrap_child_leaves_with_a_killed_server():
+    """A server killed with SIGKILL used to leave its idle bootstrap process behind for good."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    server = subprocess.Popen([sys.executable, "-c", "import os, time\n"
+                               "from dmd2.ui.leaderboard import _bootstrap_pool\n"
+                               "print(_bootstrap_pool().submit(os.getpid).result(), flush=True)\n"
+                               "time.sleep(600)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(server.stdout.readline())
+        assert child != server.pid and alive(child)
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+    deadline = time.monotonic() + WAIT_S
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(child)
+
+
+def alive(pid: int) -> bool:
+    """Is `pid` a running process (not gone, not a zombie waiting to be reaped)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -33,7 +33,15 @@ import pandas as pd
 from dmd2.arena import VoteStore, leaderboard, win_rate_matrix, win_rate_plot
 from dmd2.arena.ratings import (exclusion_line, rating_intervals, screen_votes, screening_from_env, win_rate_png,
                                 with_intervals)
-from dmd2.ui.widgets import display_name
+
+
+def display_name(name: str) -> str:
+    """`dmd2.ui.widgets.display_name`, imported on first use: the bootstrap child imports this module and
+    needs no torch (which widgets' registry imports)."""
+    from dmd2.ui.widgets import display_name as name_of
+
+    return name_of(name)
+
 
 COLUMNS = ["Rank", "Model", "Rating", "95% CI", "Battles", "Wins", "Losses", "Ties", "Both bad"]
 BOOTSTRAP_ROUNDS = 1000          # about 0.5 s for a few hundred votes between three models
@@ -77,12 +85,26 @@ _pool_lock = threading.Lock()
 _pool: list[ProcessPoolExecutor] = []
 
 
+def _child_start(nice: int, parent: int) -> None:
+    """In the bootstrap child: lower its priority, and leave once the server that started it is gone (an idle
+    pool worker waits for work forever, so a server killed with SIGKILL or a crash used to leave it behind)."""
+    os.nice(nice)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _bootstrap_pool() -> ProcessPoolExecutor:
-    """One child process for every leaderboard of this server (spawned, not forked: the server has threads)."""
+    """One child process for every leaderboard of this server (spawned, not forked: the server has threads).
+    The child imports this module: keep its top-level imports light (no torch)."""
     with _pool_lock:
         if not _pool:
             _pool.append(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=os.nice, initargs=(BOOTSTRAP_NICE,)))
+                                             initializer=_child_start, initargs=(BOOTSTRAP_NICE, os.getpid())))
             atexit.register(_pool[0].shutdown, wait=False, cancel_futures=True)
         return _pool[0]
 

@@ -134,3 +134,37 @@ def test_family_and_models_come_from_the_environment(monkeypatch, tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "app.py")], env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 2 and "DMD2_FAMILY='sd3': choose one of pixel, sdxl, sd15" in p.stderr
+
+
+def test_app_py_serves_sdxl_from_the_environment_alone(tmp_path):
+    """`DMD2_FAMILY=sdxl DMD2_MODELS=<tiny SDXL pipeline> python app.py`: the SDXL tabs, a prompt in Compare."""
+    import signal
+    import subprocess
+    import time
+
+    import tiny_sd
+    from conftest import free_port
+    from gradio_client import Client
+
+    pipeline = tiny_sd.make_tiny_sdxl(tmp_path / "tiny-sdxl")
+    port = free_port()
+    env = dict(os.environ, DMD2_FAMILY="sdxl", DMD2_MODELS=str(pipeline), DMD2_VOTES=str(tmp_path / "votes.sqlite"),
+               DMD2_RUNS=str(tmp_path / "runs"), GRADIO_ANALYTICS_ENABLED="False")
+    env.pop("SPACES_ZERO_GPU", None)
+    app = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), "--port", str(port)], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300                                 # a hang guard, not a timing check
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path / "dl"))
+                break
+            except Exception:
+                assert app.poll() is None, app.stdout.read().decode()
+                assert time.monotonic() < deadline, "app.py did not come up"
+                time.sleep(1)
+        out = client.predict("a photo of a cat", 5, 1, 1, 1.0, api_name="/compare")
+        assert out[1].startswith("tiny-sdxl: NFE 1, steps 1, ")          # the prompt went to the SDXL teacher
+    finally:
+        os.killpg(app.pid, signal.SIGTERM)
+        app.wait(60)

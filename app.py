@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="a registry name or model folder to show (repeatable; default: the comma-separated "
                    f"${MODELS_ENV}, else all available)")
     p.add_argument("--votes", metavar="PATH", help="SQLite file for arena votes "
-                   "(default: $DMD2_VOTES or data/votes.sqlite)")
+                   "(default: $DMD2_VOTES, else /data/votes.sqlite on a Space with persistent storage, else data/votes.sqlite)")
     p.add_argument("--runs", metavar="DIR", help="folder of training runs for the Train tab "
                    "(default: $DMD2_RUNS or runs/)")
     p.add_argument("--concurrency", type=int, metavar="N", help="generations (Compare, Arena rounds) running at "
@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--concurrency", args.concurrency), ("--queue-size", args.queue_size)):
         if value is not None and value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
+
+    from dmd2.ui.gpu import on_zero_gpu   # imports nothing heavy
+
+    if on_zero_gpu():
+        import spaces  # noqa: F401  (ZeroGPU: before torch, which must not initialise CUDA first)
 
     from dmd2 import registry
     from dmd2.arena import VoteStore, default_votes_path

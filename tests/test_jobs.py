@@ -93,7 +93,10 @@ def test_launch_settings_inside_the_bounds_pass(tmp_path, monkeypatch):
     jobs = Jobs(tmp_path / "runs", cuda=False)
     cfg, _ = jobs.check("mnist-4step", {"iterations": 10, "generator_init": "assets/mnist/dmd2-1step"})
     assert cfg.generator_init == "assets/mnist/dmd2-1step"
-    jobs.check("mnist-1step", {"generator_init": str(tmp_path / "runs" / "a" / "student")})    # the runs folder
+    student = tmp_path / "runs" / "a" / "student"
+    student.mkdir(parents=True)
+    (student / "config.json").write_text("{}")
+    jobs.check("mnist-1step", {"generator_init": str(student)})                                 # the runs folder
     monkeypatch.setenv("DMD2_DATA_ROOTS", str(tmp_path / "mine"))
     jobs.check("mnist-1step", {"data": str(tmp_path / "mine" / "digits")})                      # a listed folder
     monkeypatch.setenv("DMD2_DATA_ROOTS", "")
@@ -114,3 +117,10 @@ def test_bad_launch_inputs_get_a_message(tmp_path, name, settings, extra, messag
     with pytest.raises(JobError, match=re.escape(message)):
         jobs.run_dir(name)
         jobs.check("mnist-1step", settings, extra)
+
+
+def test_a_stage_preset_without_its_start_is_refused_before_launch(tmp_path):
+    jobs = Jobs(tmp_path / "runs", cuda=False)
+    assert "mnist-4step-stage2" in jobs.presets()
+    with pytest.raises(JobError, match="generator_init 'runs/rebuild-4step/stage1/student' is not a student folder yet"):
+        jobs.check("mnist-4step-stage2")

@@ -37,7 +37,7 @@ def test_prompt_files(tmp_path):
 
 
 def test_parquet_prompts(tmp_path):
-    pa = pytest.importorskip("pyarrow", reason="optional; without it a clear error (test_bad_inputs_name_the_problem)")
+    import pyarrow as pa                # pinned in requirements.txt: missing, this fails rather than skips
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"caption": ["a cat", None, "a dog"]}), tmp_path / "p.parquet")

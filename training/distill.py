@@ -196,13 +196,14 @@ def main(argv=None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    main_rank = int(os.environ.get("RANK", "0")) == 0     # under DDP/FSDP only rank 0 writes the status
     try:
         distill(cfg, a.out, resume=a.resume, stop_after=a.stop_after)
     except KeyboardInterrupt:
-        if run.status_path.is_file():
+        if main_rank and run.status_path.is_file():
             run.set_status("stopped", error="stopped by signal")
         raise
     except Exception as e:
-        if run.status_path.is_file() and run.status().get("state") == "running":
+        if main_rank and run.status_path.is_file() and run.status().get("state") == "running":
             run.set_status("failed", error=f"{type(e).__name__}: {e}")
         raise

@@ -155,6 +155,12 @@ class Jobs:
         teacher = Path(cfg.teacher) if Path(cfg.teacher).is_absolute() else ROOT / cfg.teacher
         if cfg.family == "pixel" and not (teacher / "config.json").is_file():
             raise JobError(f"bad setting: teacher folder {cfg.teacher!r} has no config.json")
+        if cfg.generator_init is not None:
+            init = Path(cfg.generator_init) if Path(cfg.generator_init).is_absolute() else ROOT / cfg.generator_init
+            if not (init / "config.json").is_file():
+                raise JobError(f"bad setting: generator_init {cfg.generator_init!r} is not a student folder yet "
+                               "(a stage preset starts from the stage before it: `make rebuild-4step` runs them in "
+                               "order, or set generator_init)")
         return cfg, overrides
 
     def families(self) -> set[str]:

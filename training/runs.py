@@ -8,9 +8,8 @@
              samples/latest.png (and samples/step-N.png)
              student/           a finished run's student: dmd2.json + a diffusers UNet (config.json) or a LoRA file
 
-The trainer writes runs through `Run`; the registry, `dmd2 push`, export, the job supervisor
-(`training.jobs`) and the app read them through it. `load_config` is re-exported so the app checks a
-launch's settings exactly as the trainer does.
+The trainer writes runs through `Run`; `dmd2 push`, export, the job supervisor (`training.jobs`) and the
+app read them through it.
 """
 
 from __future__ import annotations
@@ -53,7 +52,7 @@ def safe_run_dir(runs_root: str | Path, name: str) -> Path:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")     # one per process: ranks may write at once
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -220,7 +219,8 @@ class Run:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+            if isinstance(record, dict) and isinstance(record.get("step", 0), int) and all(
+                    isinstance(record.get(k, 0), (int, float)) for k in ("seconds", "images_per_s")):
                 out.append(record)                         # lines that are not a record are skipped
         return out
 
@@ -234,8 +234,9 @@ class Run:
         """Complete checkpoints, oldest first (a checkpoint is complete once its state.pt exists)."""
         if not self.checkpoints.is_dir():
             return []
-        found = [p for p in self.checkpoints.glob("step-*") if (p / "state.pt").is_file()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+        found = [p for p in self.checkpoints.glob("step-*")
+                 if p.name[5:].isdigit() and (p / "state.pt").is_file()]      # a stray step-foo/ is not one
+        return sorted(found, key=lambda p: int(p.name[5:]))
 
     def save_checkpoint(self, step: int, state: dict, keep: int = 2, shards: dict | None = None, main: bool = True,
                         barrier=None) -> Path:

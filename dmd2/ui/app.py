@@ -181,6 +181,7 @@ def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | N
     models = list(models)
     mode = ("class" if family == "pixel" else "text") if family else None
     votes_path = default_votes_path() if votes_path is None else votes_path
+    vote_limit_from_env()                  # a bad $DMD2_VOTES_PER_MINUTE fails now, not at every vote
     store = lazy_store(votes_path)
     zero = on_zero_gpu()
     if trainer is None:

@@ -36,7 +36,7 @@ from dmd2.families.base import ModelLoadError
 from dmd2.families.pixel import PixelFamily
 from dmd2.prompts import check_prompt, example_prompts
 from dmd2.ui.auth import client_address
-from dmd2.ui.widgets import DISPLAY_SCALE, conditioning, display_name, make_grid, prompt_box
+from dmd2.ui.widgets import DISPLAY_SCALE, conditioning, display_name, make_grid, prompt_box, public_message
 
 IMAGES_PER_SIDE = 4          # a 2 x 2 grid per side: one digit is too little to judge a model by
 RANDOM = "random"
@@ -219,7 +219,7 @@ class Arena:
                 raise ValueError(f"class {label} is outside the model's 0..{m.num_classes - 1}")
             out = m.generate([label] * self.images_per_side, seed)
         except Exception as e:     # one broken model must not take the server down
-            return None, str(e) if isinstance(e, (ModelLoadError, ValueError)) else f"{type(e).__name__}: {e}"
+            return None, public_message(e if isinstance(e, (ModelLoadError, ValueError)) else f"{type(e).__name__}: {e}")
         grid = make_grid(out.images, scale=DISPLAY_SCALE if self.mode == "class" else 1)
         return (grid[..., 0] if grid.shape[-1] == 1 else grid), None    # grayscale: H x W for PIL
 

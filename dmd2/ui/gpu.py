@@ -44,8 +44,8 @@ def sampling_seconds(specs, images: int, teacher_steps: int | None = None) -> in
 
 def sized_gpu(models: Callable[[], list[str]], images: int, top: int | None = None) -> Callable[[Callable], Callable]:
     """A `wrap` for a tab's sampling function: `gpu(fn)` asking for `sampling_seconds` of the models it may
-    sample (`models()`, or a `picked` argument; the `top` most expensive if given) at its `num_images` and
-    `steps` arguments (else `images` and each teacher's default)."""
+    sample (all of `models()`, or the `top` most expensive of them) at its `num_images` and `steps` arguments
+    (else `images` and each teacher's default)."""
     import inspect
 
     from dmd2 import registry

@@ -53,12 +53,12 @@ def reached(run: Run, stop: int | None) -> bool:
     """Whether the run is done: finished, or (when it stops early) holds a checkpoint at or past `stop`."""
     if run.is_finished():
         return True
-    return stop is not None and any(int(p.name.split("-")[1]) >= stop for p in run.checkpoint_dirs())
+    return stop is not None and any(n >= stop for n in run.checkpoint_steps())
 
 
 def export_steps(run: Run, stop: int | None) -> str:
     """0 (the run's start) and every kept checkpoint up to `stop` (all if None)."""
-    steps = [int(p.name.split("-")[1]) for p in run.checkpoint_dirs()]
+    steps = list(run.checkpoint_steps())
     return " ".join(str(n) for n in [0] + [n for n in steps if stop is None or n <= stop])
 
 

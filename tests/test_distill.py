@@ -309,9 +309,8 @@ def test_export_writes_the_ema_of_a_chosen_checkpoint_as_a_student(setup, family
     resumed = distill(tiny_config(setup, iterations=15, checkpoint_every=5, keep_checkpoints=3, critic_per_step=False,
                                   generator_lr=5e-4), run.path, resume=True)
     assert (resumed.path / "config.before-step-10.yaml").is_file()
-    from training.export import config_in_force
-    assert config_in_force(resumed, 10).name == "config.before-step-10.yaml"
-    assert config_in_force(resumed, 15).name == "config.yaml"
+    assert resumed.config_in_force(10).name == "config.before-step-10.yaml"
+    assert resumed.config_in_force(15).name == "config.yaml"
     # Step 0 is where the run started, whatever a later resume's generator_init says.
     distill(tiny_config(setup, iterations=20, checkpoint_every=5, keep_checkpoints=3, critic_per_step=False,
                         generator_lr=5e-4, generator_init=str(tmp_path / "student-mean")), run.path, resume=True)

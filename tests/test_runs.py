@@ -114,3 +114,19 @@ def test_iterations_and_log_tail_tolerate_old_and_broken_files(tmp_path):
     assert run.iterations() == 0
     run.log_path.write_text("loading\nerror: teacher folder not found\nTraceback\n")
     assert run.log_tail() == "error: teacher folder not found"
+
+
+def test_checkpoints_and_kept_configs_are_found_by_their_names_only(tmp_path):
+    run = Run(tmp_path / "r").create()
+    for name in ("step-00000002", "step-00000010", "step-foo", ".tmp-step-00000012"):
+        (run.checkpoints / name).mkdir()
+        (run.checkpoints / name / "state.pt").write_bytes(b"x")
+    (run.checkpoints / "step-00000011").mkdir()                         # no state.pt: incomplete
+    assert list(run.checkpoint_steps()) == [2, 10]
+    run.config_path.write_text("iterations: 10\n")
+    assert run.keep_config_before(5).name == "config.before-step-5.yaml" and not run.config_path.exists()
+    run.config_path.write_text("iterations: 20\n")
+    (run.path / "config.before-step-x.yaml").write_text("")           # a stray name is not a kept config
+    assert run.config_in_force(3).name == "config.before-step-5.yaml"
+    assert run.config_in_force(6) == run.config_path
+    assert run.sample_path(7).name == "step-00000007.png"

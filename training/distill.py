@@ -108,7 +108,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
             run.truncate_metrics(trainer.step)
             if run.config_path.is_file() and run.config_path.read_text() != config_text(cfg):
                 # A resume with changed values (--set): keep the old config beside the new one.
-                run.config_path.rename(run.path / f"config.before-step-{trainer.step}.yaml")
+                run.keep_config_before(trainer.step)
                 save_config(cfg, run.config_path)
     elif main:
         run.create()
@@ -141,7 +141,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
             if (main or trainer.sharded) and cfg.sample_every and step % cfg.sample_every == 0:
                 grid = to_uint8(trainer.sample(fixed_labels, seed=1234))
                 if main:
-                    save_grid(grid, run.samples / f"step-{step:08d}.png", cols=min(10, len(grid)))
+                    save_grid(grid, run.sample_path(step), cols=min(10, len(grid)))
                     save_grid(grid, run.samples / "latest.png", cols=min(10, len(grid)))
             if (main or trainer.sharded) and cfg.eval_every and step % cfg.eval_every == 0:
                 scores = quick_eval(trainer, cfg.eval_num)

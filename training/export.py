@@ -24,13 +24,6 @@ from training.trainer import DMD2Trainer
 from training.runs import Run, RunError
 
 
-def config_in_force(run: Run, step: int) -> Path:
-    """The config a checkpoint was trained with: a resume with changed values (--set) kept the earlier one
-    as config.before-step-N.yaml, in force up to step N."""
-    earlier = sorted((int(p.stem.split("-")[-1]), p) for p in run.path.glob("config.before-step-*.yaml"))
-    return next((p for n, p in earlier if step <= n), run.config_path)
-
-
 def mean_state_dict(state_dicts: Iterable[dict[str, torch.Tensor]],
                     weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
     """The mean of state dicts (weighted by non-negative `weights`, normalised to sum 1), summed in float64 and
@@ -76,10 +69,9 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | list[int
     run, out = Run(run_dir), Path(out)
     if not run.config_path.is_file():
         raise RunError(f"{run.path} is not a run folder (no config.yaml)")
-    dirs = run.checkpoint_dirs()
-    if not dirs:
+    available = run.checkpoint_steps()
+    if not available:
         raise RunError(f"{run.checkpoints} holds no checkpoint")
-    available = {int(d.name.split("-")[-1]): d for d in dirs}
     chosen = [step] if isinstance(step, int) else list(step or [max(available)])
     twice = sorted({n for n in chosen if chosen.count(n) > 1})
     if twice:
@@ -91,7 +83,7 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | list[int
                        f"it has steps {sorted(available)} (and 0: the weights it started from)")
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise RunError(f"{out} already exists and is not an empty folder; choose a new --out (nothing was overwritten)")
-    configs = {n: load_config(config_in_force(run, n)) for n in chosen}
+    configs = {n: load_config(run.config_in_force(n)) for n in chosen}
     for what in ("family", "teacher", "lora_rank", "ema"):
         values = {n: (c.ema_decay > 0 if what == "ema" else getattr(c, what)) for n, c in configs.items()}
         if len(set(values.values())) > 1:

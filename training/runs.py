@@ -92,6 +92,23 @@ class Run:
     def latest_sample(self) -> Path:
         return self.samples / "latest.png"
 
+    def sample_path(self, step: int) -> Path:
+        """The sample grid saved at iteration `step`."""
+        return self.samples / f"step-{step:08d}.png"
+
+    def keep_config_before(self, step: int) -> Path:
+        """Move config.yaml aside as config.before-step-N.yaml (a resume that changes values writes a new one)."""
+        kept = self.path / f"config.before-step-{step}.yaml"
+        self.config_path.rename(kept)
+        return kept
+
+    def config_in_force(self, step: int) -> Path:
+        """The config a checkpoint of iteration `step` was trained with: the earliest config.before-step-N.yaml
+        with N >= step, else config.yaml."""
+        earlier = sorted((int(p.stem.rsplit("-", 1)[-1]), p) for p in self.path.glob("config.before-step-*.yaml")
+                         if p.stem.rsplit("-", 1)[-1].isdigit())
+        return next((p for n, p in earlier if step <= n), self.config_path)
+
     @property
     def student(self) -> Path:
         return self.path / "student"
@@ -237,6 +254,10 @@ class Run:
         found = [p for p in self.checkpoints.glob("step-*")
                  if p.name[5:].isdigit() and (p / "state.pt").is_file()]      # a stray step-foo/ is not one
         return sorted(found, key=lambda p: int(p.name[5:]))
+
+    def checkpoint_steps(self) -> dict[int, Path]:
+        """Iteration -> folder of each complete checkpoint, oldest first."""
+        return {int(p.name[5:]): p for p in self.checkpoint_dirs()}
 
     def save_checkpoint(self, step: int, state: dict, keep: int = 2, shards: dict | None = None, main: bool = True,
                         barrier=None) -> Path:

@@ -115,7 +115,7 @@ def test_new_round_same_class_and_seed_on_both_sides(arena, tiny_models):
     assert {battle["model_a"], battle["model_b"]} == set(tiny_models[:2])
     assert "tiny" not in r.message and "tiny" not in r.token
     for name, image in ((battle["model_a"], r.image_a), (battle["model_b"], r.image_b)):
-        out = registry.load(name).generate([3] * IMAGES_PER_SIDE, battle["seed"])
+        out = registry.load(name).generate([3] * IMAGES_PER_SIDE, battle["seed"], autocast=arena.bf16)   # as the arena samples
         assert np.array_equal(image, make_grid(out.images, scale=DISPLAY_SCALE)[..., 0])
     assert not np.array_equal(r.image_a, r.image_b)           # 1 step vs 2 steps differ
 
@@ -408,3 +408,31 @@ def test_votes_path_from_env_and_a_bad_votes_flag_fails_early(tmp_path, monkeypa
     r = subprocess.run([sys.executable, str(root / "app.py"), "--votes", str(bad), "--model", "x"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and f"cannot open the votes database {bad}" in r.stderr
+
+
+def test_arena_rounds_use_bf16_when_asked_and_say_so(monkeypatch, tmp_path):
+    from dmd2 import registry
+    from dmd2.ui.arena import bf16_default
+
+    monkeypatch.setenv("DMD2_ARENA_BF16", "0")
+    assert bf16_default() is False
+    monkeypatch.setenv("DMD2_ARENA_BF16", "1")
+    assert bf16_default() is True
+    monkeypatch.setenv("DMD2_ARENA_BF16", "maybe")
+    with pytest.raises(ValueError, match="DMD2_ARENA_BF16"):
+        bf16_default()
+    monkeypatch.delenv("DMD2_ARENA_BF16")
+    seen = []
+    real = registry.LoadedModel.generate
+
+    def recording(self, *args, autocast=False, **kwargs):
+        seen.append(autocast)
+        return real(self, *args, autocast=autocast, **kwargs)
+    monkeypatch.setattr(registry.LoadedModel, "generate", recording)
+    unet = tiny_pixel_unet()
+    save_pixel_unet(unet, tmp_path / "a")
+    save_pixel_unet(unet, tmp_path / "b", timesteps=[999])
+    with VoteStore(tmp_path / "votes.sqlite") as store:
+        for bf16 in (True, False):
+            r = Arena([str(tmp_path / "a"), str(tmp_path / "b")], store, bf16=bf16).new_round("1")
+            assert r.votable and seen[-2:] == [bf16, bf16]              # both sides alike

@@ -177,7 +177,7 @@ def dcp_tensors(checkpoint: Path, tmp: Path) -> dict:
 
     out = tmp / f"{checkpoint.parent.parent.name}-{checkpoint.name}.pt"
     dcp_to_torch_save(checkpoint / "dcp", out)
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=True)
 
 
 def test_sharded_checkpoints_each_rank_writes_its_shards_and_kill_resume_is_bit_identical(sharded_config, tmp_path):

@@ -108,6 +108,16 @@ def tiny_pixel_unet(seed: int = 0):
                                   attention_head_dim=8)
 
 
+def make_tiny_students(root) -> list[str]:
+    """Two tiny random pixel students of one UNet under `root` (1 and 2 steps: fast arena rounds)."""
+    from dmd2.families.pixel import save_pixel_unet
+
+    unet = tiny_pixel_unet()
+    save_pixel_unet(unet, root / "tiny-1step", timesteps=[999])
+    save_pixel_unet(unet, root / "tiny-2step", timesteps=[999, 499])
+    return [str(root / "tiny-1step"), str(root / "tiny-2step")]
+
+
 def write_run(root, name, state, student=True):
     """A run folder as the trainer leaves it: status.json with `state`, and (if `student`) a tiny pixel student."""
     from dmd2.families.pixel import save_pixel_unet

@@ -15,9 +15,8 @@ os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 import numpy as np
 import pytest
 
-from conftest import served, tiny_pixel_unet
+from conftest import make_tiny_students, served
 from dmd2.arena import VoteStore
-from dmd2.families.pixel import save_pixel_unet
 from dmd2.ui.arena import Arena, VoteRejected, build_arena_tab, client_ids, require_login_from_env, user_id
 
 USERINFO = {"sub": "6512345abcdef", "name": "Ada Lovelace", "preferred_username": "ada",
@@ -32,11 +31,7 @@ def oauth_info(userinfo=USERINFO) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    unet = tiny_pixel_unet()
-    save_pixel_unet(unet, root / "tiny-1step", timesteps=[999])
-    save_pixel_unet(unet, root / "tiny-2step", timesteps=[999, 499])
-    return [str(root / "tiny-1step"), str(root / "tiny-2step")]
+    return make_tiny_students(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 import numpy as np
 import pytest
 
-from conftest import served, tiny_pixel_unet, write_broken_model
+from conftest import make_tiny_students, served, tiny_pixel_unet, write_broken_model
 from dmd2 import registry
 from dmd2.arena import BattleBook, VoteStore, read_csv, read_jsonl
 from dmd2.families.pixel import save_pixel_unet
@@ -24,11 +24,8 @@ from dmd2.ui.leaderboard import COLUMNS, export_votes, leaderboard_plot, leaderb
 def tiny_models(tmp_path_factory):
     """Two tiny random students (1 and 2 steps: fast rounds) and a folder that fails to load."""
     root = tmp_path_factory.mktemp("models")
-    unet = tiny_pixel_unet()
-    save_pixel_unet(unet, root / "tiny-1step", timesteps=[999])
-    save_pixel_unet(unet, root / "tiny-2step", timesteps=[999, 499])
-    broken = write_broken_model(root / "broken", like=root / "tiny-1step")
-    return [str(root / "tiny-1step"), str(root / "tiny-2step"), str(broken)]
+    students = make_tiny_students(root)
+    return students + [str(write_broken_model(root / "broken", like=root / "tiny-1step"))]
 
 
 @pytest.fixture

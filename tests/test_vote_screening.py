@@ -15,10 +15,9 @@ os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 import numpy as np
 import pytest
 
-from conftest import served, tiny_pixel_unet
+from conftest import make_tiny_students, served
 from dmd2.arena import VoteStore
 from dmd2.arena.ratings import exclusion_line, leaderboard, screen_votes, screening_from_env
-from dmd2.families.pixel import save_pixel_unet
 from dmd2.ui.arena import Arena, VoteRejected
 from dmd2.ui.leaderboard import LeaderboardCache, export_votes
 
@@ -111,11 +110,7 @@ def test_the_leaderboard_leaves_out_flagged_voters_and_says_so(store):
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    unet = tiny_pixel_unet()
-    save_pixel_unet(unet, root / "tiny-1step", timesteps=[999])
-    save_pixel_unet(unet, root / "tiny-2step", timesteps=[999, 499])
-    return [str(root / "tiny-1step"), str(root / "tiny-2step")]
+    return make_tiny_students(tmp_path_factory.mktemp("models"))
 
 
 def test_a_vote_after_the_reveal_is_refused_and_not_counted(tiny_models, store):

@@ -35,13 +35,14 @@ def groups(demo) -> dict[str, tuple]:
 
 
 def test_queue_is_sized_and_votes_and_leaderboard_do_not_wait_behind_generation(tiny_models, tmp_path):
-    from dmd2.ui.app import VOTE_CONCURRENCY, build_app
+    from dmd2.ui.app import ARENA_ROUNDS_PER_SLOT, VOTE_CONCURRENCY, build_app
 
     demo = build_app(tiny_models, votes_path=tmp_path / "v.sqlite", concurrency=3, queue_size=5)
     assert demo._queue.max_size == 5                     # the Queue object Blocks.queue made
     g = groups(demo)
-    for name in ("compare", "compare_more", "new_round"):           # one pool of generation slots
+    for name in ("compare", "compare_more"):           # one pool of generation slots
         assert g[name] == ("generate", 3), name
+    assert g["new_round"] == ("arena", 3 * ARENA_ROUNDS_PER_SLOT)    # batched: its Batcher has the 3 slots
     for name in ("vote", "vote_button_a", "vote_button_b", "vote_button_tie", "vote_button_both_bad"):
         assert g[name] == ("votes", VOTE_CONCURRENCY), name
     assert g["leaderboard"][0] == "leaderboard" and g["leaderboard"][1] >= 2
@@ -49,22 +50,26 @@ def test_queue_is_sized_and_votes_and_leaderboard_do_not_wait_behind_generation(
 
 
 def test_defaults_and_environment(tiny_models, tmp_path, monkeypatch):
-    from dmd2.ui.app import DELETE_CACHE, QUEUE_PER_WORKER, build_app, default_concurrency, describe_queue
+    from dmd2.ui.app import (ARENA_ROUNDS_PER_SLOT, DELETE_CACHE, QUEUE_PER_WORKER, build_app, default_concurrency,
+                             describe_queue)
 
     for name in ("DMD2_CONCURRENCY", "DMD2_QUEUE_SIZE", "DMD2_DELETE_CACHE"):
         monkeypatch.delenv(name, raising=False)
     demo = build_app(tiny_models, votes_path=tmp_path / "v.sqlite")
     assert demo._queue.max_size == QUEUE_PER_WORKER * default_concurrency()
-    assert demo.delete_cache == DELETE_CACHE and groups(demo)["new_round"] == ("generate", default_concurrency())
+    assert demo.delete_cache == DELETE_CACHE and groups(demo)["new_round"] == \
+        ("arena", ARENA_ROUNDS_PER_SLOT * default_concurrency())
 
     monkeypatch.setenv("DMD2_CONCURRENCY", "3")
     monkeypatch.setenv("DMD2_QUEUE_SIZE", "7")
     monkeypatch.setenv("DMD2_DELETE_CACHE", "60,120")
     demo = build_app(tiny_models, votes_path=tmp_path / "v.sqlite")
     assert (demo._queue.max_size, demo.delete_cache, groups(demo)["compare"]) == (7, (60, 120), ("generate", 3))
-    assert demo.queue_settings == dict(concurrency=3, queue_size=7, delete_cache=(60, 120))
-    assert describe_queue(demo.queue_settings) == ("queue: 3 generation slot(s), at most 7 requests waiting; "
-                                                   "Gradio's cache cleaned every 60 s (files older than 120 s)")
+    assert demo.queue_settings == dict(concurrency=3, queue_size=7, delete_cache=(60, 120),
+                                       arena_rounds=3 * ARENA_ROUNDS_PER_SLOT)
+    assert describe_queue(demo.queue_settings) == (
+        f"queue: 3 generation slot(s) (Arena rounds batched: {3 * ARENA_ROUNDS_PER_SLOT} admitted at once), at "
+        "most 7 requests waiting; Gradio's cache cleaned every 60 s (files older than 120 s)")
     monkeypatch.setenv("DMD2_DELETE_CACHE", "off")
     assert build_app(tiny_models, votes_path=tmp_path / "v.sqlite").delete_cache is None
     for name, value, message in (("DMD2_QUEUE_SIZE", "lots", r"\$DMD2_QUEUE_SIZE must be a whole number"),

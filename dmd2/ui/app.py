@@ -11,7 +11,8 @@ import gradio as gr
 from dmd2 import registry
 from dmd2.arena import VoteStore, default_votes_path
 from dmd2.arena.store import vote_limit_from_env
-from dmd2.ui.arena import Arena, build_arena_tab
+from dmd2.batching import MAX_IMAGES, Batcher
+from dmd2.ui.arena import IMAGES_PER_SIDE, Arena, build_arena_tab
 from dmd2.ui.auth import TOKEN_ENV, is_public
 from dmd2.ui.compare import build_compare_tab
 from dmd2.ui.gpu import on_zero_gpu, sized_gpu
@@ -29,6 +30,9 @@ QUEUE_PER_WORKER = 32                       # default queue size: 32 waiting req
 VOTE_CONCURRENCY = 8                        # votes: a short SQLite transaction each
 LIGHT_CONCURRENCY = 4                       # every other event (status polls, lists, exports)
 GENERATE_EVENTS = ("compare", "compare_more", "new_round")     # api names of the events that sample
+# Arena rounds admitted at once per generation slot when they are batched: enough waiting rounds to fill a
+# batch of MAX_IMAGES images (dmd2/batching.py); the slots, not this, bound the CPU work.
+ARENA_ROUNDS_PER_SLOT = MAX_IMAGES // IMAGES_PER_SIDE
 ZERO_GPU_TRAINING = ("Training is disabled on ZeroGPU: a Space there gets a GPU only for a minute or two per "
                      "request, not for a training run. Use a dedicated GPU Space or train from the command line.")
 BUSY_MESSAGE = ("The app is busy: {size} requests are already waiting, as many as it queues. "
@@ -109,19 +113,25 @@ def default_concurrency() -> int:
     return max(1, cores // max(1, torch.get_num_threads()))
 
 
-def configure_queue(demo: gr.Blocks, concurrency: int, queue_size: int) -> dict[str, list[str]]:
+def configure_queue(demo: gr.Blocks, concurrency: int, queue_size: int,
+                    arena_rounds: int | None = None) -> dict[str, list[str]]:
     """Queue `demo`: the events that sample (GENERATE_EVENTS) share one group of `concurrency` slots, votes
     have their own (they never wait behind generation; the Leaderboard tab sets its own group), everything
-    else runs LIGHT_CONCURRENCY at a time, and at most `queue_size` requests wait.
+    else runs LIGHT_CONCURRENCY at a time, and at most `queue_size` requests wait. `arena_rounds`: Arena
+    rounds go to a group of their own admitting that many at once (their Batcher runs at most `concurrency`
+    batches, so the CPU work stays bounded while the waiting rounds share batches).
 
     A request beyond that is refused (HTTP 503 from /queue/join, Gradio's "queue_full"): the browser shows
     Gradio's "This application is currently busy. Please try again.", gradio_client raises QueueError, and
     the 503's detail, for any other client, is BUSY_MESSAGE. Returns the api names put in each group.
     """
-    groups: dict[str, list[str]] = {"generate": [], "votes": []}
+    groups: dict[str, list[str]] = {"generate": [], "votes": [], "arena": []}
     for fn in demo.fns.values():
         name = fn.api_name or ""
-        if name in GENERATE_EVENTS:
+        if name == "new_round" and arena_rounds:
+            fn.concurrency_id, fn.concurrency_limit = "arena", arena_rounds
+            groups["arena"].append(name)
+        elif name in GENERATE_EVENTS:
             fn.concurrency_id, fn.concurrency_limit = "generate", concurrency
             groups["generate"].append(name)
         elif name == "vote" or name.startswith("vote_button_"):
@@ -168,7 +178,9 @@ def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | N
     Sized for the machine (see `configure_queue`):
     - `concurrency`: generations (Compare, Compare's runs, Arena rounds) running at once; default
       $DMD2_CONCURRENCY, else `default_concurrency()` (1 on a GPU, on CPU cores / torch threads). Votes,
-      the Leaderboard and the rest have their own slots, so they never wait behind a generation.
+      the Leaderboard and the rest have their own slots, so they never wait behind a generation. Off
+      ZeroGPU the Arena's rounds are batched (`dmd2.batching.Batcher`): `concurrency` batches at once,
+      ARENA_ROUNDS_PER_SLOT x `concurrency` rounds admitted to share them; Compare keeps its own slots.
     - `queue_size`: requests waiting at most (more are refused with "busy, try again in a moment");
       default $DMD2_QUEUE_SIZE, else QUEUE_PER_WORKER x `concurrency`.
     - `delete_cache`: `(frequency, age)` in seconds: every `frequency` seconds Gradio deletes the files it
@@ -205,18 +217,24 @@ def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | N
         with gr.Tabs():
             mode = build_compare_tab(models, wrap=sized_gpu(current_models, images=4), mode=mode,
                                      more_models=current_models)["mode"]
-            arena = Arena(current_models, store, mode=mode)
+            # ZeroGPU samples each call in a GPU worker of its own: nothing to batch across calls there.
+            batcher = None if zero else Batcher(slots=concurrency)
+            arena = Arena(current_models, store, mode=mode, batcher=batcher)
             build_arena_tab(arena, wrap=sized_gpu(current_models, images=arena.images_per_side, top=2))
             build_leaderboard_tab(current_models, store, votes_path=votes_path)
             build_train_tab(trainer)
-    configure_queue(demo, concurrency, queue_size)
-    demo.queue_settings = dict(concurrency=concurrency, queue_size=queue_size, delete_cache=delete_cache or None)
+    arena_rounds = ARENA_ROUNDS_PER_SLOT * concurrency if batcher else None
+    configure_queue(demo, concurrency, queue_size, arena_rounds)
+    demo.queue_settings = dict(concurrency=concurrency, queue_size=queue_size, delete_cache=delete_cache or None,
+                               arena_rounds=arena_rounds)
     return demo
 
 
 def describe_queue(settings: dict) -> str:
     """One line for the server log: `build_app(...).queue_settings` in words."""
     cache = settings["delete_cache"]
-    return (f"queue: {settings['concurrency']} generation slot(s), at most {settings['queue_size']} requests "
-            "waiting; Gradio's cache " + (f"cleaned every {cache[0]} s (files older than {cache[1]} s)"
+    batched = (f" (Arena rounds batched: {settings['arena_rounds']} admitted at once)"
+               if settings.get("arena_rounds") else "")
+    return (f"queue: {settings['concurrency']} generation slot(s){batched}, at most {settings['queue_size']} "
+            "requests waiting; Gradio's cache " + (f"cleaned every {cache[0]} s (files older than {cache[1]} s)"
                                           if cache else "never cleaned"))

@@ -32,6 +32,7 @@ import numpy as np
 from dmd2 import registry
 from dmd2.arena import BattleBook, DuplicateVote, InvalidToken, NotVotable, RateLimited, VoteStore, new_battle
 from dmd2.arena.store import OUTCOMES, DailyCapReached, daily_votes_from_env
+from dmd2.batching import Batcher, Request
 from dmd2.families.base import ModelLoadError
 from dmd2.families.pixel import PixelFamily
 from dmd2.prompts import check_prompt, example_prompts
@@ -195,14 +196,16 @@ class Arena:
     `require_login` (default $DMD2_REQUIRE_LOGIN): refuse votes without a user; `daily_votes` (default
     $DMD2_DAILY_VOTES, 200; None: no cap): a logged-in user's votes per rolling 24 h. `bf16` (default
     `bf16_default()`): sample both sides under bf16 autocast, about twice as fast on a CPU with bf16 units;
-    both sides alike, so a battle stays fair.
+    both sides alike, so a battle stays fair. `batcher` (default None: each round samples on its own):
+    a `dmd2.batching.Batcher` that samples concurrent rounds' requests for the same model as one batch.
     """
 
     def __init__(self, models: "Sequence[str] | Callable[[], Sequence[str]]",
                  store: "VoteStore | Callable[[], VoteStore]",
                  book: BattleBook | None = None, rng: np.random.Generator | None = None,
                  images_per_side: int = IMAGES_PER_SIDE, mode: str | None = None,
-                 require_login: bool | None = None, daily_votes=_FROM_ENV, bf16: bool | None = None):
+                 require_login: bool | None = None, daily_votes=_FROM_ENV, bf16: bool | None = None,
+                 batcher: Batcher | None = None):
         self.require_login = require_login_from_env() if require_login is None else bool(require_login)
         self.daily_votes = daily_votes_from_env() if daily_votes is _FROM_ENV else daily_votes
         self._models = models if callable(models) else list(models)
@@ -212,6 +215,7 @@ class Arena:
         self.rng = np.random.default_rng() if rng is None else rng
         self.images_per_side = images_per_side
         self.bf16 = bf16_default() if bf16 is None else bool(bf16)
+        self.batcher = batcher
         self._rng_lock = threading.Lock()      # numpy Generators are not thread-safe
 
     @property
@@ -233,18 +237,40 @@ class Arena:
                 continue
         return min(counts) if counts else PixelFamily().num_classes
 
-    def _side(self, name: str, label, seed: int) -> tuple[np.ndarray | None, str | None]:
-        """(grid, None) for one side, or (None, error); teachers use their default steps and guidance.
-        `label` is a class (class mode) or the prompt (text mode)."""
-        try:
-            m = registry.load(name)
-            if self.mode == "class" and label >= m.num_classes:
-                raise ValueError(f"class {label} is outside the model's 0..{m.num_classes - 1}")
-            out = m.generate([label] * self.images_per_side, seed, autocast=self.bf16)
-        except Exception as e:     # one broken model must not take the server down
-            return None, public_message(e if isinstance(e, (ModelLoadError, ValueError)) else f"{type(e).__name__}: {e}")
-        grid = make_grid(out.images, scale=DISPLAY_SCALE if self.mode == "class" else 1)
-        return (grid[..., 0] if grid.shape[-1] == 1 else grid), None    # grayscale: H x W for PIL
+    def _sides(self, names: Sequence[str], label, seed: int) -> list[tuple[np.ndarray | None, str | None]]:
+        """(grid, None) or (None, error) per side; teachers use their default steps and guidance.
+        `label` is a class (class mode) or the prompt (text mode). With a `batcher` both sides are sampled
+        at once, each in a batch with other rounds' requests for its model (same images as alone)."""
+        requests, errors = [], []
+        for name in names:
+            try:
+                m = registry.load(name)
+                if self.mode == "class" and label >= m.num_classes:
+                    raise ValueError(f"class {label} is outside the model's 0..{m.num_classes - 1}")
+                requests.append(Request(m, [label] * self.images_per_side, seed, self.bf16))
+                errors.append(None)
+            except Exception as e:     # one broken model must not take the server down
+                requests.append(None)
+                errors.append(e)
+        todo = [r for r in requests if r is not None]
+        if self.batcher is not None:
+            self.batcher.sample(todo)
+        else:
+            for r in todo:
+                try:
+                    r.images = r.model.generate(r.labels, r.seed, autocast=r.autocast).images
+                except Exception as e:     # noqa: BLE001 - reported as this side's failure
+                    r.error = e
+        sides = []
+        for r, e in zip(requests, errors):
+            e = e if r is None else r.error
+            if e is not None:
+                sides.append((None, public_message(e if isinstance(e, (ModelLoadError, ValueError))
+                                                   else f"{type(e).__name__}: {e}")))
+                continue
+            grid = make_grid(r.images, scale=DISPLAY_SCALE if self.mode == "class" else 1)
+            sides.append(((grid[..., 0] if grid.shape[-1] == 1 else grid), None))    # grayscale: H x W for PIL
+        return sides
 
     def check_prompt(self, prompt) -> str:
         """The cleaned prompt, checked against every loadable model's text encoder (ValueError says what is wrong)."""
@@ -274,8 +300,8 @@ class Arena:
             if self.mode == "class":
                 label = parse_class(label, self.num_classes(), self.rng)
             battle = new_battle(models, str(label), self.rng)
-        battle.image_a, battle.error_a = self._side(battle.model_a, label, battle.seed)
-        battle.image_b, battle.error_b = self._side(battle.model_b, label, battle.seed)
+        (battle.image_a, battle.error_a), (battle.image_b, battle.error_b) = \
+            self._sides((battle.model_a, battle.model_b), label, battle.seed)
         try:
             token = self.book.issue(battle)
         except NotVotable:

@@ -77,6 +77,9 @@ def _print_result(result: dict) -> None:
                 print(f"    step {row['step']} (t={row['t']:>3}): fid {row['fid']:.4f}  alignment "
                       f"{row['alignment']:.4f}  diversity_ratio {row['diversity_ratio']:.4f}")
             continue
+        if k.endswith(("_kid", "_kid_std")) and isinstance(v, float):  # KID's scale varies: 4 significant digits
+            print(f"{k:>16}: {v:.4g}")
+            continue
         print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
 
 
@@ -93,8 +96,10 @@ def cmd_evaluate(a) -> None:
                                 ("--inception-weights", a.inception_weights), ("--clip-weights", a.clip_weights)) if v]
     if text_only:
         raise UsageError(f"{', '.join(text_only)}: only for text-to-image models; {a.model} is class-conditional")
+    from dmd2.metrics.independent import default_autoencoder, evaluate_independent
     from dmd2.metrics.mnist import evaluate_images
 
+    default_autoencoder()  # a missing feature network fails here, before any sampling
     num = 5000 if a.num is None else a.num
     if num < 2:
         raise UsageError(f"--num must be at least 2 to estimate FID, got {num}")
@@ -108,6 +113,7 @@ def cmd_evaluate(a) -> None:
     result = {"model": a.model, "num": num, "seed": a.seed, "nfe": nfe, "ms_per_image": 1000 * sec_per_image,
               "precision": "bf16" if a.bf16 else "fp32"}
     result.update(evaluate_images(images, labels))
+    result.update(evaluate_independent(images))  # second feature space; KID, precision/recall, density/coverage
     if a.per_step:  # the x0 estimate after each step (the last one is the sample scored above)
         result["per_step"] = []
         last = len(step_images)

@@ -23,15 +23,21 @@ from training.runs import Run, RunError
 from training.trainer import DMD2Trainer, NonFiniteLoss
 
 
+# The one measure the quick evaluation chooses checkpoints and recipes by: the classifier FID, also logged as
+# eval/selection. Results are reported with every measure of `python -m dmd2 evaluate`, on fresh samples.
+SELECTION = "fid"
+
+
 def quick_eval(trainer: DMD2Trainer, num: int) -> dict:
-    """FID / alignment / diversity of `num` student samples (MNIST evaluator), for quality-vs-time plots."""
+    """FID / alignment / diversity of `num` student samples (MNIST evaluator), and eval/selection (the FID)."""
     from dmd2.metrics.mnist import evaluate_images
 
     labels = np.arange(num) % trainer.family.num_classes
     images = np.concatenate([to_uint8(trainer.sample(labels[i:i + 250], seed=10_000 + i))
                              for i in range(0, num, 250)])
     result = evaluate_images(images, labels)
-    return {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+    scores = {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+    return {**scores, "eval/selection": result[SELECTION]}
 
 
 def write_student_card(run: Run, cfg: DistillConfig, trainer: DMD2Trainer, seconds: float, command: str,

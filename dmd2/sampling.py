@@ -43,18 +43,20 @@ def ddim_sample(family: Family, unet, cond: Any, noise: torch.Tensor, steps: int
 @torch.no_grad()
 def student_sample(family: Family, unet, cond: Any, noise: torch.Tensor, timesteps: list[int],
                    seed: int | None = None, guidance: float = 1.0, autocast: bool = False,
-                   on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                   on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+                   guidance_input: float | torch.Tensor | None = None) -> torch.Tensor:
     """Few-step student: denoise at each timestep, then re-noise to the next one with fresh noise.
 
     The fresh noise comes from a generator seeded by `seed` (default: a fixed seed), so the whole
     sample is a deterministic function of (noise, seed). `on_step(i, t, x0)` sees each step's x0
     estimate (i from 1), e.g. to score the intermediate images of a multi-step student.
+    `guidance_input`: the guidance scale w of a guidance-conditioned student (an input, no CFG pass).
     """
     gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0x5EED)
     x = noise
     for i, t in enumerate(timesteps):
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            x0 = family.denoise(unet, x, t, cond, guidance).float()
+            x0 = family.denoise(unet, x, t, cond, guidance, guidance_input=guidance_input).float()
         if on_step is not None:
             on_step(i + 1, t, x0)
         if i + 1 == len(timesteps):

@@ -14,6 +14,18 @@ class ModelLoadError(RuntimeError):
     """A model folder or weight file is missing, unreadable or does not match its config."""
 
 
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The network inside a DDP wrapper (its `.module`); any other module as it is."""
+    return getattr(module, "module", module)
+
+
+def _is_one(guidance) -> bool:
+    """Is the CFG scale exactly 1 (no CFG pass)? A scale may be a number or one per sample."""
+    if isinstance(guidance, torch.Tensor):
+        return bool((guidance == 1).all())
+    return guidance == 1.0
+
+
 class Family:
     """Base class of a model family (pixel class-conditional, SDXL, ...).
 
@@ -52,22 +64,38 @@ class Family:
         return torch.cat([a, b])
 
     # --- networks -----------------------------------------------------------------------
-    def model_output(self, unet: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+    # `guidance_input` (a number or one per sample): the guidance scale w that a guidance-conditioned network
+    # takes as an input (dmd2/guidance.py); None for every other network.
+    def model_output(self, unet: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Any,
+                     guidance_input=None) -> torch.Tensor:
         """The raw network output (eps, v or x0, as `prediction_type` says)."""
         raise NotImplementedError
 
-    def bottleneck(self, unet: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+    def bottleneck(self, unet: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Any,
+                   guidance_input=None) -> torch.Tensor:
         """Mid-block features (the forward stops there), for the GAN head."""
         raise NotImplementedError
 
-    def denoise(self, unet: torch.nn.Module, x_t: torch.Tensor, t, cond: Any, guidance: float = 1.0) -> torch.Tensor:
-        """x0 estimate; with guidance != 1, classifier-free guidance in one batched forward."""
+    def guidance_conditioned(self, unet: torch.nn.Module, dim: int) -> torch.nn.Module:
+        """A copy of `unet` that also takes the guidance scale as an input, through a zero-initialised
+        projection (so it starts out computing exactly what `unet` does)."""
+        raise NotImplementedError(f"family {self.name} has no guidance-conditioned networks")
+
+    def denoise(self, unet: torch.nn.Module, x_t: torch.Tensor, t, cond: Any, guidance=1.0,
+                guidance_input=None) -> torch.Tensor:
+        """x0 estimate; with guidance != 1 (a number or one per sample), classifier-free guidance in one
+        batched forward; `guidance_input`: w for a guidance-conditioned network (no CFG pass)."""
         t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
-        if guidance == 1.0:
-            return self.schedule.to_x0(x_t, self.model_output(unet, x_t, t, cond), t, self.prediction_type)
+        if _is_one(guidance):
+            out = self.model_output(unet, x_t, t, cond, guidance_input=guidance_input)
+            return self.schedule.to_x0(x_t, out, t, self.prediction_type)
+        if guidance_input is not None:
+            raise ValueError("a guidance-conditioned network takes its guidance as an input, not through CFG")
         both = self.cat_conditions(self.null_condition(x_t.shape[0]), cond)
         out = self.model_output(unet, torch.cat([x_t, x_t]), torch.cat([t, t]), both)
         x0_uncond, x0_cond = self.schedule.to_x0(torch.cat([x_t, x_t]), out, torch.cat([t, t]), self.prediction_type).chunk(2)
+        if isinstance(guidance, torch.Tensor):  # one scale per sample
+            guidance = guidance.to(x0_cond.device, torch.float32).reshape(-1, *([1] * (x0_cond.ndim - 1)))
         # CFG is linear in the network output, and x0 is affine in it at fixed (x_t, t), so
         # guiding x0 equals guiding eps or v.
         return x0_uncond + guidance * (x0_cond - x0_uncond)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextvars
+import inspect
 import json
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
+from diffusers.models.embeddings import TimestepEmbedding
 from safetensors import SafetensorError
 
-from dmd2.families.base import Family, ModelLoadError
+from dmd2.families.base import Family, ModelLoadError, unwrap
+from dmd2.guidance import guidance_embedding
 from dmd2.schedule import NoiseSchedule
 
 # Small enough to train on 2 CPU cores in well under an hour, big enough for legible digits.
@@ -59,13 +63,19 @@ class PixelFamily(Family):
     def null_condition(self, n: int) -> torch.Tensor:
         return torch.full((n,), self.num_classes, dtype=torch.long)
 
-    def model_output(self, unet, x_t, t, cond):
-        return unet(x_t, t, class_labels=cond.to(x_t.device)).sample
+    def model_output(self, unet, x_t, t, cond, guidance_input=None):
+        if guidance_input is None:
+            return unet(x_t, t, class_labels=cond.to(x_t.device)).sample
+        return unet(x_t, t, class_labels=cond.to(x_t.device), timestep_cond=_timestep_cond(unet, guidance_input, x_t)).sample
 
-    def bottleneck(self, unet, x_t, t, cond):
+    def bottleneck(self, unet, x_t, t, cond, guidance_input=None):
         # UNet2DModel.forward up to and including the mid block; the decoder half never runs.
         t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
-        emb = unet.time_embedding(unet.time_proj(t).to(dtype=unet.dtype))
+        t_emb = unet.time_proj(t).to(dtype=unet.dtype)
+        if guidance_input is None:
+            emb = unet.time_embedding(t_emb)
+        else:
+            emb = unet.time_embedding(t_emb, _timestep_cond(unet, guidance_input, x_t))
         emb = emb + unet.class_embedding(cond.to(x_t.device)).to(dtype=unet.dtype)
         h = unet.conv_in(x_t)
         for block in unet.down_blocks:
@@ -84,6 +94,20 @@ class PixelFamily(Family):
             raise ValueError(f"resolution {resolution}: the pixel teacher {teacher} works at {family.image_size}x"
                              f"{family.image_size} only")
         return family, unet.to(device or "cpu")
+
+    def guidance_conditioned(self, unet: UNet2DModel, dim: int) -> "GuidedUNet2DModel":
+        """A copy of `unet` that takes the guidance scale as an input; its projection starts at zero, so
+        at first it computes exactly what `unet` does, whatever w."""
+        if isinstance(unet, GuidedUNet2DModel):
+            raise ValueError("this network is already guidance-conditioned")
+        config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+        guided = GuidedUNet2DModel(**config, time_cond_proj_dim=dim)
+        missing, unexpected = guided.load_state_dict(unet.state_dict(), strict=False)
+        if unexpected or missing != ["time_embedding.cond_proj.weight"]:
+            raise ValueError(f"guidance conditioning: unexpected weights {unexpected or missing}")
+        torch.nn.init.zeros_(guided.time_embedding.cond_proj.weight)
+        return guided.to(next(unet.parameters()).device).train(unet.training).requires_grad_(
+            any(p.requires_grad for p in unet.parameters()))
 
     def new_unet(self, **overrides) -> UNet2DModel:
         cfg = dict(DEFAULT_UNET_CONFIG, sample_size=self.image_size, in_channels=self.channels,
@@ -108,6 +132,56 @@ class PixelFamily(Family):
                 "timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": True}
 
 
+# The w embedding of the current forward of a GuidedUNet2DModel: a context variable, so concurrent forwards
+# in different threads (the app's generation slots) each see their own.
+_TIMESTEP_COND = contextvars.ContextVar("timestep_cond", default=None)
+
+
+def _timestep_cond(unet, w, like: torch.Tensor) -> torch.Tensor:
+    """The network input for guidance scales w (per sample): diffusers' guidance embedding at its width."""
+    dim = getattr(unwrap(unet).config, "time_cond_proj_dim", None)
+    if dim is None:
+        raise ValueError("this network is not guidance-conditioned: it takes no guidance scale as an input")
+    w = torch.as_tensor(w, dtype=torch.float32).reshape(-1).expand(like.shape[0])
+    return guidance_embedding(w, dim).to(like.device)
+
+
+class _GuidedTimeEmbedding(TimestepEmbedding):
+    """The time embedding MLP with a projection of the w embedding added to its input (diffusers' cond_proj)."""
+
+    def forward(self, sample, condition=None):
+        condition = _TIMESTEP_COND.get() if condition is None else condition
+        if condition is None:
+            raise ValueError("this student is guidance-conditioned: give it a guidance scale")
+        return super().forward(sample, condition.to(sample.dtype))
+
+
+class GuidedUNet2DModel(UNet2DModel):
+    """UNet2DModel + `time_cond_proj_dim`: `forward(..., timestep_cond=guidance_embedding(w))`, as diffusers'
+    UNet2DConditionModel takes it. The rest of the forward is UNet2DModel's own."""
+
+    def __init__(self, time_cond_proj_dim: int = 256, **kwargs):
+        super().__init__(**kwargs)
+        plain = self.time_embedding
+        self.time_embedding = _GuidedTimeEmbedding(plain.linear_1.in_features, plain.linear_2.out_features,
+                                                   cond_proj_dim=time_cond_proj_dim)
+        self.register_to_config(time_cond_proj_dim=time_cond_proj_dim)
+
+    def forward(self, sample, timestep, class_labels=None, timestep_cond=None, return_dict=True):
+        token = _TIMESTEP_COND.set(timestep_cond)
+        try:
+            return super().forward(sample, timestep, class_labels, return_dict)
+        finally:
+            _TIMESTEP_COND.reset(token)
+
+
+# diffusers reads a model's config keys from its __init__ signature: UNet2DModel's, plus ours.
+_plain = inspect.signature(UNet2DModel.__init__)
+GuidedUNet2DModel.__init__.__signature__ = _plain.replace(parameters=[
+    *_plain.parameters.values(),
+    inspect.Parameter("time_cond_proj_dim", inspect.Parameter.KEYWORD_ONLY, default=256, annotation=int)])
+
+
 def load_pixel_unet(path) -> UNet2DModel:
     """Load a diffusers UNet2DModel folder, with errors that name the file and the problem."""
     path = Path(path)
@@ -118,8 +192,9 @@ def load_pixel_unet(path) -> UNet2DModel:
     if not (path / "diffusion_pytorch_model.safetensors").is_file():
         raise ModelLoadError(f"{path} has no diffusion_pytorch_model.safetensors")
     try:
-        json.loads((path / "config.json").read_text())
-        unet = UNet2DModel.from_pretrained(path, use_safetensors=True)
+        config = json.loads((path / "config.json").read_text())
+        cls = GuidedUNet2DModel if isinstance(config, dict) and config.get("time_cond_proj_dim") else UNet2DModel
+        unet = cls.from_pretrained(path, use_safetensors=True)
     except (SafetensorError, json.JSONDecodeError, OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"could not load {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     return unet.eval().requires_grad_(False)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dmd2.families.base import Family, ModelLoadError
+from dmd2.families.base import Family, ModelLoadError, unwrap
+from dmd2.guidance import guidance_embedding
 from dmd2.families.lora import LORA_TARGET_MODULES, fuse_lora, save_unet_lora, student_lora_file
 from dmd2.families.sd_loading import load_part, load_state_dict_file, move_to, param_dtype
 from dmd2.hub import hub_file
@@ -151,12 +152,42 @@ class StableDiffusionFamily(Family):
         return x_t.to(dtype), ehs, self.added_cond_kwargs(cond, x_t.device, dtype)
 
     # --- networks ---------------------------------------------------------------------------
-    def model_output(self, unet, x_t, t, cond):
+    def _timestep_cond(self, unet, guidance_input, sample):
+        """diffusers' `timestep_cond` for guidance scales w: the embedding its pipelines compute from
+        guidance_scale for a UNet with `time_cond_proj_dim` (None when the network takes no w)."""
+        dim = unwrap(unet).config.time_cond_proj_dim
+        if guidance_input is None:
+            if dim is not None:
+                raise ValueError("this student is guidance-conditioned: give it a guidance scale")
+            return None
+        if dim is None:
+            raise ValueError("this network is not guidance-conditioned: it takes no guidance scale as an input")
+        w = torch.as_tensor(guidance_input, dtype=torch.float32).reshape(-1).expand(sample.shape[0])
+        return guidance_embedding(w, dim).to(sample.device, sample.dtype)
+
+    def model_output(self, unet, x_t, t, cond, guidance_input=None):
         sample, ehs, added = self._unet_inputs(unet, x_t, cond)
         t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
-        return unet(sample, t, encoder_hidden_states=ehs, added_cond_kwargs=added).sample
+        return unet(sample, t, encoder_hidden_states=ehs, added_cond_kwargs=added,
+                    timestep_cond=self._timestep_cond(unet, guidance_input, sample)).sample
 
-    def bottleneck(self, unet, x_t, t, cond):
+    def guidance_conditioned(self, unet, dim: int) -> nn.Module:
+        """A copy of `unet` with diffusers' `time_cond_proj_dim` (the guidance embedding's projection, zero
+        at first): plain diffusers pipelines then pass `guidance_scale` to it as `timestep_cond`, no CFG pass."""
+        from diffusers import UNet2DConditionModel
+
+        if unet.config.time_cond_proj_dim is not None:
+            raise ValueError("this network is already guidance-conditioned")
+        config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+        guided = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": dim})
+        missing, unexpected = guided.load_state_dict(unet.state_dict(), strict=False)
+        if unexpected or missing != ["time_embedding.cond_proj.weight"]:
+            raise ValueError(f"guidance conditioning: unexpected weights {unexpected or missing}")
+        torch.nn.init.zeros_(guided.time_embedding.cond_proj.weight)
+        param = next(unet.parameters())
+        return guided.to(param.device, param.dtype).train(unet.training).requires_grad_(param.requires_grad)
+
+    def bottleneck(self, unet, x_t, t, cond, guidance_input=None):
         """UNet2DConditionModel.forward (diffusers 0.42) up to and including the mid block; the up blocks never run.
 
         Matches the official DMD2 `classify_forward(..., classify_mode=True)` feature: the mid-block output.
@@ -165,7 +196,8 @@ class StableDiffusionFamily(Family):
         t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
-        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=t), None)
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=t),
+                                  self._timestep_cond(unet, guidance_input, sample))
         class_emb = unet.get_class_embed(sample=sample, class_labels=None)
         if class_emb is not None:
             raise ValueError("class-conditional UNet2DConditionModels are not supported here")

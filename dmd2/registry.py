@@ -24,6 +24,7 @@ from dmd2.families.lora import student_lora_file
 from dmd2.families.pixel import PixelFamily, load_pixel_unet
 from dmd2.families.sdxl import PUBLISHED as SDXL_PUBLISHED
 from dmd2.families.sdxl import SDXL_BASE
+from dmd2.guidance import check_guidance
 from dmd2.hub import cached_file, hub_reachable, is_repo_id
 from dmd2.images import to_uint8
 from dmd2.prompts import check_prompt
@@ -107,13 +108,20 @@ class LoadedModel:
         else:
             raise ModelLoadError(f"model {spec.name!r}: unknown family {spec.family!r} "
                                  f"(known: pixel, {', '.join(TEXT_FAMILIES)})")
-        timesteps = spec.timesteps
+        timesteps, meta = spec.timesteps, {}
+        meta_path = spec.path / "dmd2.json" if spec.kind == "student" and spec.path is not None else None
+        if meta_path is not None and meta_path.is_file():
+            meta = _read_meta(meta_path)
         if spec.kind == "student" and not timesteps:
-            meta = spec.path / "dmd2.json" if spec.path is not None else None
-            if meta is None or not meta.is_file():
-                raise ModelLoadError(f"student {spec.name!r} has no {meta} naming its timesteps")
-            timesteps = tuple(json.loads(meta.read_text())["timesteps"])
+            if "timesteps" not in meta:
+                raise ModelLoadError(f"student {spec.name!r} has no {meta_path} naming its timesteps")
+            timesteps = tuple(meta["timesteps"])
         self.timesteps = tuple(int(t) for t in timesteps)
+        # A guidance-conditioned student: the range of w it was trained on, and the w it samples at by default.
+        self.guidance_range, self.guidance_default = _guidance_meta(meta, meta_path)
+        if (self.guidance_range is None) != (getattr(self.unet.config, "time_cond_proj_dim", None) is None):
+            raise ModelLoadError(f"student {spec.name!r}: its network and {meta_path} disagree on whether it takes a "
+                                 f"guidance scale as an input (time_cond_proj_dim vs guidance_range)")
 
     @property
     def conditioning(self) -> str:
@@ -132,12 +140,19 @@ class LoadedModel:
         """The cleaned prompt, or ValueError if it is empty, too long, or more tokens than the text encoder reads."""
         return check_prompt(prompt, getattr(self.family, "tokenizer", None))
 
+    @property
+    def guided(self) -> bool:
+        """Does this student take the guidance scale as an input (a guidance-conditioned student)?"""
+        return self.guidance_range is not None
+
     def generate(self, labels=None, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                  autocast: bool = False, callback=None, prompts=None, step_images: bool = False) -> Generated:
         """Sample one image per label (class models) or per prompt (text models) from `seed`
         (same seed, same starting noise for every model of a family). For text models the prompts
         may come as `prompts=` or in place of the labels. `step_images` (students): also return each
-        step's decoded x0 estimate in `extra["step_images"]` (the last one is `images`)."""
+        step's decoded x0 estimate in `extra["step_images"]` (the last one is `images`). `guidance`: the
+        teacher's CFG scale, or a guidance-conditioned student's w (within its range; default: its own);
+        plain students ignore it."""
         if self.conditioning == "text":
             prompts = labels if prompts is None else prompts
             prompts = [prompts] if isinstance(prompts, str) else list(prompts if prompts is not None else [])
@@ -166,10 +181,17 @@ class LoadedModel:
             extra = {"guidance": g, "steps": steps}
         else:
             steps_x0 = []
+            w = None
+            if self.guided:
+                w = check_guidance(self.guidance_default if guidance is None else guidance, self.guidance_range,
+                                   f"student {self.spec.name!r}")
             x = student_sample(self.family, self.unet, cond, noise, list(self.timesteps), seed=seed, autocast=autocast,
-                               on_step=(lambda i, t, x0: steps_x0.append(x0)) if step_images else None)
+                               on_step=(lambda i, t, x0: steps_x0.append(x0)) if step_images else None,
+                               guidance_input=w)
             nfe = len(self.timesteps)
             extra = {"timesteps": list(self.timesteps), "steps": nfe}
+            if w is not None:
+                extra["guidance"] = w
             if step_images:
                 extra["step_images"] = [to_uint8(self.family.decode(x0)) for x0 in steps_x0]
         images = to_uint8(self.family.decode(x))
@@ -236,6 +258,21 @@ def _hub_sources(spec: ModelSpec) -> tuple[str | None, str | None]:
             weights = str(cached[(p.repo, p.filename)])
         return base, weights
     return spec.base, spec.weights
+
+
+def _guidance_meta(meta: dict, path) -> tuple[tuple[float, float] | None, float | None]:
+    """(guidance_range, default w) from a student's dmd2.json; (None, None) for a plain student."""
+    rng = meta.get("guidance_range")
+    if rng is None:
+        return None, None
+    try:
+        low, high = (float(w) for w in rng)
+        default = float(meta.get("guidance_default", low))
+    except (TypeError, ValueError):
+        raise ModelLoadError(f"{path}: guidance_range must be [w_min, w_max], got {rng!r}") from None
+    if not low < high or not low <= default <= high:
+        raise ModelLoadError(f"{path}: guidance_range {rng!r} and guidance_default {default!r} do not fit")
+    return (low, high), default
 
 
 def _read_meta(path: Path) -> dict:

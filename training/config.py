@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from dmd2.families import FAMILIES
+from dmd2.guidance import SAMPLINGS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"   # the presets
 
@@ -50,7 +52,14 @@ class DistillConfig:
                                                # model each step's outputs, not their mixture; False: as DMD2
     # distribution matching (real score vs fake score)
     dm_weight: float = 1.0                     # 0 switches distribution matching off ("GAN only")
-    real_guidance: float = 1.0                 # CFG scale of the real score (teacher)
+    real_guidance: float = 1.0                 # CFG scale of the real score (teacher); with guidance_range, the
+                                               # student's default w (sample grids, quick evaluation, the app)
+    guidance_range: list | None = None         # [w_min, w_max]: a guidance-conditioned student. Each generator
+                                               # sample draws its own w there; the real score uses CFG at that w,
+                                               # and the generator and the fake score take w as an input (a zero-
+                                               # initialised guidance embedding); null: the fixed real_guidance
+    guidance_sampling: str = "uniform"         # how w is drawn: "uniform" or "log_uniform" (uniform in log w)
+    guidance_embed_dim: int = 256              # width of the w embedding (diffusers' time_cond_proj_dim)
     dm_min_t: float = 0.02                     # t ~ U[dm_min_t * T, dm_max_t * T]
     dm_max_t: float = 0.98
     # GAN on the fake score's bottleneck
@@ -135,6 +144,22 @@ class DistillConfig:
              "is for multi-step students (student_steps > 1): a 1-step student has one output distribution")
         need(self.dm_weight >= 0, "dm_weight", "must be >= 0")
         need(self.real_guidance >= 0, "real_guidance", "must be >= 0")
+        need(self.guidance_range is None or (
+                isinstance(self.guidance_range, list) and len(self.guidance_range) == 2
+                and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in self.guidance_range)
+                and 0 <= self.guidance_range[0] < self.guidance_range[1]),
+             "guidance_range", "must be null or [w_min, w_max] with 0 <= w_min < w_max")
+        need(self.guidance_sampling in SAMPLINGS, "guidance_sampling", f"must be one of {', '.join(SAMPLINGS)}")
+        if self.guidance_range is not None:
+            low, high = self.guidance_range
+            need(self.guidance_sampling != "log_uniform" or low > 0, "guidance_sampling",
+                 "log_uniform needs guidance_range[0] > 0")
+            need(low <= self.real_guidance <= high, "real_guidance",
+                 f"with guidance_range it is the student's default w, so it must lie in [{low:g}, {high:g}]")
+            need(self.lora_rank == 0, "guidance_range", "a LoRA generator keeps the teacher's UNet, which has no "
+                 "guidance input: train the full UNet (lora_rank: 0) for a guidance-conditioned student")
+            need(isinstance(self.guidance_embed_dim, int) and 2 <= self.guidance_embed_dim <= 4096,
+                 "guidance_embed_dim", "must be an integer in 2..4096")
         need(0 <= self.dm_min_t < self.dm_max_t <= 1, "dm_min_t", "need 0 <= dm_min_t < dm_max_t <= 1")
         need(self.gan_generator_weight >= 0, "gan_generator_weight", "must be >= 0")
         need(self.gan_critic_weight >= 0, "gan_critic_weight", "must be >= 0")

@@ -93,10 +93,13 @@ class Critic(nn.Module):
     """
 
     def __init__(self, family: Family, teacher: nn.Module, use_gan: bool = True, num_steps: int = 0,
-                 head: str = "small"):
+                 head: str = "small", guidance_dim: int = 0):
         super().__init__()
         self.family = family
-        self.fake_unet = copy.deepcopy(teacher).train().requires_grad_(True)
+        # guidance_dim > 0: the fake score takes the guidance scale w as an input (a guidance-conditioned
+        # student's outputs differ with w; without it the fake score would model their mixture over w).
+        fake = family.guidance_conditioned(teacher, guidance_dim) if guidance_dim else copy.deepcopy(teacher)
+        self.fake_unet = fake.train().requires_grad_(True)
         self.gan_head = gan_head(head, family, teacher) if use_gan else None
         # Per-step critic (num_steps > 0): one embedding per student step, added to the fake score's time
         # embedding, so it models the outputs of each step apart. Zero at the start: the teacher's copy.
@@ -123,14 +126,14 @@ class Critic(nn.Module):
             raise RuntimeError("this critic is per student step: call it with step=<the step that made the samples>")
         return output + self.step_embedding[self._step].to(output.dtype)
 
-    def fake_x0(self, x_t, t, cond) -> torch.Tensor:
-        """The fake score's x0 estimate (no CFG)."""
-        return self.family.denoise(self.fake_unet, x_t, t, cond, guidance=1.0)
+    def fake_x0(self, x_t, t, cond, guidance_input=None) -> torch.Tensor:
+        """The fake score's x0 estimate (no CFG; a guidance-conditioned critic also takes w)."""
+        return self.family.denoise(self.fake_unet, x_t, t, cond, guidance=1.0, guidance_input=guidance_input)
 
-    def realism_logits(self, x0, cond, t, noise) -> torch.Tensor:
+    def realism_logits(self, x0, cond, t, noise, guidance_input=None) -> torch.Tensor:
         """GAN logits of clean images x0 after noising them to t (diffusion GAN)."""
         x_t = self.family.schedule.add_noise(x0, noise, t)
-        return self.gan_head(self.family.bottleneck(self.fake_unet, x_t, t, cond))
+        return self.gan_head(self.family.bottleneck(self.fake_unet, x_t, t, cond, guidance_input))
 
     @contextlib.contextmanager
     def at_step(self, step: int | None):
@@ -159,16 +162,18 @@ class Critic(nn.Module):
     def losses(self, fake_x0, fake_cond, real_x0, real_cond, draws: dict) -> dict:
         """Critic losses on detached generator samples and real images; `draws` holds the random t/noise.
 
-        Returns {"fake_denoise": ..., "gan_critic": ...} (the latter only with a GAN head).
+        Returns {"fake_denoise": ..., "gan_critic": ...} (the latter only with a GAN head). A
+        guidance-conditioned critic takes `draws["w"]`, the scales the samples were made at, on both
+        branches (the real images are judged at the same w as the fakes they are compared with).
         """
         fam = self.family
-        t, noise = draws["t"], draws["noise"]
+        t, noise, w = draws["t"], draws["noise"], draws.get("w")
         x_t = fam.schedule.add_noise(fake_x0, noise, t)
-        pred = fam.model_output(self.fake_unet, x_t, t, fake_cond)
+        pred = fam.model_output(self.fake_unet, x_t, t, fake_cond, guidance_input=w)
         out = {"fake_denoise": losses.denoising_loss(pred, fam.schedule.target(fake_x0, noise, t, fam.prediction_type))}
         if self.gan_head is not None:
-            fake_logits = self.realism_logits(fake_x0, fake_cond, draws["gan_t_fake"], draws["gan_noise_fake"])
-            real_logits = self.realism_logits(real_x0, real_cond, draws["gan_t_real"], draws["gan_noise_real"])
+            fake_logits = self.realism_logits(fake_x0, fake_cond, draws["gan_t_fake"], draws["gan_noise_fake"], w)
+            real_logits = self.realism_logits(real_x0, real_cond, draws["gan_t_real"], draws["gan_noise_real"], w)
             out["gan_critic"] = losses.gan_critic_loss(real_logits, fake_logits)
             out["real_logit"] = real_logits.detach().mean()
             out["fake_logit"] = fake_logits.detach().mean()

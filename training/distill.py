@@ -167,8 +167,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
             save_checkpoint(run, trainer, cfg)
         student = trainer.full_student()
     if finished and main:
-        trainer.family.save_student(student, run.student, timesteps=trainer.timesteps,
-                                    family=trainer.family.name, teacher=cfg.teacher)
+        trainer.family.save_student(student, run.student, **trainer.student_meta())
         write_student_card(run, cfg, trainer, time.time() - start, command)
         run.set_status("finished", step=trainer.step, total_steps=cfg.iterations)
     elif main:

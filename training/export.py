@@ -119,8 +119,7 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | list[int
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        trainer.family.save_student(trainer.full_student(), tmp, timesteps=trainer.timesteps,
-                                    family=trainer.family.name, teacher=cfg.teacher)
+        trainer.family.save_student(trainer.full_student(), tmp, **trainer.student_meta())
         write_student_card(run, cfg, trainer, seconds, command or invocation(), folder=tmp, note=note)
         if out.is_dir():
             out.rmdir()  # empty, checked above

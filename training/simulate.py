@@ -16,7 +16,7 @@ def randn(shape, gen: torch.Generator, device) -> torch.Tensor:
 
 @torch.no_grad()
 def backward_simulate(family: Family, generator, cond: Any, timesteps: list[int], k: int,
-                      noise: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+                      noise: torch.Tensor, gen: torch.Generator, guidance_input=None) -> torch.Tensor:
     """Run the student's own inference for its first k steps from `noise`, re-noise to timesteps[k].
 
     This is DMD2's backward simulation (Sec. 4.5): the training input at step k comes from the
@@ -24,7 +24,7 @@ def backward_simulate(family: Family, generator, cond: Any, timesteps: list[int]
     """
     x = noise
     for i in range(k):
-        x0 = family.denoise(generator, x, timesteps[i], cond)
+        x0 = family.denoise(generator, x, timesteps[i], cond, guidance_input=guidance_input)
         x = family.schedule.add_noise(x0, randn(x0.shape, gen, x0.device), torch.tensor([timesteps[i + 1]]))
     return x
 
@@ -32,12 +32,14 @@ def backward_simulate(family: Family, generator, cond: Any, timesteps: list[int]
 def generator_input(family: Family, generator, cond: Any, n: int, timesteps: list[int],
                     gen: torch.Generator, device, backward_simulation: bool = True,
                     real_x0: torch.Tensor | None = None,
-                    step_weights: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    step_weights: list[float] | None = None,
+                    guidance_input: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, t) for one generator training forward: k ~ U{0..N-1}, then the input at timesteps[k].
 
     With one step this is pure noise at timesteps[0]. Without backward simulation the input is a
     real image noised to timesteps[k] (the ablation of the paper's Table 4). `step_weights`
-    (one per step) draws k in proportion to them instead of uniformly.
+    (one per step) draws k in proportion to them instead of uniformly. `guidance_input`: the per-sample
+    w of a guidance-conditioned generator, which its simulated steps use too.
     """
     if step_weights is None:
         k = int(torch.randint(len(timesteps), (1,), generator=gen))
@@ -49,7 +51,7 @@ def generator_input(family: Family, generator, cond: Any, n: int, timesteps: lis
         # The first step always starts from pure noise: at t=999 the real image is (almost) gone.
         return noise, t
     if backward_simulation:
-        return backward_simulate(family, generator, cond, timesteps, k, noise, gen), t
+        return backward_simulate(family, generator, cond, timesteps, k, noise, gen, guidance_input), t
     if real_x0 is None:
         raise ValueError("backward simulation is off, so real images are needed as generator inputs")
     return family.schedule.add_noise(real_x0, randn(real_x0.shape, gen, device), t), t

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dmd2.families import PixelFamily, family_class
+from dmd2.guidance import sample_guidance
 from dmd2.sampling import student_sample
 from dmd2.schedule import student_timesteps
 from training import losses
@@ -95,11 +96,16 @@ class DMD2Trainer:
 
         torch.manual_seed(cfg.seed)  # the GAN head's initialisation
         self.real_unet = teacher.to(self.device).eval().requires_grad_(False)
-        generator = copy.deepcopy(self.real_unet).train().requires_grad_(True)
+        # A guidance-conditioned student (guidance_range): the generator and the fake score take w as an input.
+        self.guided = cfg.guidance_range is not None
+        guidance_dim = cfg.guidance_embed_dim if self.guided else 0
+        generator = (self.family.guidance_conditioned(self.real_unet, guidance_dim) if self.guided
+                     else copy.deepcopy(self.real_unet)).train().requires_grad_(True)
         if cfg.generator_init:
             init_generator(generator, self.family.load_student(cfg.generator_init), cfg.generator_init)
         critic = Critic(self.family, self.real_unet, use_gan=cfg.use_gan,
-                        num_steps=cfg.student_steps if cfg.critic_per_step else 0, head=cfg.gan_head).to(self.device)
+                        num_steps=cfg.student_steps if cfg.critic_per_step else 0, head=cfg.gan_head,
+                        guidance_dim=guidance_dim).to(self.device)
         if cfg.lora_rank:
             add_lora(generator, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules or self.family.lora_target_modules,
                      base_dtype=frozen_dtype)
@@ -174,6 +180,18 @@ class DMD2Trainer:
     def _randint(self, low: int, high: int, n: int) -> torch.Tensor:
         return torch.randint(low, high, (n,), generator=self.rng).to(self.device)
 
+    def _guidance(self, n: int) -> torch.Tensor | None:
+        """Each sample's guidance scale w (guidance-conditioned students; None otherwise), from the training RNG."""
+        if not self.guided:
+            return None
+        low, high = self.cfg.guidance_range
+        return sample_guidance(n, low, high, self.cfg.guidance_sampling, self.rng).to(self.device)
+
+    @property
+    def default_guidance(self) -> float | None:
+        """The w that sample grids and quick evaluations use (guidance-conditioned students); None otherwise."""
+        return self.cfg.real_guidance if self.guided else None
+
     def _check(self, named: dict) -> None:
         for name, value in named.items():
             if not torch.isfinite(value).all():
@@ -187,11 +205,14 @@ class DMD2Trainer:
         """
         cfg, fam, n = self.cfg, self.family, real_x0.shape[0]
         T = fam.schedule.num_train_timesteps
+        w = self._guidance(n)
         with torch.no_grad(), self.autocast():
             x_t, t = generator_input(fam, self.generator_module, cond, n, self.timesteps, self.rng, self.device,
-                                     cfg.backward_simulation, real_x0, cfg.step_weights)
-            fake_x0 = fam.denoise(self.generator_module, x_t, t, cond).float()
+                                     cfg.backward_simulation, real_x0, cfg.step_weights, guidance_input=w)
+            fake_x0 = fam.denoise(self.generator_module, x_t, t, cond, guidance_input=w).float()
         draws = {"t": self._randint(0, T, n), "noise": randn(fake_x0.shape, self.rng, self.device)}
+        if w is not None:
+            draws["w"] = w
         if cfg.use_gan:
             draws.update(gan_t_fake=self._randint(0, cfg.gan_max_t, n), gan_noise_fake=randn(fake_x0.shape, self.rng, self.device),
                          gan_t_real=self._randint(0, cfg.gan_max_t, n), gan_noise_real=randn(real_x0.shape, self.rng, self.device))
@@ -216,11 +237,12 @@ class DMD2Trainer:
     def generator_step(self, real_x0, cond) -> dict:
         """One generator update: distribution matching + GAN generator loss; the critic stays frozen."""
         cfg, fam, n = self.cfg, self.family, real_x0.shape[0]
+        w = self._guidance(n)
         with torch.no_grad(), self.autocast():
             x_t, t = generator_input(fam, self.generator_module, cond, n, self.timesteps, self.rng, self.device,
-                                     cfg.backward_simulation, real_x0, cfg.step_weights)
+                                     cfg.backward_simulation, real_x0, cfg.step_weights, guidance_input=w)
         with self.autocast():
-            x = fam.denoise(self.generator, x_t, t, cond).float()
+            x = fam.denoise(self.generator, x_t, t, cond, guidance_input=w).float()
         k = self.timesteps.index(int(t[0]))  # the student step being trained (one per batch)
         parts = {}
         # Frozen: no weight gradients for the critic; no_sync: its DDP wrapper expects none.
@@ -230,13 +252,16 @@ class DMD2Trainer:
                 t_dm = self._randint(int(cfg.dm_min_t * T), int(cfg.dm_max_t * T) + 1, n).clamp(max=T - 1)
                 noisy = fam.schedule.add_noise(x.detach(), randn(x.shape, self.rng, self.device), t_dm)
                 with torch.no_grad(), self.autocast():
-                    x0_real = fam.denoise(self.real_unet, noisy, t_dm, cond, guidance=cfg.real_guidance).float()
-                    x0_fake = self.critic(noisy, t_dm, cond, call="fake_x0", step=k).float()
+                    # The real score: the teacher with CFG at each sample's w (guided), or at real_guidance.
+                    x0_real = fam.denoise(self.real_unet, noisy, t_dm, cond,
+                                          guidance=cfg.real_guidance if w is None else w).float()
+                    x0_fake = self.critic(noisy, t_dm, cond, call="fake_x0", step=k, guidance_input=w).float()
                 parts["dm"] = losses.distribution_matching_loss(x, x0_real, x0_fake)
             if cfg.gan_generator_weight > 0:
                 with self.autocast():
                     logits = self.critic(x, cond, self._randint(0, cfg.gan_max_t, n),
-                                         randn(x.shape, self.rng, self.device), call="realism_logits", step=k)
+                                         randn(x.shape, self.rng, self.device), call="realism_logits", step=k,
+                                         guidance_input=w)
                 parts["gan_generator"] = losses.gan_generator_loss(logits)
             self._check(parts)
             total = cfg.dm_weight * parts.get("dm", 0.0) + cfg.gan_generator_weight * parts.get("gan_generator", 0.0)
@@ -271,6 +296,15 @@ class DMD2Trainer:
     def student(self) -> torch.nn.Module:
         """The network to export and evaluate: the EMA if kept, else the raw generator."""
         return self.ema if self.ema is not None else self.generator_module
+
+    def student_meta(self) -> dict:
+        """What dmd2.json records beside the student: its timesteps, family and teacher, and for a
+        guidance-conditioned student its guidance range and default w."""
+        meta = dict(timesteps=self.timesteps, family=self.family.name, teacher=self.cfg.teacher)
+        if self.guided:
+            meta.update(guidance_range=list(self.cfg.guidance_range), guidance_default=self.cfg.real_guidance,
+                        guidance_sampling=self.cfg.guidance_sampling)
+        return meta
 
     def full_student(self) -> torch.nn.Module | None:
         """`student()` as a plain module; under FSDP gathered from the shards (call on every rank; None off rank 0)."""
@@ -388,19 +422,29 @@ class DMD2Trainer:
         return [self.prompts[i % len(self.prompts)] for i in range(4)]
 
     @torch.no_grad()
-    def sample(self, labels, seed: int, unet=None) -> torch.Tensor:
-        """Student samples in [-1, 1] from fixed noise (its own generator: training RNG is untouched)."""
+    def sample(self, labels, seed: int, unet=None, guidance: float | None = None) -> torch.Tensor:
+        """Student samples in [-1, 1] from fixed noise (its own generator: training RNG is untouched);
+        a guidance-conditioned student at `guidance` (default: `default_guidance`)."""
         unet = unet or self.student()
+        w = (self.default_guidance if guidance is None else guidance) if self.guided else None
         noise = torch.randn(self.family.latent_shape(len(labels)), generator=torch.Generator().manual_seed(seed))
         x = student_sample(self.family, unet, self.family.condition(labels).to(self.device),
-                           noise.to(self.device), self.timesteps, seed=seed, autocast=self.cfg.frozen_dtype == "bf16")
+                           noise.to(self.device), self.timesteps, seed=seed, autocast=self.cfg.frozen_dtype == "bf16",
+                           guidance_input=w)
         return self.family.decode(x)
 
 
+GUIDANCE_WEIGHTS = ("time_embedding.cond_proj.weight",)   # a guidance-conditioned network's own weights
+
+
 def init_generator(generator: torch.nn.Module, student: torch.nn.Module, source) -> None:
-    """Copy a saved student's weights into the generator (a copy of the teacher), which must match it exactly."""
+    """Copy a saved student's weights into the generator (a copy of the teacher), which must match it exactly;
+    a guidance-conditioned generator may start from a plain student (its guidance projection stays zero)."""
     ours, theirs = generator.state_dict(), student.state_dict()
     missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    if missing and set(missing) <= set(GUIDANCE_WEIGHTS):
+        theirs = {**theirs, **{k: ours[k] for k in missing}}
+        missing = []
     shapes = [k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape]
     if missing or extra or shapes:
         first = (missing or extra or shapes)[0]

@@ -27,8 +27,19 @@ def tiny_models(tmp_path_factory):
     students = make_tiny_students(root)
     registry.BUILTIN["tiny-teacher-10"] = registry.ModelSpec("tiny-teacher-10", root / "tiny-teacher", "teacher",
                                                              steps=10)
+    registry.BUILTIN["tiny-teacher-cfg"] = registry.ModelSpec("tiny-teacher-cfg", root / "tiny-teacher", "teacher",
+                                                              steps=10, guidance=2.0)
     yield ["tiny-teacher-10", *students, str(write_broken_model(root / "broken", like=root / "tiny-1step"))]
     registry.BUILTIN.pop("tiny-teacher-10")
+    registry.BUILTIN.pop("tiny-teacher-cfg")
+
+
+def test_a_teacher_with_cfg_batches_to_the_same_images(tiny_models):
+    """CFG doubles the batch with null labels: each request still gets its images alone."""
+    model = registry.load("tiny-teacher-cfg")
+    requests = [Request(model, [label] * n, seed, True) for label, seed, n in REQUESTS]
+    for r, images in zip(requests, sample_batch(requests)):
+        assert np.array_equal(images, model.generate(r.labels, r.seed, autocast=True).images)
 
 
 @pytest.mark.parametrize("name", ["mnist-teacher", "mnist-dmd2-1step", "mnist-dmd2-4step"])

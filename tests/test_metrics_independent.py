@@ -195,3 +195,36 @@ def test_evaluator_on_real_digits_noise_and_collapse_in_both_feature_spaces(real
     assert clean["autoencoder_fid"] < noisy["autoencoder_fid"] < np.inf
     assert set(clean) == {f"{s}_{k}" for s in ("classifier", "autoencoder")
                           for k in ("kid", "kid_std", "precision", "recall", "density", "coverage")} | {"autoencoder_fid"}
+
+
+def test_evaluate_command_reports_every_measure_and_keeps_the_old_values(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TINY_UNET
+    from dmd2.families.pixel import PixelFamily
+    from dmd2.metrics.mnist import evaluate_images
+
+    torch.manual_seed(0)
+    PixelFamily().save_student(PixelFamily().new_unet(**TINY_UNET), tmp_path / "tiny-teacher")
+    root = DEFAULT_PATH.parent.parent.parent
+
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", "dmd2", *args, "--model", str(tmp_path / "tiny-teacher"), "--num", "20",
+                            "--steps", "1"], cwd=root, capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root)))
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    stdout = run("evaluate", "--json", str(tmp_path / "m.json"))
+    result = json.loads((tmp_path / "m.json").read_text())
+    new = ["autoencoder_fid"] + [f"{s}_{k}" for s in ("classifier", "autoencoder")
+                                 for k in ("kid", "kid_std", "precision", "recall", "density", "coverage")]
+    for key in new + ["fid", "alignment", "diversity", "diversity_ratio", "nfe", "ms_per_image", "precision"]:
+        assert key in result and f"{key}:" in stdout, key
+    assert all(isinstance(result[k], float) for k in new) and result["precision"] == "fp32"
+    run("sample", "--out", str(tmp_path / "s.npz"))  # the same samples: the old keys keep their old values
+    samples = np.load(tmp_path / "s.npz")
+    old = evaluate_images(samples["images"], samples["labels"])
+    assert {k: result[k] for k in old} == old

@@ -37,6 +37,7 @@ class Request:
     labels: list[int]
     seed: int
     autocast: bool = False
+    guidance: float | None = None  # a guidance-conditioned student's w (such students sample per request)
     images: np.ndarray | None = None
     error: BaseException | None = None
     done: bool = False
@@ -70,7 +71,7 @@ def sample_batch(requests: list[Request]) -> list[np.ndarray]:
     """Each request's uint8 images, from one batch of its shared model (what `model.generate` gives alone)."""
     model, autocast = requests[0].model, requests[0].autocast
     if not batchable(model):
-        return [model.generate(r.labels, r.seed, autocast=autocast).images for r in requests]
+        return [model.generate(r.labels, r.seed, autocast=autocast, guidance=r.guidance).images for r in requests]
     family = model.family
     sizes = [len(r.labels) for r in requests]
     noise = torch.cat([initial_noise(family, n, r.seed) for n, r in zip(sizes, requests)])
@@ -99,7 +100,7 @@ class Batcher:
 
     @staticmethod
     def _key(r: Request) -> tuple:
-        return id(r.model), r.autocast
+        return id(r.model), r.autocast, r.guidance
 
     def sample(self, requests: list[Request]) -> list[Request]:
         """Run `requests` (each alone or batched with others' waiting ones); returns them with images or error."""

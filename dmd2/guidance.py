@@ -53,3 +53,23 @@ def check_guidance(w, guidance_range, model: str = "this student") -> float:
         raise ValueError(f"guidance {w:g} is outside {model}'s range [{low:g}, {high:g}]: it was trained on "
                          f"guidance scales in that range only")
     return w
+
+
+ENTRY_SEPARATOR = "@w="
+
+
+def entry_name(model: str, w: float) -> str:
+    """The name a guidance-conditioned student at w goes by in battles and votes: `<model>@w=<w>`, so the
+    Leaderboard rates each w it was voted at on its own."""
+    return f"{model}{ENTRY_SEPARATOR}{float(w):g}"
+
+
+def parse_entry(name: str) -> tuple[str, float | None]:
+    """(model, w) from `entry_name`'s form; (name, None) for any other name."""
+    model, sep, w = str(name).rpartition(ENTRY_SEPARATOR)
+    if not sep:
+        return str(name), None
+    try:
+        return model, float(w)
+    except ValueError:
+        return str(name), None

@@ -35,6 +35,7 @@ from dmd2.arena.store import OUTCOMES, DailyCapReached, daily_votes_from_env
 from dmd2.batching import Batcher, Request
 from dmd2.families.base import ModelLoadError
 from dmd2.families.pixel import PixelFamily
+from dmd2.guidance import check_guidance, entry_name, parse_entry
 from dmd2.prompts import check_prompt, example_prompts
 from dmd2.ui.auth import client_address
 from dmd2.ui.widgets import DISPLAY_SCALE, conditioning, display_name, make_grid, prompt_box, public_message
@@ -237,17 +238,54 @@ class Arena:
                 continue
         return min(counts) if counts else PixelFamily().num_classes
 
+    def guidance_range(self) -> tuple[float, float, float] | None:
+        """(low, high, default) of the w slider: the range every guidance-conditioned student here was trained
+        on (their intersection) and the first one's default w; None when no such student is served."""
+        ranges = []
+        for name in self.models:
+            try:
+                m = registry.load(name)
+            except Exception:
+                continue
+            if getattr(m, "guided", False):
+                ranges.append((*m.guidance_range, m.guidance_default))
+        if not ranges:
+            return None
+        low, high = max(r[0] for r in ranges), min(r[1] for r in ranges)
+        if low > high:
+            low, high = ranges[0][:2]      # disjoint ranges: the first student's; the others refuse outside theirs
+        return low, high, min(max(ranges[0][2], low), high)
+
+    def entries(self, guidance=None) -> list[str]:
+        """The contestants: the models, each guidance-conditioned student as `entry_name(model, w)` at
+        `guidance` (None: its own default w), checked against its range."""
+        out = []
+        for name in self.models:
+            try:
+                m = registry.load(name)
+            except Exception:     # drawn as it is; its side reports the failure
+                out.append(name)
+                continue
+            if getattr(m, "guided", False):
+                w = m.guidance_default if guidance is None else check_guidance(
+                    guidance, m.guidance_range, display_name(name))
+                name = entry_name(name, w)
+            out.append(name)
+        return out
+
     def _sides(self, names: Sequence[str], label, seed: int) -> list[tuple[np.ndarray | None, str | None]]:
-        """(grid, None) or (None, error) per side; teachers use their default steps and guidance.
+        """(grid, None) or (None, error) per side; teachers use their default steps and guidance, a
+        guidance-conditioned student the w of its entry (`entry_name`).
         `label` is a class (class mode) or the prompt (text mode). With a `batcher` both sides are sampled
         at once, each in a batch with other rounds' requests for its model (same images as alone)."""
         requests, errors = [], []
-        for name in names:
+        for entry in names:
             try:
+                name, w = parse_entry(entry)
                 m = registry.load(name)
                 if self.mode == "class" and label >= m.num_classes:
                     raise ValueError(f"class {label} is outside the model's 0..{m.num_classes - 1}")
-                requests.append(Request(m, [label] * self.images_per_side, seed, self.bf16))
+                requests.append(Request(m, [label] * self.images_per_side, seed, self.bf16, guidance=w))
                 errors.append(None)
             except Exception as e:     # one broken model must not take the server down
                 requests.append(None)
@@ -258,7 +296,7 @@ class Arena:
         else:
             for r in todo:
                 try:
-                    r.images = r.model.generate(r.labels, r.seed, autocast=r.autocast).images
+                    r.images = r.model.generate(r.labels, r.seed, autocast=r.autocast, guidance=r.guidance).images
                 except Exception as e:     # noqa: BLE001 - reported as this side's failure
                     r.error = e
         sides = []
@@ -283,14 +321,15 @@ class Arena:
             prompt = m.check_prompt(prompt)
         return prompt
 
-    def new_round(self, label=None) -> Round:
+    def new_round(self, label=None, guidance=None) -> Round:
         """Draw two distinct models (random sides), a class (unless given) and a seed; generate both.
-        In text mode `label` is the prompt (required).
+        In text mode `label` is the prompt (required). `guidance`: the w of guidance-conditioned students
+        (None: each its own default); such a student enters the battle as `entry_name(model, w)`.
 
         Raises ValueError for fewer than two models, a bad class or a bad prompt. A side that fails
         gives a Round without a token and a message saying which side failed and why.
         """
-        models = self.models
+        models = self.entries(guidance)
         if len(models) < 2:
             raise ValueError(f"the arena needs at least two models, got {len(models)}: "
                              "train or download another one first")
@@ -386,6 +425,12 @@ def build_arena_tab(arena: Arena, wrap: Callable = lambda f: f, login: bool | No
                 choices = [("Random", RANDOM)] + [(str(i), str(i)) for i in range(arena.num_classes())]
                 label = gr.Dropdown(choices=choices, value=RANDOM, label="Class")
             new = gr.Button("New round", variant="primary")
+        inputs = [label]
+        guided = arena.guidance_range()
+        if guided is not None:            # a guidance-conditioned student is served: its w, within its range
+            low, high, default = guided
+            inputs.append(gr.Slider(low, high, value=default, step=0.25, elem_id="arena-guidance",
+                                    label="Guidance w of guidance-conditioned students (rated per w)"))
         if text:
             gr.Examples([[p] for p in examples], inputs=[label], label="Example prompts")
         if len(arena.models) < 2:
@@ -404,9 +449,9 @@ def build_arena_tab(arena: Arena, wrap: Callable = lambda f: f, login: bool | No
         # The same token as an output an API client can read (gr.State is never sent to clients).
         token_box = gr.Textbox(visible=False, label="battle token")
 
-        def start(choice):
+        def start(choice, guidance=None):
             try:
-                r = arena.new_round(choice)
+                r = arena.new_round(choice, guidance)
             except ValueError as e:
                 raise gr.Error(str(e)) from None
             if not r.votable:
@@ -424,7 +469,7 @@ def build_arena_tab(arena: Arena, wrap: Callable = lambda f: f, login: bool | No
                 raise gr.Error(str(e)) from None
             return [v.message] + [gr.Button(interactive=False) for _ in buttons]
 
-        new.click(wrap(start), [label], [token_state, token_box, image_a, image_b, info, reveal, *buttons],
+        new.click(wrap(start), inputs, [token_state, token_box, image_a, image_b, info, reveal, *buttons],
                   api_name="new_round")
         for button, (_, outcome) in zip(buttons, BUTTONS):
             # Callable by clients but not in the API docs: lets a test drive the session-state path.

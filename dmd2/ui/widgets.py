@@ -10,13 +10,18 @@ from pathlib import Path
 import numpy as np
 
 from dmd2 import registry
+from dmd2.guidance import parse_entry
 
 DISPLAY_SCALE = 4       # 32 px digits shown at 128 px (nearest neighbour, no blur)
 
 
 def display_name(name: str) -> str:
     """A short panel title: the built-in name, or the folder name of a model path (for a trainer's
-    export, `RUN/student`, the run's name: every run's student folder is called `student`)."""
+    export, `RUN/student`, the run's name: every run's student folder is called `student`); a
+    guidance-conditioned student's Arena entry `<model>@w=<w>` as that name and ` (w=<w>)`."""
+    model, w = parse_entry(name)
+    if w is not None:
+        return f"{display_name(model)} (w={w:g})"
     if name in registry.BUILTIN:
         return name
     path = Path(name)

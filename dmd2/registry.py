@@ -109,7 +109,9 @@ class LoadedModel:
             raise ModelLoadError(f"model {spec.name!r}: unknown family {spec.family!r} "
                                  f"(known: pixel, {', '.join(TEXT_FAMILIES)})")
         timesteps, meta = spec.timesteps, {}
-        meta_path = spec.path / "dmd2.json" if spec.kind == "student" and spec.path is not None else None
+        # dmd2.json sits in the student's folder: spec.path itself, or the folder of a student's weight file.
+        folder = spec.path if spec.path is None or spec.path.is_dir() else spec.path.parent
+        meta_path = folder / "dmd2.json" if spec.kind == "student" and folder is not None else None
         if meta_path is not None and meta_path.is_file():
             meta = _read_meta(meta_path)
         if spec.kind == "student" and not timesteps:

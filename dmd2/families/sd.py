@@ -185,7 +185,10 @@ class StableDiffusionFamily(Family):
             raise ValueError(f"guidance conditioning: unexpected weights {unexpected or missing}")
         torch.nn.init.zeros_(guided.time_embedding.cond_proj.weight)
         param = next(unet.parameters())
-        return guided.to(param.device, param.dtype).train(unet.training).requires_grad_(param.requires_grad)
+        guided.to(param.device)
+        if param.dtype != guided.dtype:  # ModelMixin.to(dtype) warns about fp32-kept modules even when none
+            guided.to(param.dtype)
+        return guided.train(unet.training).requires_grad_(param.requires_grad)
 
     def bottleneck(self, unet, x_t, t, cond, guidance_input=None):
         """UNet2DConditionModel.forward (diffusers 0.42) up to and including the mid block; the up blocks never run.
@@ -251,17 +254,21 @@ class StableDiffusionFamily(Family):
                           dtype=self.dtype, **kwargs)
         return self._ready(unet)
 
-    def new_unet(self) -> nn.Module:
-        """An uninitialised UNet with the teacher's config, on the meta device (fill with load_state_dict(assign=True))."""
+    def new_unet(self, **overrides) -> nn.Module:
+        """An uninitialised UNet with the teacher's config (and `overrides`), on the meta device (fill with
+        load_state_dict(assign=True))."""
         from accelerate import init_empty_weights
         from diffusers import UNet2DConditionModel
 
         with init_empty_weights(include_buffers=False):
-            return UNet2DConditionModel.from_config(self.unet_config)
+            return UNet2DConditionModel.from_config({**self.unet_config, **overrides})
 
     def unet_from_state_dict(self, state_dict: dict[str, torch.Tensor], what: str = "state dict") -> nn.Module:
-        """A UNet with the teacher's config and exactly these weights (every key must match)."""
-        unet = self.new_unet()
+        """A UNet with the teacher's config and exactly these weights (every key must match); a guidance-conditioned
+        student's weights (with the w projection `time_embedding.cond_proj`) give the teacher's config plus its
+        time_cond_proj_dim."""
+        proj = state_dict.get("time_embedding.cond_proj.weight")
+        unet = self.new_unet(**({"time_cond_proj_dim": proj.shape[1]} if proj is not None and proj.ndim == 2 else {}))
         expected = set(unet.state_dict())
         missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
         if missing or unexpected:

@@ -63,6 +63,9 @@ class DMD2Trainer:
         if self.sharded and cfg.ema_decay > 0:
             raise ConfigError("ema_decay > 0 with FSDP: the EMA would be a full copy of the generator on every GPU; "
                               "set ema_decay: 0 (as the SDXL presets do) or use DDP")
+        if cfg.guidance_range is not None and cfg.lora_rank:  # also for a config that skipped validate()
+            raise ConfigError("guidance_range with lora_rank > 0: a LoRA trains only adapters, so the generator's w "
+                              "projection would stay zero and the student would ignore w; set lora_rank: 0")
         text = cfg.family != "pixel"
         # Paths first (relative ones from the working directory): a bad one fails before any model is loaded.
         if cfg.generator_init and not Path(cfg.generator_init).expanduser().is_dir():

@@ -53,17 +53,29 @@ def write_student_card(run: Run, cfg: DistillConfig, trainer: DMD2Trainer, secon
         f"- weights: {'EMA (decay %s)' % cfg.ema_decay if cfg.ema_decay > 0 else 'raw generator'}",
         f"- command: `{command}`",
     ]
+    guided = cfg.guidance_range is not None
+    if guided:  # a guidance-conditioned student: w is an input, any w in its range
+        low, high = cfg.guidance_range
+        lines[3:3] = [f"- guidance: conditioned on the guidance scale w in [{low:g}, {high:g}] (default "
+                      f"{cfg.real_guidance:g}; w drawn {cfg.guidance_sampling} in training), one network "
+                      f"evaluation per step, no CFG pass"]
     if cfg.family != "pixel":
         pipe = trainer.family.pipeline_class
+        real_cfg = f"at each sample's w in [{low:g}, {high:g}]" if guided else f"{cfg.real_guidance}"
         lines[3:3] = [f"- family: {cfg.family}, {trainer.family.height}x{trainer.family.width}, real-score CFG "
-                      f"{cfg.real_guidance}" + (f", LoRA rank {cfg.lora_rank} alpha {cfg.lora_alpha}" if cfg.lora_rank else "")]
+                      f"{real_cfg}" + (f", LoRA rank {cfg.lora_rank} alpha {cfg.lora_alpha}" if cfg.lora_rank else "")]
         load = ("pipe.load_lora_weights('student')  # this folder" if cfg.lora_rank else
                 "pipe.unet = UNet2DConditionModel.from_pretrained('student')  # this folder")
-        lines += ["", "Use in plain diffusers (sampling as DMD2's README: LCMScheduler, its timesteps, no CFG):", "",
+        # A guided UNet has time_cond_proj_dim: diffusers then passes guidance_scale to it as timestep_cond and
+        # runs no CFG pass, so guidance_scale is w itself; a plain student takes none (guidance_scale=0).
+        scale = (f"guidance_scale={cfg.real_guidance:g}).images[0]  # any w in [{low:g}, {high:g}]" if guided
+                 else "guidance_scale=0).images[0]")
+        how = "the guidance scale as a UNet input, no CFG" if guided else "no CFG"
+        lines += ["", f"Use in plain diffusers (sampling as DMD2's README: LCMScheduler, its timesteps, {how}):", "",
                   "```python", f"from diffusers import {pipe}, LCMScheduler, UNet2DConditionModel",
                   f"pipe = {pipe}.from_pretrained('{cfg.teacher}')", load,
                   "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)",
-                  f"image = pipe('a photo of a cat', timesteps={list(trainer.timesteps)}, guidance_scale=0).images[0]",
+                  f"image = pipe('a photo of a cat', timesteps={list(trainer.timesteps)}, {scale}",
                   "```"]
     lines += ["", f"Config: see `config.yaml` in the run folder `{run.path}`."]
     (Path(folder or run.student) / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")

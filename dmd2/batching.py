@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dmd2.images import to_uint8
-from dmd2.sampling import ddim_sample, initial_noise
+from dmd2.sampling import ddim_sample, initial_noise, student_sample
 
 MAX_IMAGES = 48     # images per batch at most: the MNIST teacher's seconds per image stop falling near 32-48
 
@@ -51,22 +51,6 @@ def batchable(model) -> bool:
     return model.spec.kind == "teacher" or getattr(model.unet.config, "time_cond_proj_dim", None) is None
 
 
-@torch.no_grad()
-def _student_batch(model, cond, noise: torch.Tensor, seeds: list[int], sizes: list[int], autocast: bool):
-    """`student_sample` over concatenated requests, each re-noised with fresh noise from its own seed."""
-    family, timesteps = model.family, list(model.timesteps)
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    x = noise
-    for i, t in enumerate(timesteps):
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            x0 = family.denoise(model.unet, x, t, cond, 1.0).float()
-        if i + 1 == len(timesteps):
-            return x0
-        fresh = torch.cat([torch.randn((n, *x0.shape[1:]), generator=g) for g, n in zip(gens, sizes)])
-        x = family.schedule.add_noise(x0, fresh.to(x0.device), torch.tensor([timesteps[i + 1]]))
-    return x
-
-
 def sample_batch(requests: list[Request]) -> list[np.ndarray]:
     """Each request's uint8 images, from one batch of its shared model (what `model.generate` gives alone)."""
     model, autocast = requests[0].model, requests[0].autocast
@@ -80,7 +64,8 @@ def sample_batch(requests: list[Request]) -> list[np.ndarray]:
         g = model.spec.guidance if model.spec.guidance is not None else family.default_guidance
         x = ddim_sample(family, model.unet, cond, noise, model.spec.steps, float(g), autocast)
     else:
-        x = _student_batch(model, cond, noise, [r.seed for r in requests], sizes, autocast)
+        x = student_sample(family, model.unet, cond, noise, list(model.timesteps), autocast=autocast,
+                           request_seeds=[(r.seed, n) for r, n in zip(requests, sizes)])
     return np.split(to_uint8(family.decode(x)), np.cumsum(sizes)[:-1])
 
 

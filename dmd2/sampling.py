@@ -44,15 +44,19 @@ def ddim_sample(family: Family, unet, cond: Any, noise: torch.Tensor, steps: int
 def student_sample(family: Family, unet, cond: Any, noise: torch.Tensor, timesteps: list[int],
                    seed: int | None = None, guidance: float = 1.0, autocast: bool = False,
                    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
-                   guidance_input: float | torch.Tensor | None = None) -> torch.Tensor:
+                   guidance_input: float | torch.Tensor | None = None,
+                   request_seeds: list[tuple[int, int]] | None = None) -> torch.Tensor:
     """Few-step student: denoise at each timestep, then re-noise to the next one with fresh noise.
 
     The fresh noise comes from a generator seeded by `seed` (default: a fixed seed), so the whole
     sample is a deterministic function of (noise, seed). `on_step(i, t, x0)` sees each step's x0
     estimate (i from 1), e.g. to score the intermediate images of a multi-step student.
     `guidance_input`: the guidance scale w of a guidance-conditioned student (an input, no CFG pass).
+    `request_seeds`: [(seed, images), ...] when the batch joins several requests (dmd2/batching.py): each
+    request's fresh noise then comes from its own seed, so it gets the images it would get alone.
     """
-    gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0x5EED)
+    requests = request_seeds or [(0x5EED if seed is None else seed, noise.shape[0])]
+    gens = [(torch.Generator().manual_seed(int(s)), n) for s, n in requests]
     x = noise
     for i, t in enumerate(timesteps):
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -61,7 +65,7 @@ def student_sample(family: Family, unet, cond: Any, noise: torch.Tensor, timeste
             on_step(i + 1, t, x0)
         if i + 1 == len(timesteps):
             return x0
-        fresh = torch.randn(x0.shape, generator=gen).to(x0.device)
+        fresh = torch.cat([torch.randn((n, *x0.shape[1:]), generator=g) for g, n in gens]).to(x0.device)
         x = family.schedule.add_noise(x0, fresh, torch.tensor([timesteps[i + 1]]))
     return x
 

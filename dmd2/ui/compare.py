@@ -12,7 +12,9 @@ from dmd2 import registry
 from dmd2.families.base import ModelLoadError
 from dmd2.families.pixel import PixelFamily
 from dmd2.prompts import check_prompt, example_prompts
-from dmd2.ui.widgets import DISPLAY_SCALE, conditioning, display_name, make_grid, prompt_box, public_message
+from dmd2.ui.widgets import (DISPLAY_SCALE, GUIDED_W_LABEL, GUIDED_W_STEP, check_guided_w, conditioning,
+                             display_name, format_w, guided_students, guided_w_control, make_grid, prompt_box,
+                             public_message)
 
 MAX_IMAGES = 16
 MAX_SEED = 2**32 - 1
@@ -58,18 +60,21 @@ def random_seed() -> int:
 
 
 def compare(models: list[str], label, seed, num_images=4, steps=None, guidance=None,
-            scale: int = 1, progress: Progress | None = None) -> list[tuple[np.ndarray | None, str]]:
+            scale: int = 1, progress: Progress | None = None,
+            guided_w=None) -> list[tuple[np.ndarray | None, str]]:
     """Sample `num_images` images of class `label` (class models) or of the prompt `label` (text
     models) from `seed` with each model.
 
-    Returns one (grid, caption) per model, in the order of `models`, caption "name: NFE n, steps s, x ms";
-    `steps` and `guidance` apply to teachers (students use their own timesteps). Bad input raises
+    Returns one (grid, caption) per model, in the order of `models`, caption "name: NFE n, steps s, x ms"
+    ("name: NFE n, steps s, w=2.0, x ms" for a guidance-conditioned student); `steps` and `guidance` apply to
+    teachers (students use their own timesteps), `guided_w` to guidance-conditioned students only (None: each
+    its own default; it must lie inside every one's range). Bad input raises
     ValueError naming the field; a model that fails to load or to sample gives (None, "name: could not
     load: ..." or "name: failed: ...") and the others still run. `compare_steps` gives the same results
     model by model.
     """
     return [(img, cap) for img, cap in _last(compare_steps(models, label, seed, num_images, steps, guidance,
-                                                              scale=scale, progress=progress))]
+                                                              scale=scale, progress=progress, guided_w=guided_w))]
 
 
 def _last(iterator):
@@ -81,12 +86,12 @@ def _last(iterator):
 
 def compare_steps(models: list[str], label, seed, num_images=4, steps=None, guidance=None, scale: int = 1,
                   progress: Progress | None = None, max_steps: int = MAX_STEPS,
-                  guidance_range: tuple[float, float] = (0.0, math.inf)):
+                  guidance_range: tuple[float, float] = (0.0, math.inf), guided_w=None):
     """`compare`, one model at a time: yields the list of (grid, caption) per model (in the order of `models`)
     after checking the input and loading the models, then after each model; a caption is None while that
     model has not run yet. Students run first and the teachers (many steps) last, so the students' grids
-    come at once. `steps` may be 1..`max_steps`, `guidance` within `guidance_range`; the last list is
-    `compare`'s result.
+    come at once. `steps` may be 1..`max_steps`, `guidance` within `guidance_range`, `guided_w` within the
+    range every guidance-conditioned student among `models` shares; the last list is `compare`'s result.
     """
     if not models:
         raise ValueError("no models to compare: none is available (train or download one first)")
@@ -110,6 +115,8 @@ def compare_steps(models: list[str], label, seed, num_images=4, steps=None, guid
             label = m.check_prompt(label)       # its text encoder's token limit
         elif label >= m.num_classes:
             raise ValueError(f"class label must be in 0..{m.num_classes - 1} for {display_name(name)}, got {label}")
+    # Before anything samples: one w for every guided student, inside each one's range.
+    guided_w = check_guided_w(guided_w, guided_students([n for n, m in zip(models, loaded) if not isinstance(m, str)]))
 
     def is_teacher(m) -> bool:
         return not isinstance(m, str) and m.spec.kind == "teacher"
@@ -137,12 +144,15 @@ def compare_steps(models: list[str], label, seed, num_images=4, steps=None, guid
         try:
             if is_teacher(m):
                 out = m.generate(labels, seed, steps=steps, guidance=guidance, callback=callback)
+            elif m.guided:
+                out = m.generate(labels, seed, guidance=guided_w)
             else:
                 out = m.generate(labels, seed)
         except Exception as e:      # one model failing to sample must not take the others down
             results[i] = (None, f"{title}: failed: {public_message(e)}")
         else:
-            caption = f"{title}: NFE {out.nfe}, steps {out.extra['steps']}, {out.seconds * 1000:.0f} ms"
+            w = f"{format_w(out.extra['guidance'])}, " if not is_teacher(m) and m.guided else ""
+            caption = f"{title}: NFE {out.nfe}, steps {out.extra['steps']}, {w}{out.seconds * 1000:.0f} ms"
             results[i] = (make_grid(out.images, scale=scale), caption)
         done += cost(m)
         yield list(results)
@@ -187,14 +197,20 @@ def build_compare_tab(models: list[str], wrap: Callable = lambda f: f, mode: str
             if text:
                 label = prompt_box(examples)
             else:
-                label = gr.Dropdown(choices=list(range(d["num_classes"])), value=0, label="Class")
+                label = gr.Dropdown(choices=list(range(d["num_classes"])), value=0, label="Class",
+                                    elem_id="compare-class")
             # No min/max on the seed box: our own check names the field ("seed must be ...").
             seed = gr.Number(value=0, label="Seed (integer >= 0)")
             dice = gr.Button("Random seed", scale=0)
-            num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images")
+            num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images",
+                                   elem_id="compare-num-images")
         with gr.Row():
             steps = gr.Slider(*UI_STEPS, value=d["steps"], step=1, label="Teacher steps")
             guidance = gr.Slider(*UI_GUIDANCE, value=d["guidance"], step=0.25, label="Teacher guidance (CFG)")
+            # One w for every guidance-conditioned student (fixed panels and finished runs alike), so they are
+            # compared at the same w; limited to the range they all share. Teachers keep the CFG slider.
+            guided_w = gr.Slider(step=GUIDED_W_STEP, label=GUIDED_W_LABEL, elem_id="compare-guided-w",
+                                 **guided_w_control(guided_students(_offered(models, more_models))))
         button = gr.Button("Generate", variant="primary")
         if text:
             gr.Examples([[p] for p in examples], inputs=[label], label="Example prompts")
@@ -208,19 +224,19 @@ def build_compare_tab(models: list[str], wrap: Callable = lambda f: f, mode: str
         images, captions = [], []
         with gr.Row():
             for name in models:
-                with gr.Column(min_width=160):
+                with gr.Column(min_width=160, elem_classes=["compare-panel"]):
                     images.append(gr.Image(label=display_name(name), type="numpy", format="png",
                                            interactive=False, buttons=["download", "fullscreen"]))
                     captions.append(gr.Markdown())
 
-        def run(label, seed, num_images, steps, guidance, progress=gr.Progress()):
+        def run(label, seed, num_images, steps, guidance, guided_w=None, progress=gr.Progress()):
             # Raw values (preprocess=False): our checks name the field of a bad one, where the components'
             # own checks answered a string in a slider with a bare "Error" and refused the class "3".
             warned = set()
             try:
                 for results in compare_steps(models, label, seed, num_images, steps, guidance,
                                              scale=1 if text else DISPLAY_SCALE, max_steps=UI_STEPS[1],
-                                             guidance_range=UI_GUIDANCE,
+                                             guidance_range=UI_GUIDANCE, guided_w=guided_w,
                                              progress=lambda f, desc: progress(f, desc=desc)):
                     failed = [cap for img, cap in results if img is None and cap is not None]
                     if failed and len(failed) == len(results):
@@ -238,13 +254,21 @@ def build_compare_tab(models: list[str], wrap: Callable = lambda f: f, mode: str
         # last output (what gradio_client's predict returns) has every panel. The teacher's steps show
         # as progress on the teacher's panels only, so the students' images stay visible meanwhile.
         teachers = [img for name, img in zip(models, images) if _kind(name) == "teacher"]
-        button.click(wrap(run), [label, seed, num_images, steps, guidance], outputs, api_name="compare",
+        # guided_w comes last: gradio_client fills a missing trailing input with the slider's value (a raw HTTP
+        # call must send it; null means each guided student's own default).
+        inputs = [label, seed, num_images, steps, guidance, guided_w]
+        button.click(wrap(run), inputs, outputs, api_name="compare",
                      preprocess=False, show_progress_on=teachers or None)
         dice.click(random_seed, None, seed, api_visibility="private")
-        extra = _build_more_models(models, more_models, button, [label, seed, num_images, steps, guidance],
-                                   tab, wrap, scale=1 if text else DISPLAY_SCALE) if more_models is not None else {}
-    return dict(label=label, seed=seed, num_images=num_images, steps=steps, guidance=guidance,
+        extra = _build_more_models(models, more_models, button, inputs, tab, wrap,
+                                   scale=1 if text else DISPLAY_SCALE) if more_models is not None else {}
+    return dict(label=label, seed=seed, num_images=num_images, steps=steps, guidance=guidance, guided_w=guided_w,
                 images=images, captions=captions, generate=button, mode=mode, **extra)
+
+
+def _offered(models: list[str], more_models: Callable[[], list[str]] | None) -> list[str]:
+    """Every model the tab may sample now: its panels' and the finished runs `more_models()` lists."""
+    return list(dict.fromkeys(list(models) + (list(more_models()) if more_models is not None else [])))
 
 
 def _kind(name: str) -> str | None:
@@ -283,10 +307,19 @@ def _build_more_models(models: list[str], more_models: Callable[[], list[str]], 
     gallery = gr.Gallery(label="Training runs", columns=4, fit_columns=False, height=360, object_fit="contain",
                          preview=False, format="png", interactive=False, elem_id="compare-more-gallery")
 
-    def choices():
-        return gr.Dropdown(choices=list(current()))
+    def choices(w):
+        """The runs to pick, and the w slider for the guided students among all the tab may sample now (a w
+        the new limits still admit stays)."""
+        control = guided_w_control(guided_students(_offered(models, more_models)))
+        if control["visible"] and w is not None:
+            try:
+                if control["minimum"] <= float(w) <= control["maximum"]:
+                    control["value"] = float(w)
+            except (TypeError, ValueError):
+                pass
+        return gr.Dropdown(choices=list(current())), gr.Slider(**control)
 
-    def run_more(picked, label, seed, num_images, steps, guidance):
+    def run_more(picked, label, seed, num_images, steps, guidance, guided_w=None):
         if picked is None or picked == []:
             return []
         if isinstance(picked, str):
@@ -300,7 +333,8 @@ def _build_more_models(models: list[str], more_models: Callable[[], list[str]], 
                            "press Refresh list")
         try:
             results = _last(compare_steps([known[p] for p in picked], label, seed, num_images, steps, guidance,
-                                          scale=scale, max_steps=UI_STEPS[1], guidance_range=UI_GUIDANCE))
+                                          scale=scale, max_steps=UI_STEPS[1], guidance_range=UI_GUIDANCE,
+                                          guided_w=guided_w))
         except ValueError as e:
             raise gr.Error(str(e)) from None
         for img, cap in results:
@@ -313,6 +347,7 @@ def _build_more_models(models: list[str], more_models: Callable[[], list[str]], 
         return list(current())
 
     button.click(wrap(run_more), [picked, *inputs], gallery, api_name="compare_more", preprocess=False)
-    gr.on([refresh.click, tab.select], choices, None, picked, api_visibility="private")
+    guided_w = inputs[-1]
+    gr.on([refresh.click, tab.select], choices, guided_w, [picked, guided_w], api_visibility="private")
     gr.api(names, api_name="compare_more_models")
     return dict(more=picked, more_gallery=gallery, more_refresh=refresh)

@@ -13,6 +13,9 @@ from dmd2.cli import UsageError, run_cli
 from dmd2.images import save_grid
 from dmd2.sampling import generate_many
 
+GUIDANCE_HELP = ("a teacher's CFG scale (default: the model's), or a guidance-conditioned student's w, inside the "
+                 "guidance_range of its dmd2.json (default: its guidance_default); plain students ignore it")
+
 
 def _non_negative(name):
     def parse(s):
@@ -83,6 +86,16 @@ def _print_result(result: dict) -> None:
         print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
 
 
+def _guidance_used(a, model):
+    """The guidance to record: a guided student's w (checked against its range before any sampling), else --guidance."""
+    if getattr(model, "guided", False):
+        from dmd2.guidance import check_guidance
+
+        return check_guidance(model.guidance_default if a.guidance is None else a.guidance, model.guidance_range,
+                              f"student {a.model!r}")
+    return a.guidance
+
+
 def cmd_evaluate(a) -> None:
     from dmd2 import registry
 
@@ -107,8 +120,9 @@ def cmd_evaluate(a) -> None:
     if a.per_step and (model.spec.kind == "teacher" or len(model.timesteps) < 2):
         raise UsageError(f"--per-step scores each step of a multi-step student; {a.model} "
                          + ("is a teacher" if model.spec.kind == "teacher" else "takes one step"))
+    guidance = _guidance_used(a, model)
     step_images = [] if a.per_step else None
-    images, labels, sec_per_image, nfe = generate_many(model, num, a.seed, a.steps, a.guidance, autocast=a.bf16,
+    images, labels, sec_per_image, nfe = generate_many(model, num, a.seed, a.steps, guidance, autocast=a.bf16,
                                                        step_images=step_images)
     result = {"model": a.model, "num": num, "seed": a.seed, "nfe": nfe, "ms_per_image": 1000 * sec_per_image,
               "precision": "bf16" if a.bf16 else "fp32"}
@@ -123,8 +137,8 @@ def cmd_evaluate(a) -> None:
                                                                   ("fid", "alignment", "diversity_ratio")}})
     if a.steps is not None:
         result["steps"] = a.steps
-    if a.guidance is not None:
-        result["guidance"] = a.guidance
+    if guidance is not None:  # the teacher's CFG scale as given, or the w a guided student sampled at
+        result["guidance"] = guidance
     _print_result(result)
     if out:
         out.write_text(json.dumps(result, indent=2) + "\n")
@@ -162,6 +176,7 @@ def _evaluate_text(a, out) -> None:
 
         clip = load_clip_scorer(a.clip_weights, device=device)
     model = registry.load(a.model)
+    guidance = _guidance_used(a, model)
     metrics = TextToImageMetrics(inception, clip, device=device)
     result = {"model": a.model, "prompts": str(a.prompts), "num": num, "seed": a.seed,
               "precision": "bf16" if a.bf16 else "fp32"}
@@ -173,9 +188,10 @@ def _evaluate_text(a, out) -> None:
         from dmd2.metrics.clip_score import CLIP_MODEL, CLIP_PRETRAINED
 
         result["clip_model"] = f"{CLIP_MODEL}/{CLIP_PRETRAINED}"
-    for key in ("steps", "guidance"):
-        if getattr(a, key) is not None:
-            result[key] = getattr(a, key)
+    if a.steps is not None:
+        result["steps"] = a.steps
+    if guidance is not None:
+        result["guidance"] = guidance
     _print_result(result)
     if out:
         out.write_text(json.dumps(result, indent=2) + "\n")
@@ -208,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_non_negative("--seed"), default=0)
     s.add_argument("--out", required=True)
     s.add_argument("--steps", type=_positive("--steps"), default=None, help="teacher DDIM steps (default 50)")
-    s.add_argument("--guidance", type=float, default=None, help="teacher CFG scale (default: the model's)")
+    s.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP)
     s.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (default fp32)")
     s.add_argument("--label", type=int, default=None, help="one class for every sample (default: cycle 0..9)")
     s.set_defaults(fn=cmd_sample)
@@ -220,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples (class models: default 5000; text models: default one per prompt)")
     e.add_argument("--seed", type=_non_negative("--seed"), default=0)
     e.add_argument("--steps", type=_positive("--steps"), default=None)
-    e.add_argument("--guidance", type=float, default=None)
+    e.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP + " (recorded in --json)")
     e.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (default fp32)")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     e.add_argument("--per-step", action="store_true",
@@ -240,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rows", type=_positive("--rows"), default=10)
     g.add_argument("--seed", type=_non_negative("--seed"), default=0)
     g.add_argument("--steps", type=_positive("--steps"), default=None)
-    g.add_argument("--guidance", type=float, default=None)
+    g.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP)
     g.add_argument("--out", required=True)
     g.set_defaults(fn=cmd_grid)
     u = sub.add_parser("push", help="upload a finished run's student (weights, dmd2.json, model card) to the Hub")

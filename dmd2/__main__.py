@@ -14,7 +14,8 @@ from dmd2.images import save_grid
 from dmd2.sampling import generate_many
 
 GUIDANCE_HELP = ("a teacher's CFG scale (default: the model's), or a guidance-conditioned student's w, inside the "
-                 "guidance_range of its dmd2.json (default: its guidance_default); plain students ignore it")
+                 "guidance_range of its dmd2.json (default: its guidance_default); a plain student's was fixed in training "
+                 "(sample ignores it, evaluate refuses it so no result claims a w it was not sampled at)")
 
 
 def _non_negative(name):
@@ -93,6 +94,9 @@ def _guidance_used(a, model):
 
         return check_guidance(model.guidance_default if a.guidance is None else a.guidance, model.guidance_range,
                               f"student {a.model!r}")
+    if a.guidance is not None and model.spec.kind == "student":
+        raise UsageError(f"--guidance: {a.model} is a plain student, whose guidance was fixed when it was trained "
+                         f"(only teachers and guidance-conditioned students take one)")
     return a.guidance
 
 

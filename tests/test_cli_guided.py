@@ -47,3 +47,12 @@ def test_the_help_says_what_guidance_means_for_each_kind_of_model():
         r = run(command, "--help")
         text = " ".join(r.stdout.split())
         assert "a teacher's CFG scale" in text and "a guidance-conditioned student's w" in text, text
+
+
+def test_evaluate_refuses_a_w_for_a_plain_student(tmp_path):
+    from conftest import make_tiny_students
+
+    plain = make_tiny_students(tmp_path)[0]
+    r = run("evaluate", "--model", plain, "--num", "4", "--guidance", "2", "--json", str(tmp_path / "x.json"))
+    assert r.returncode != 0 and "plain student, whose guidance was fixed" in r.stderr, r.stderr
+    assert not (tmp_path / "x.json").exists()

@@ -35,10 +35,11 @@ from dmd2.arena.store import OUTCOMES, DailyCapReached, daily_votes_from_env
 from dmd2.batching import Batcher, Request
 from dmd2.families.base import ModelLoadError
 from dmd2.families.pixel import PixelFamily
-from dmd2.guidance import check_guidance, entry_name, parse_entry
+from dmd2.guidance import entry_name, parse_entry
 from dmd2.prompts import check_prompt, example_prompts
 from dmd2.ui.auth import client_address
-from dmd2.ui.widgets import DISPLAY_SCALE, conditioning, display_name, make_grid, prompt_box, public_message
+from dmd2.ui.widgets import (DISPLAY_SCALE, GUIDED_W_LABEL, GUIDED_W_STEP, check_guided_w, conditioning, display_name,
+                             guided_students, guided_w_control, make_grid, prompt_box, public_message)
 
 IMAGES_PER_SIDE = 4          # a 2 x 2 grid per side: one digit is too little to judge a model by
 RANDOM = "random"
@@ -238,39 +239,19 @@ class Arena:
                 continue
         return min(counts) if counts else PixelFamily().num_classes
 
-    def guidance_range(self) -> tuple[float, float, float] | None:
-        """(low, high, default) of the w slider: the range every guidance-conditioned student here was trained
-        on (their intersection) and the first one's default w; None when no such student is served."""
-        ranges = []
-        for name in self.models:
-            try:
-                m = registry.load(name)
-            except Exception:
-                continue
-            if getattr(m, "guided", False):
-                ranges.append((*m.guidance_range, m.guidance_default))
-        if not ranges:
-            return None
-        low, high = max(r[0] for r in ranges), min(r[1] for r in ranges)
-        if low > high:
-            low, high = ranges[0][:2]      # disjoint ranges: the first student's; the others refuse outside theirs
-        return low, high, min(max(ranges[0][2], low), high)
-
     def entries(self, guidance=None) -> list[str]:
         """The contestants: the models, each guidance-conditioned student as `entry_name(model, w)` at
-        `guidance` (None: its own default w), checked against its range."""
+        `guidance` (None: its own default w), which must lie inside every such student's range."""
+        models = self.models
+        w = check_guided_w(guidance, guided_students(models))
         out = []
-        for name in self.models:
+        for name in models:
             try:
                 m = registry.load(name)
             except Exception:     # drawn as it is; its side reports the failure
                 out.append(name)
                 continue
-            if getattr(m, "guided", False):
-                w = m.guidance_default if guidance is None else check_guidance(
-                    guidance, m.guidance_range, display_name(name))
-                name = entry_name(name, w)
-            out.append(name)
+            out.append(entry_name(name, m.guidance_default if w is None else w) if m.guided else name)
         return out
 
     def _sides(self, names: Sequence[str], label, seed: int) -> list[tuple[np.ndarray | None, str | None]]:
@@ -426,11 +407,10 @@ def build_arena_tab(arena: Arena, wrap: Callable = lambda f: f, login: bool | No
                 label = gr.Dropdown(choices=choices, value=RANDOM, label="Class")
             new = gr.Button("New round", variant="primary")
         inputs = [label]
-        guided = arena.guidance_range()
-        if guided is not None:            # a guidance-conditioned student is served: its w, within its range
-            low, high, default = guided
-            inputs.append(gr.Slider(low, high, value=default, step=0.25, elem_id="arena-guidance",
-                                    label="Guidance w of guidance-conditioned students (rated per w)"))
+        guided = guided_students(arena.models)
+        if guided:            # a guidance-conditioned student is served: one w for all of them, within their range
+            inputs.append(gr.Slider(step=GUIDED_W_STEP, label=f"{GUIDED_W_LABEL} (the Leaderboard rates each w apart)",
+                                    elem_id="arena-guidance", **guided_w_control(guided)))
         if text:
             gr.Examples([[p] for p in examples], inputs=[label], label="Example prompts")
         if len(arena.models) < 2:

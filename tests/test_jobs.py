@@ -124,3 +124,10 @@ def test_a_stage_preset_without_its_start_is_refused_before_launch(tmp_path):
     assert "mnist-4step-stage2" in jobs.presets()
     with pytest.raises(JobError, match="generator_init 'runs/rebuild-4step/stage1/student' is not a student folder yet"):
         jobs.check("mnist-4step-stage2")
+
+
+def test_the_default_preset_comes_first_whatever_the_names(tmp_path):
+    for name in ("a-first", "mnist-1step", "mnist-1step-guided", "mnist-4step"):
+        (tmp_path / f"{name}.yaml").write_text("student_steps: 1\n")
+    assert list_presets(tmp_path, cuda=False) == ["mnist-1step", "a-first", "mnist-1step-guided", "mnist-4step"]
+    assert list_presets()[0] == "mnist-1step"      # the Train tab's default: the teacher-to-student preset

@@ -303,15 +303,19 @@ def preset_family(path: str | Path) -> str | None:
         return None                       # e.g. an accelerate config
 
 
+DEFAULT_PRESET = "mnist-1step"   # listed first (the app's default): the teacher-to-student recipe
+
+
 def list_presets(configs: Path = CONFIGS, cuda: bool | None = None) -> list[str]:
-    """Preset names (configs/<name>.yaml); presets of GPU families (SDXL, SD1.5) only when CUDA is available."""
+    """Preset names (configs/<name>.yaml), DEFAULT_PRESET first; presets of GPU families (SDXL, SD1.5) only when
+    CUDA is available."""
     cuda = cuda_available() if cuda is None else cuda
     names = []
     for path in sorted(Path(configs).glob("*.yaml")):
         family = preset_family(path)
         if family is not None and ((family == "pixel" and "sdxl" not in path.stem) or cuda):
             names.append(path.stem)
-    return names
+    return sorted(names, key=lambda name: name != DEFAULT_PRESET)   # stable: the rest stay alphabetical
 
 
 def overrides_from(settings: dict | None = None, extra: str = "") -> list[str]:

@@ -71,6 +71,8 @@ BUILTIN = {
                                   description="DMD2 1-step student of the MNIST teacher"),
     "mnist-dmd2-4step": ModelSpec("mnist-dmd2-4step", ASSETS / "mnist" / "dmd2-4step", "student",
                                   description="DMD2 4-step student of the MNIST teacher"),
+    "mnist-dmd2-1step-guided": ModelSpec("mnist-dmd2-1step-guided", ASSETS / "mnist" / "dmd2-1step-guided", "student",
+                                         description="guidance-conditioned DMD2 1-step student: any w in [1, 3]"),
     "sdxl-teacher": ModelSpec("sdxl-teacher", None, "teacher", "sdxl", steps=50, base=SDXL_BASE,
                               description="SDXL base 1.0, DDIM 50 steps with CFG 5 (needs a GPU)"),
     "dmd2-sdxl-4step": _published("dmd2-sdxl-4step", "DMD2's published 4-step SDXL student (tianweiy/DMD2)"),

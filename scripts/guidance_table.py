@@ -37,6 +37,7 @@ def main(argv=None) -> None:
     p.add_argument("--guided", required=True, help="the guidance-conditioned student (folder or registry name)")
     p.add_argument("--fixed", action="append", default=[], metavar="W=MODEL",
                    help="a student trained at one w (repeatable)")
+    p.add_argument("--tag", default="guidance-guided", help="file-name prefix of the guided student's results")
     p.add_argument("--teacher", default="mnist-teacher")
     p.add_argument("--w", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0])
     p.add_argument("--seed", type=int, default=0, help="sample set of evaluate")
@@ -57,24 +58,28 @@ def main(argv=None) -> None:
     for w in a.w:
         rows.append((w, "teacher, 50 steps, CFG w", *evaluation(a.teacher, w, a.seed, a.results, "guidance-teacher",
                                                                a.teacher_bf16, steps=50)))
-        rows.append((w, "guidance-conditioned 1-step student", *evaluation(a.guided, w, a.seed, a.results,
-                                                                          "guidance-guided")))
+        rows.append((w, "guidance-conditioned 1-step student", *evaluation(a.guided, w, a.seed, a.results, a.tag)))
         if w in fixed:
             rows.append((w, f"1-step student trained at w={w:g}", *evaluation(fixed[w], w, a.seed, a.results,
                                                                              "guidance-fixed", give_w=False)))
-    for _, _, cmd, out in rows:
+    for i, (w, what, cmd, out) in enumerate(rows):
         if out.is_file():
             continue
+        if "--bf16" in cmd:   # the teacher scored in fp32 at this w already: use it (the table says which)
+            fp32_cmd, fp32_out = evaluation(a.teacher, w, a.seed, a.results, "guidance-teacher", False, steps=50)
+            if fp32_out.is_file():
+                rows[i] = (w, what, fp32_cmd, fp32_out)
+                continue
         print("$", shlex.join(cmd), flush=True)
         if not a.dry_run:
             subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, check=True)
     if a.dry_run:
         return
-    print("\n| w | model | FID | alignment | diversity | command |\n|---|---|---|---|---|---|")
+    print("\n| w | model | sampled in | FID | alignment | diversity | command |\n|---|---|---|---|---|---|---|")
     for w, what, cmd, out in rows:
         r = json.loads(out.read_text())
-        print(f"| {w:g} | {what} | {r['fid']:.2f} | {r['alignment']:.3f} | {r['diversity_ratio']:.3f} | "
-              f"`{shlex.join(cmd)}` |")
+        print(f"| {w:g} | {what} | {r.get('precision', 'fp32')} | {r['fid']:.2f} | {r['alignment']:.3f} | "
+              f"{r['diversity_ratio']:.3f} | `{shlex.join(cmd)}` |")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def test_every_committed_model_has_a_card_naming_its_command(name):
     spec = registry.BUILTIN[name]
     card = (spec.path / "MODEL_CARD.md").read_text()
     assert "python -m training" in card
-    assert json.loads((spec.path / "config.json").read_text())["_class_name"] == "UNet2DModel"
+    assert json.loads((spec.path / "config.json").read_text())["_class_name"] in ("UNet2DModel", "GuidedUNet2DModel")
 
 
 @pytest.mark.parametrize("name", [n for n in registry.available() if registry.BUILTIN[n].kind == "student"])
@@ -138,3 +138,11 @@ def test_mixed_steps_reproduces_the_evaluators_samples_and_swaps_the_first_step(
     mod.main(["--model", "mnist-dmd2-4step", "--timesteps", "249", "--num", "20", "--json", str(out)])
     row = json.loads(out.read_text())
     assert row["nfe"] == 2 and row["timesteps"] == [249] and row["fid"] > 0
+
+
+def test_the_guided_student_trades_diversity_for_alignment_as_w_rises():
+    student = registry.load("mnist-dmd2-1step-guided")
+    assert student.guided and student.guidance_range == (1.0, 3.0)
+    labels = np.arange(500) % 10
+    low, high = (evaluate_images(student.generate(labels, seed=0, guidance=w).images, labels) for w in (1.0, 3.0))
+    assert high["alignment"] > low["alignment"] and high["diversity_ratio"] < low["diversity_ratio"] - 0.05

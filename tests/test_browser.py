@@ -126,7 +126,9 @@ def test_arena_vote_changes_the_leaderboard(page, app):
         assert [v["outcome"] for v in store.votes()] == ["a"]
 
     open_tab(page, "Leaderboard")
-    expect(page.locator("#leaderboard-table")).to_contain_text(re.compile(r"\d+ to \d+"))   # a rating interval
+    # a rating interval: the bootstrap runs in a child process, seconds on a loaded machine (expect's own
+    # default wait is 5 s; UI_MS is the page's hang guard)
+    expect(page.locator("#leaderboard-table")).to_contain_text(re.compile(r"\d+ to \d+"), timeout=UI_MS)
     after = leaderboard_rows(page)
     assert [after[m][battles] for m in ("tiny-teacher", "tiny-student")] == ["1", "1"], after
     shot(page, "3-leaderboard")

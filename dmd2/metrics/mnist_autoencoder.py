@@ -9,18 +9,14 @@ that one feature space hides is then less likely to be hidden by the other.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dmd2.families.base import ModelLoadError
+from dmd2.metrics.mnist_net import load_net, save_net
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent.parent / "assets" / "mnist" / "autoencoder"
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
 ARCHITECTURE = "DigitAutoencoder"
 
 
@@ -59,33 +55,9 @@ class DigitAutoencoder(nn.Module):
 
 def save_autoencoder(model: DigitAutoencoder, path) -> Path:
     """Write model.safetensors + config.json into `path`."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path / WEIGHTS))
-    (path / CONFIG).write_text(json.dumps(model.config, indent=2) + "\n")
-    return path
+    return save_net(model, path)
 
 
 def load_autoencoder(path=DEFAULT_PATH) -> DigitAutoencoder:
     """Load the autoencoder (eval mode, frozen) from a folder; ModelLoadError names the missing or bad file."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"feature autoencoder folder not found: {path} "
-                             f"(train one: python -m training feature-net --out {path})")
-    for name in (CONFIG, WEIGHTS):
-        if not (path / name).is_file():
-            raise ModelLoadError(f"feature autoencoder file missing: {path / name}")
-    try:
-        config = json.loads((path / CONFIG).read_text())
-        if not isinstance(config, dict) or config.pop("architecture", None) != ARCHITECTURE:
-            raise ValueError(f"architecture is not {ARCHITECTURE!r}")
-        model = DigitAutoencoder(**config)
-    except (json.JSONDecodeError, TypeError, ValueError, OSError) as e:
-        raise ModelLoadError(f"bad feature autoencoder config {path / CONFIG}: {type(e).__name__}: {e}") from None
-    try:
-        model.load_state_dict(load_file(str(path / WEIGHTS)))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise ModelLoadError(f"could not load feature autoencoder weights {path / WEIGHTS}: "
-                             f"{type(e).__name__}: {msg}") from None
-    return model.eval().requires_grad_(False)
+    return load_net(DigitAutoencoder, path, "feature autoencoder", "python -m training feature-net")

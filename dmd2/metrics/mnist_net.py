@@ -43,8 +43,8 @@ class MnistClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def save_classifier(model: MnistClassifier, path) -> Path:
-    """Write model.safetensors + config.json into `path`."""
+def save_net(model: nn.Module, path) -> Path:
+    """Write a feature network's model.safetensors + config.json (its `config`, with its architecture) into `path`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path / WEIGHTS))
@@ -52,24 +52,35 @@ def save_classifier(model: MnistClassifier, path) -> Path:
     return path
 
 
-def load_classifier(path=DEFAULT_PATH) -> MnistClassifier:
-    """Load the classifier (eval mode, frozen) from a folder; ModelLoadError names the bad file."""
+def load_net(cls, path, what: str, train_command: str) -> nn.Module:
+    """A feature network of class `cls` (eval mode, frozen) from a `save_net` folder; ModelLoadError names the
+    missing or bad file, calling the network `what` and saying how to train one."""
     path = Path(path)
     if not path.is_dir():
-        raise ModelLoadError(f"classifier folder not found: {path} (train one: python -m training.classifier --out {path})")
+        raise ModelLoadError(f"{what} folder not found: {path} (train one: {train_command} --out {path})")
     for name in (CONFIG, WEIGHTS):
         if not (path / name).is_file():
-            raise ModelLoadError(f"classifier file missing: {path / name}")
+            raise ModelLoadError(f"{what} file missing: {path / name}")
     try:
         config = json.loads((path / CONFIG).read_text())
-        if not isinstance(config, dict) or config.pop("architecture", None) != ARCHITECTURE:
-            raise ValueError(f"architecture is not {ARCHITECTURE!r}")
-        model = MnistClassifier(**config)
+        if not isinstance(config, dict) or config.pop("architecture", None) != cls.__name__:
+            raise ValueError(f"architecture is not {cls.__name__!r}")
+        model = cls(**config)
     except (json.JSONDecodeError, TypeError, ValueError, OSError) as e:
-        raise ModelLoadError(f"bad classifier config {path / CONFIG}: {type(e).__name__}: {e}") from None
+        raise ModelLoadError(f"bad {what} config {path / CONFIG}: {type(e).__name__}: {e}") from None
     try:
         model.load_state_dict(load_file(str(path / WEIGHTS)))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else ""
-        raise ModelLoadError(f"could not load classifier weights {path / WEIGHTS}: {type(e).__name__}: {msg}") from None
+        raise ModelLoadError(f"could not load {what} weights {path / WEIGHTS}: {type(e).__name__}: {msg}") from None
     return model.eval().requires_grad_(False)
+
+
+def save_classifier(model: MnistClassifier, path) -> Path:
+    """Write model.safetensors + config.json into `path`."""
+    return save_net(model, path)
+
+
+def load_classifier(path=DEFAULT_PATH) -> MnistClassifier:
+    """Load the classifier (eval mode, frozen) from a folder; ModelLoadError names the bad file."""
+    return load_net(MnistClassifier, path, "classifier", "python -m training.classifier")

@@ -133,11 +133,13 @@ The FID reference statistics use all 5,000 digits, including the ones the classi
 """
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m training.classifier", description=train_classifier.__doc__)
-    p.add_argument("--out", default="assets/mnist/classifier")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=128)
+def training_args(argv, prog: str, description: str, out: str, epochs: int, batch_size: int) -> argparse.Namespace:
+    """The command line of a feature network's trainer (this classifier, the autoencoder): out, epochs, batch
+    size, AdamW lr and weight decay, seed, threads; counts below 1 are refused naming the flag."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--out", default=out)
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -146,9 +148,13 @@ def main(argv=None) -> None:
     for name in ("epochs", "batch_size", "threads"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    return a
+
+
+def main(argv=None) -> None:
+    a = training_args(argv, "python -m training.classifier", train_classifier.__doc__, "assets/mnist/classifier", 12, 128)
     train_classifier(out=a.out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
                      seed=a.seed, threads=a.threads)
-
 
 if __name__ == "__main__":
     from dmd2.cli import run_cli

@@ -9,7 +9,6 @@ CPU thread (the split, initialisation and batch order come from seeded generator
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shlex
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dmd2.metrics.mnist_autoencoder import DigitAutoencoder, save_autoencoder
-from training.classifier import heldout_split
+from training.classifier import heldout_split, training_args
 from training.data import load_mnist5k
 
 
@@ -124,17 +123,7 @@ including the ones the autoencoder saw.
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m training feature-net", description=train_feature_net.__doc__)
-    p.add_argument("--out", default="assets/mnist/autoencoder")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    a = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "threads"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    a = training_args(argv, "python -m training feature-net", train_feature_net.__doc__, "assets/mnist/autoencoder",
+                      60, 64)
     train_feature_net(out=a.out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
                       seed=a.seed, threads=a.threads)

@@ -8,6 +8,8 @@ is missing these tests fail, they do not skip. Playwright never downloads a brow
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import re
 from pathlib import Path
@@ -51,9 +53,10 @@ def app(tmp_path_factory):
         manager.close()
 
 
-@pytest.fixture(scope="module")
-def page(app, tmp_path_factory):
-    """One browser page on the app, shared by the tests below in file order (each continues the last)."""
+@contextlib.contextmanager
+def chromium_context(profile_dir):
+    """A headless Chromium context (a fresh profile in `profile_dir`); fails the test, saying what to install,
+    without Chromium or Playwright."""
     if not CHROMIUM.is_file():
         pytest.fail(f"Chromium is missing at {CHROMIUM}: the browser tests need the Debian package "
                     "(`apt-get install -y chromium`; .ci/run installs it)", pytrace=False)
@@ -65,15 +68,22 @@ def page(app, tmp_path_factory):
     with sync_playwright() as p:
         # A persistent context is how Playwright takes a fresh --user-data-dir.
         context = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), headless=True,
+            str(profile_dir), executable_path=str(CHROMIUM), headless=True,
             args=CHROMIUM_ARGS, viewport={"width": 1400, "height": 1000})
         context.set_default_timeout(UI_MS)
-        page = context.new_page()
-        page.goto(app["url"])
         try:
-            yield page
+            yield context
         finally:
             context.close()
+
+
+@pytest.fixture(scope="module")
+def page(app, tmp_path_factory):
+    """One browser page on the app, shared by the tests below in file order (each continues the last)."""
+    with chromium_context(tmp_path_factory.mktemp("chromium-profile")) as context:
+        page = context.new_page()
+        page.goto(app["url"])
+        yield page
 
 
 def shot(page, name: str) -> None:

@@ -26,7 +26,7 @@ from conftest import served, tiny_pixel_unet
 from dmd2.families.pixel import save_pixel_unet
 from dmd2.ui.widgets import DISPLAY_SCALE, format_w
 from guided_student import make_tiny_guided_student
-from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, UI_MS
+from test_browser import ARTIFACTS, UI_MS, chromium_context
 
 ROOT = Path(__file__).resolve().parent.parent
 # The committed guided student; $DMD2_TEST_GUIDED_STUDENT points (b) at another one (a run's student/) first.
@@ -39,23 +39,8 @@ SPREAD_CLASSES = (1, 3, 7)
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """One headless Chromium context for this file's pages."""
-    if not CHROMIUM.is_file():
-        pytest.fail(f"Chromium is missing at {CHROMIUM}: the browser tests need the Debian package "
-                    "(`apt-get install -y chromium`; .ci/run installs it)", pytrace=False)
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("playwright is not installed: pip install -r requirements-test.txt", pytrace=False)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), headless=True,
-            args=CHROMIUM_ARGS, viewport={"width": 1400, "height": 1000})
-        context.set_default_timeout(UI_MS)
-        try:
-            yield context
-        finally:
-            context.close()
+    with chromium_context(tmp_path_factory.mktemp("chromium-profile")) as context:
+        yield context
 
 
 def serve_page(browser, models, tmp_path):

@@ -1,5 +1,5 @@
 """Launch the dmd2-studio Gradio app:
-`python app.py [--host H] [--port P] [--share] [--family pixel|sdxl|sd15] [--model NAME_OR_PATH ...] [--votes PATH] [--runs DIR]
+`python app.py [--host H] [--port P] [--share] [--family pixel|sdxl|sd15|sd3|flux] [--model NAME_OR_PATH ...] [--votes PATH] [--runs DIR]
 [--concurrency N] [--queue-size N]`."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-FAMILIES = ("pixel", "sdxl", "sd15")
+FAMILIES = ("pixel", "sdxl", "sd15", "sd3", "flux")  # dmd2.families.FAMILIES, without importing torch first
 FAMILY_ENV, MODELS_ENV = "DMD2_FAMILY", "DMD2_MODELS"   # a Space picks its family and models with variables
 
 

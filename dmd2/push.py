@@ -20,7 +20,7 @@ def _front_matter(meta: dict) -> str:
     """The Hub's model-card metadata: library, tags and (when it is a Hub repo) the teacher as base_model."""
     family = meta.get("family", "pixel")
     lines = ["---", "library_name: diffusers", "tags:", "- dmd2", "- distillation",
-             f"- {'text-to-image' if family in ('sdxl', 'sd15') else 'class-conditional'}"]
+             f"- {'text-to-image' if family != 'pixel' else 'class-conditional'}"]
     teacher = str(meta.get("teacher", ""))
     if teacher and is_repo_id(teacher):
         lines.append(f"base_model: {teacher}")

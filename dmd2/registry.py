@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dmd2.families import family_class
 from dmd2.families.base import Family, ModelLoadError
 from dmd2.families.lora import student_lora_file
 from dmd2.families.pixel import PixelFamily, load_pixel_unet
@@ -40,7 +41,7 @@ class ModelSpec:
     name: str
     path: Path | None                  # pixel: the model folder; text: the student's UNet folder or weight file
     kind: str                          # "teacher" or "student"
-    family: str = "pixel"              # "pixel", "sdxl" or "sd15"
+    family: str = "pixel"              # "pixel", "sdxl", "sd15", "sd3" or "flux"
     steps: int = 50                    # teacher default DDIM steps
     guidance: float | None = None      # teacher CFG scale; None = the family's default
     timesteps: tuple[int, ...] = ()    # student timesteps (read from dmd2.json when empty)
@@ -54,8 +55,9 @@ class ModelSpec:
         return "class" if self.family == "pixel" else "text"
 
 
-TEXT_FAMILIES = ("sdxl", "sd15")
-PIPELINE_FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd15"}
+TEXT_FAMILIES = ("sdxl", "sd15", "sd3", "flux")
+PIPELINE_FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd15",
+                     "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 
 
 def _published(name: str, description: str) -> ModelSpec:
@@ -102,7 +104,7 @@ class LoadedModel:
         if spec.family == "pixel":
             # channels_last: about 1.5x faster convolutions on CPU (benchmarks/sampling.py)
             self.unet = load_pixel_unet(spec.path).to(memory_format=torch.channels_last)
-            self.family: Family = PixelFamily.from_unet(self.unet)
+            self.family: Family = PixelFamily.from_unet(self.unet, spec.path)
         elif spec.family in TEXT_FAMILIES:
             base, weights = _hub_sources(spec)
             self.family = text_family(spec.family, base)
@@ -214,12 +216,9 @@ def text_family(family: str, base: str) -> Family:
     key = (family, str(base))
     with _family_lock:
         if key not in _families:
-            if family == "sdxl":
-                from dmd2.families.sdxl import SDXLFamily as cls
-            elif family == "sd15":
-                from dmd2.families.sd15 import SD15Family as cls
-            else:
+            if family not in TEXT_FAMILIES:
                 raise ModelLoadError(f"{family!r} is not a text-to-image family (known: {', '.join(TEXT_FAMILIES)})")
+            cls = family_class(family)
             _families[key] = cls.from_pretrained(base)
         return _families[key]
 

@@ -1,4 +1,4 @@
-"""Samplers: the teacher's DDIM with classifier-free guidance, and the few-step student sampler."""
+"""Samplers: the teacher's DDIM (Euler for a flow teacher) with classifier-free guidance, and the few-step student sampler."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from dmd2.families.base import Family
-from dmd2.schedule import ddim_timesteps
 
 
 def initial_noise(family: Family, n: int, seed: int, device="cpu") -> torch.Tensor:
@@ -21,10 +20,12 @@ def initial_noise(family: Family, n: int, seed: int, device="cpu") -> torch.Tens
 def ddim_sample(family: Family, unet, cond: Any, noise: torch.Tensor, steps: int = 50,
                 guidance: float | None = None, autocast: bool = False,
                 callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Deterministic DDIM (eta=0) from `noise` over `steps` trailing timesteps; returns x0 in UNet space."""
+    """Deterministic DDIM (eta=0) from `noise` over the schedule's `steps` sampling timesteps; returns x0 in
+    UNet space. x_next = alpha_next x0 + sigma_next eps: for a flow schedule this is exactly the Euler step
+    x_next = x + (s_next - s) u of diffusers' FlowMatchEulerDiscreteScheduler."""
     guidance = family.default_guidance if guidance is None else guidance
-    ts = ddim_timesteps(steps, family.schedule.num_train_timesteps)
-    ab = family.schedule.alphas_cumprod
+    schedule = family.schedule
+    ts = schedule.sampling_timesteps(steps)
     x = noise
     for i, t in enumerate(ts):
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -32,9 +33,9 @@ def ddim_sample(family: Family, unet, cond: Any, noise: torch.Tensor, steps: int
         if i + 1 == len(ts):
             x = x0
         else:
-            eps = family.schedule.x0_to_eps(x, x0, torch.tensor([t]))
-            t_next = ts[i + 1]
-            x = ab[t_next].sqrt() * x0 + (1 - ab[t_next]).sqrt() * eps
+            eps = schedule.x0_to_eps(x, x0, torch.tensor([t]))
+            a_next, s_next = schedule.alpha_sigma(torch.tensor(ts[i + 1]))
+            x = a_next * x0 + s_next * eps
         if callback is not None:
             callback(i + 1, len(ts))
     return x

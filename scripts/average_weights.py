@@ -61,7 +61,7 @@ def average(sources: list[str], like: str | Path, out: str | Path, weights: list
             yield state
 
     unet.load_state_dict(mean_state_dict(each(), weights))
-    PixelFamily.from_unet(unet).save_student(unet, out, timesteps=meta["timesteps"], family=meta.get("family", "pixel"),
+    PixelFamily.from_unet(unet, like).save_student(unet, out, timesteps=meta["timesteps"], family=meta.get("family", "pixel"),
                                              teacher=meta.get("teacher"))
     return out
 

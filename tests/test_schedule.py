@@ -98,9 +98,9 @@ def test_unknown_prediction_type_and_schedule_kind_raise():
     x0, eps = _x0_noise()
     t = torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="prediction type"):
-        s.to_x0(x0, eps, t, "flow")
+        s.to_x0(x0, eps, t, "velocity")
     with pytest.raises(ValueError, match="prediction type"):
-        s.target(x0, eps, t, "flow")
+        s.target(x0, eps, t, "velocity")
     with pytest.raises(ValueError, match="unknown beta schedule"):
         NoiseSchedule("sigmoid")
 

@@ -26,7 +26,7 @@ class DistillConfig:
     """Every knob of a DMD2 run. Defaults are the embedded MNIST 1-step preset."""
 
     # models and data
-    family: str = "pixel"                      # pixel (class labels), sdxl or sd15 (text prompts)
+    family: str = "pixel"                      # pixel (class labels), sdxl, sd15, sd3 or flux (text prompts)
     teacher: str = "assets/mnist/teacher"      # teacher: diffusers folder (pixel, sd*) or Hub repo id (sd*)
     data: str = "mnist5k"                      # real images. pixel: 'mnist5k' or a class-per-folder path;
                                                # sd*: a folder with metadata.jsonl (file_name, text) or 'hf:<dataset>'
@@ -44,6 +44,10 @@ class DistillConfig:
     # the student
     student_steps: int = 1                     # 1 -> [999]; 4 -> [999, 749, 499, 249]
     first_timestep: int | None = None          # 1-step only: condition on this t (SDXL official: 399)
+    flow_shift: float | None = None            # flow teachers: the timestep shift s = shift u / (1 + (shift-1) u)
+                                               # that maps student timesteps, DMD noise levels and the GAN's to
+                                               # sigmas; None: the teacher's (its scheduler_config.json); recorded
+                                               # in dmd2.json
     backward_simulation: bool = True           # multi-step inputs from the student's own trajectory
     step_weights: list | None = None           # multi-step: how often each step k is trained (relative weights);
                                                # None: uniform, as DMD2
@@ -111,7 +115,7 @@ class DistillConfig:
 
         need(self.family in FAMILIES, "family", f"must be one of {', '.join(FAMILIES)}")
         text = self.family != "pixel"
-        need(text or self.prompts is None, "prompts", "only for the text families (sdxl, sd15); pixel uses class labels")
+        need(text or self.prompts is None, "prompts", "only for the text families (sdxl, sd15, sd3, flux); pixel uses class labels")
         need(self.prompts is None or Path(str(self.prompts)).suffix.lower() in (".txt", ".parquet"), "prompts",
              "must be a .txt file (one prompt a line) or a .parquet file (a prompt/text/caption column)")
         need(not text or self.data != "mnist5k", "data",
@@ -122,16 +126,19 @@ class DistillConfig:
         need(self.frozen_dtype == "fp32" or self.mixed_precision == "bf16", "frozen_dtype",
              "bf16 frozen parts need mixed_precision: bf16")
         need(isinstance(self.lora_rank, int) and self.lora_rank >= 0, "lora_rank", "must be an integer >= 0")
-        need(self.lora_rank == 0 or text, "lora_rank", "LoRA generators are for the sdxl and sd15 families")
+        need(self.lora_rank == 0 or text, "lora_rank", "LoRA generators are for the text families (sdxl, sd15, sd3, flux)")
         need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
         need(self.lora_target_modules is None or (isinstance(self.lora_target_modules, list) and self.lora_target_modules
                                                   and all(isinstance(m, str) and m for m in self.lora_target_modules)),
              "lora_target_modules", "must be null or a non-empty list of module names")
         need(not text or self.eval_every == 0, "eval_every",
-             "the quick evaluation scores MNIST digits; set eval_every: 0 for sdxl/sd15")
+             "the quick evaluation scores MNIST digits; set eval_every: 0 for the text families")
         need(self.generator_init is None or self.lora_rank == 0, "generator_init",
              "a LoRA generator starts from the teacher; drop generator_init or set lora_rank: 0")
         need(isinstance(self.student_steps, int) and 1 <= self.student_steps <= 1000, "student_steps", "must be an integer in 1..1000")
+        need(self.flow_shift is None or (isinstance(self.flow_shift, (int, float)) and not isinstance(self.flow_shift, bool)
+                                         and math.isfinite(self.flow_shift) and self.flow_shift > 0),
+             "flow_shift", "must be null or a positive number")
         need(self.first_timestep is None or (self.student_steps == 1 and 0 <= self.first_timestep < 1000),
              "first_timestep", "only for 1-step students, in 0..999")
         need(self.step_weights is None or (

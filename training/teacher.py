@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from dmd2.cli import invocation
-from dmd2.families.pixel import DEFAULT_UNET_CONFIG, PixelFamily, save_pixel_unet
+from dmd2.families.pixel import DEFAULT_UNET_CONFIG, PixelFamily
+from dmd2.schedule import FlowSchedule
 from training.data import InfiniteSampler, load_dataset
 
 
@@ -33,17 +34,22 @@ def train_teacher(
     image_size: int = 32,           # folder data is resized to this
     channels: int = 1,              # 1 (grey) or 3 (RGB)
     block_out_channels: tuple = (32, 64, 64),  # UNet widths per resolution
+    objective: str = "v",           # "v": v-prediction on the cosine DDPM schedule; "flow": rectified flow
+    flow_shift: float = 1.0,        # objective "flow": the timestep shift of its schedule (1: none)
     log_every: int = 50,            # steps between log lines
     save_every: int = 500,          # steps between snapshots of the EMA weights
     device: str = "cpu",
 ) -> Path:
-    """Train with the v-prediction MSE at uniform t; returns the output folder."""
+    """Train with the v-prediction MSE (or the flow-velocity MSE) at uniform t; returns the output folder."""
+    if objective not in ("v", "flow"):
+        raise ValueError(f"objective must be 'v' or 'flow', got {objective!r}")
     torch.manual_seed(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images, labels = load_dataset(data, image_size, channels)
     num_classes = int(labels.max()) + 1
-    family = PixelFamily(num_classes=num_classes, image_size=image_size, channels=channels)
+    family = PixelFamily(num_classes=num_classes, image_size=image_size, channels=channels,
+                         schedule=FlowSchedule(flow_shift) if objective == "flow" else None)
     unet = family.new_unet(
         block_out_channels=tuple(block_out_channels),
         down_block_types=("DownBlock2D",) * (len(block_out_channels) - 1) + ("AttnDownBlock2D",),
@@ -88,11 +94,12 @@ def train_teacher(
             log.flush()
             print(json.dumps(rec), flush=True)
         if step % save_every == 0 or step == steps:
-            save_pixel_unet(ema, out)
+            family.save_student(ema, out)  # weights + scheduler_config.json (the schedule it was trained on)
             facts = dict(command=invocation(), steps_done=step,
                          train_seconds=round(time.time() - start, 1), parameters=n_params,
                          data=data, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
-                         label_dropout=label_dropout, bf16=bf16, seed=seed,
+                         label_dropout=label_dropout, bf16=bf16, seed=seed, objective=objective,
+                         **({"flow_shift": flow_shift} if objective == "flow" else {}),
                          torch_threads=torch.get_num_threads())
             (out / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
     log.close()
@@ -114,15 +121,20 @@ def main(argv=None) -> None:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--widths", type=lambda s: tuple(int(v) for v in s.split(",")), default=(32, 64, 64))
+    p.add_argument("--objective", choices=("v", "flow"), default="v",
+                   help="v: v-prediction on the cosine DDPM schedule; flow: rectified flow (velocity eps - x0)")
+    p.add_argument("--flow-shift", type=float, default=1.0, help="--objective flow: the timestep shift (1: none)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=500)
     a = p.parse_args(argv)
     for name in ("steps", "batch_size"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    if not (math.isfinite(a.flow_shift) and a.flow_shift > 0):
+        p.error(f"--flow-shift must be a positive number, got {a.flow_shift}")
     if not 0 <= a.label_dropout < 1:
         p.error(f"--label-dropout must be in [0, 1), got {a.label_dropout}")
     train_teacher(data=a.data, out=a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
                   ema_decay=a.ema_decay, label_dropout=a.label_dropout, bf16=a.bf16, seed=a.seed,
                   image_size=a.image_size, channels=a.channels, block_out_channels=a.widths,
-                  log_every=a.log_every, save_every=a.save_every)
+                  objective=a.objective, flow_shift=a.flow_shift, log_every=a.log_every, save_every=a.save_every)

@@ -17,7 +17,7 @@ import torch
 from dmd2.families import PixelFamily, family_class
 from dmd2.guidance import sample_guidance
 from dmd2.sampling import student_sample
-from dmd2.schedule import student_timesteps
+from dmd2.schedule import FlowSchedule, student_timesteps
 from training import losses
 from training.config import ConfigError, DistillConfig
 from training.critic import Critic
@@ -82,6 +82,11 @@ class DMD2Trainer:
             self.family = PixelFamily.from_unet(teacher)
         else:
             raise ConfigError(f"family {cfg.family}: pass the teacher as a config path, not a module")
+        if cfg.flow_shift is not None:
+            if not isinstance(self.family.schedule, FlowSchedule):
+                raise ConfigError(f"config flow_shift={cfg.flow_shift}: the teacher {cfg.teacher} is not a flow model "
+                                  f"(its schedule is {self.family.schedule.kind}); set flow_shift: null")
+            self.family.schedule = FlowSchedule(cfg.flow_shift, self.family.schedule.num_train_timesteps)
         self.timesteps = student_timesteps(cfg.student_steps, self.family.schedule.num_train_timesteps,
                                            first=cfg.first_timestep)
         # self.images / self.labels: pixel images and class labels, or VAE latents and captions.
@@ -304,6 +309,8 @@ class DMD2Trainer:
         """What dmd2.json records beside the student: its timesteps, family and teacher, and for a
         guidance-conditioned student its guidance range and default w."""
         meta = dict(timesteps=self.timesteps, family=self.family.name, teacher=self.cfg.teacher)
+        if isinstance(self.family.schedule, FlowSchedule):  # the sigmas its timesteps mean
+            meta.update(schedule="flow", flow_shift=self.family.schedule.shift)
         if self.guided:
             meta.update(guidance_range=list(self.cfg.guidance_range), guidance_default=self.cfg.real_guidance,
                         guidance_sampling=self.cfg.guidance_sampling)

@@ -5,7 +5,7 @@ from dmd2.families.pixel import PixelFamily
 
 
 def family_class(name: str) -> type[Family]:
-    """The Family subclass for a config's `family` name: pixel, sdxl or sd15."""
+    """The Family subclass for a config's `family` name: pixel, sdxl, sd15, sd3 or flux."""
     if name == "pixel":
         return PixelFamily
     if name == "sdxl":
@@ -16,9 +16,17 @@ def family_class(name: str) -> type[Family]:
         from dmd2.families.sd15 import SD15Family
 
         return SD15Family
-    raise ValueError(f"unknown model family {name!r}: expected pixel, sdxl or sd15")
+    if name == "sd3":
+        from dmd2.families.sd3 import SD3Family
+
+        return SD3Family
+    if name == "flux":
+        from dmd2.families.flux import FluxFamily
+
+        return FluxFamily
+    raise ValueError(f"unknown model family {name!r}: expected {', '.join(FAMILIES)}")
 
 
-FAMILIES = ("pixel", "sdxl", "sd15")
+FAMILIES = ("pixel", "sdxl", "sd15", "sd3", "flux")
 
 __all__ = ["FAMILIES", "Family", "PixelFamily", "family_class"]

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from dmd2.schedule import NoiseSchedule
+from dmd2.schedule import Schedule
 
 
 class ModelLoadError(RuntimeError):
@@ -34,7 +34,7 @@ class Family:
     """
 
     name: str = "base"
-    schedule: NoiseSchedule
+    schedule: Schedule
     prediction_type: str = "epsilon"
     default_guidance: float = 1.0
 
@@ -85,7 +85,7 @@ class Family:
                 guidance_input=None) -> torch.Tensor:
         """x0 estimate; with guidance != 1 (a number or one per sample), classifier-free guidance in one
         batched forward; `guidance_input`: w for a guidance-conditioned network (no CFG pass)."""
-        t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
+        t = self.schedule.timesteps(t, x_t.shape[0], x_t.device)
         if _is_one(guidance):
             out = self.model_output(unet, x_t, t, cond, guidance_input=guidance_input)
             return self.schedule.to_x0(x_t, out, t, self.prediction_type)

@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 
 from dmd2.families.base import Family, ModelLoadError, unwrap
 from dmd2.guidance import guidance_embedding
-from dmd2.schedule import NoiseSchedule
+from dmd2.schedule import FlowSchedule, NoiseSchedule, Schedule
 
 # Small enough to train on 2 CPU cores in well under an hour, big enough for legible digits.
 DEFAULT_UNET_CONFIG = dict(
@@ -35,20 +35,24 @@ class PixelFamily(Family):
     """Images are the UNet space; the condition is a class label, `num_classes` is the null class."""
 
     name = "pixel"
-    prediction_type = "v_prediction"  # well-posed at t=999, where the 1-step student starts
 
     def __init__(self, num_classes: int = 10, image_size: int = 32, channels: int = 1,
-                 beta_schedule: str = "cosine", default_guidance: float = 1.0):
+                 beta_schedule: str = "cosine", default_guidance: float = 1.0, schedule: Schedule | None = None):
         self.num_classes = num_classes
         self.image_size = image_size
         self.channels = channels
-        self.schedule = NoiseSchedule(beta_schedule)
+        # DDPM: v-prediction, well-posed at t=999 where the 1-step student starts; rectified flow: the velocity
+        self.schedule = NoiseSchedule(beta_schedule) if schedule is None else schedule
+        self.prediction_type = "flow" if isinstance(self.schedule, FlowSchedule) else "v_prediction"
         self.default_guidance = default_guidance
 
     @classmethod
-    def from_unet(cls, unet: UNet2DModel, **kwargs) -> "PixelFamily":
-        """The family that matches a loaded UNet's config (classes, size, channels)."""
+    def from_unet(cls, unet: UNet2DModel, folder=None, **kwargs) -> "PixelFamily":
+        """The family that matches a loaded UNet's config (classes, size, channels) and the schedule in its
+        `folder`'s scheduler_config.json (DDPM cosine when there is none)."""
         cfg = unet.config
+        if folder is not None and "schedule" not in kwargs:
+            kwargs["schedule"] = read_schedule(folder)
         return cls(num_classes=cfg.num_class_embeds - 1, image_size=cfg.sample_size, channels=cfg.in_channels, **kwargs)
 
     def latent_shape(self, n: int) -> tuple[int, ...]:
@@ -64,13 +68,14 @@ class PixelFamily(Family):
         return torch.full((n,), self.num_classes, dtype=torch.long)
 
     def model_output(self, unet, x_t, t, cond, guidance_input=None):
+        t = self.schedule.model_timestep(t)
         if guidance_input is None:
             return unet(x_t, t, class_labels=cond.to(x_t.device)).sample
         return unet(x_t, t, class_labels=cond.to(x_t.device), timestep_cond=_timestep_cond(unet, guidance_input, x_t)).sample
 
     def bottleneck(self, unet, x_t, t, cond, guidance_input=None):
         # UNet2DModel.forward up to and including the mid block; the decoder half never runs.
-        t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
+        t = self.schedule.model_timestep(self.schedule.timesteps(t, x_t.shape[0], x_t.device)).to(x_t.device)
         t_emb = unet.time_proj(t).to(dtype=unet.dtype)
         if guidance_input is None:
             emb = unet.time_embedding(t_emb)
@@ -89,7 +94,7 @@ class PixelFamily(Family):
     @classmethod
     def for_training(cls, teacher, *, device=None, frozen_dtype=torch.float32, resolution=None):
         unet = load_pixel_unet(teacher)
-        family = cls.from_unet(unet)
+        family = cls.from_unet(unet, teacher)
         if resolution not in (None, family.image_size):
             raise ValueError(f"resolution {resolution}: the pixel teacher {teacher} works at {family.image_size}x"
                              f"{family.image_size} only")
@@ -125,7 +130,11 @@ class PixelFamily(Family):
         (Path(path) / "scheduler_config.json").write_text(json.dumps(self.scheduler_config(), indent=2) + "\n")
 
     def scheduler_config(self) -> dict:
-        """A diffusers DDIMScheduler config with this family's schedule, for use in plain diffusers."""
+        """A diffusers scheduler config with this family's schedule, for use in plain diffusers:
+        FlowMatchEulerDiscreteScheduler for a flow schedule, DDIMScheduler otherwise."""
+        if isinstance(self.schedule, FlowSchedule):
+            return {"_class_name": "FlowMatchEulerDiscreteScheduler",
+                    "num_train_timesteps": self.schedule.num_train_timesteps, "shift": self.schedule.shift}
         names = {"cosine": "squaredcos_cap_v2", "linear": "linear", "scaled_linear": "scaled_linear"}
         return {"_class_name": "DDIMScheduler", "num_train_timesteps": self.schedule.num_train_timesteps,
                 "beta_schedule": names[self.schedule.kind], "prediction_type": self.prediction_type,
@@ -180,6 +189,29 @@ _plain = inspect.signature(UNet2DModel.__init__)
 GuidedUNet2DModel.__init__.__signature__ = _plain.replace(parameters=[
     *_plain.parameters.values(),
     inspect.Parameter("time_cond_proj_dim", inspect.Parameter.KEYWORD_ONLY, default=256, annotation=int)])
+
+
+def read_schedule(folder) -> Schedule:
+    """The schedule a pixel model folder's scheduler_config.json names (DDPM cosine when there is none)."""
+    path = Path(folder) / "scheduler_config.json"
+    if not path.is_file():
+        return NoiseSchedule("cosine")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"could not read {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    kind, T = cfg.get("_class_name"), cfg.get("num_train_timesteps", 1000)
+    try:
+        if kind == "FlowMatchEulerDiscreteScheduler":
+            return FlowSchedule(shift=cfg.get("shift", 1.0), num_train_timesteps=T)
+        names = {"squaredcos_cap_v2": "cosine", "linear": "linear", "scaled_linear": "scaled_linear"}
+        if cfg.get("prediction_type", "v_prediction") != "v_prediction":
+            raise ValueError(f"prediction type {cfg.get('prediction_type')!r}: pixel DDPM models predict v")
+        return NoiseSchedule(names[cfg.get("beta_schedule", "squaredcos_cap_v2")], T)
+    except (KeyError, ValueError) as e:
+        raise ModelLoadError(f"{path}: unsupported schedule ({type(e).__name__}: {e})") from None
 
 
 def load_pixel_unet(path) -> UNet2DModel:

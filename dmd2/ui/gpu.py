@@ -13,7 +13,7 @@ from typing import Callable
 ZERO_GPU_ENV = "SPACES_ZERO_GPU"    # set by Spaces on ZeroGPU hardware
 # Seconds per image per network pass on a ZeroGPU-class GPU (A100/H200 slices), at the family's resolution,
 # rounded up from public SDXL/SD1.5 timings; the budget below adds decoding and a margin.
-SECONDS_PER_PASS = {"sdxl": 0.1, "sd15": 0.04, "pixel": 0.002}
+SECONDS_PER_PASS = {"flux": 0.25, "sd3": 0.12, "sdxl": 0.1, "sd15": 0.04, "pixel": 0.002}
 MIN_SECONDS, MAX_SECONDS = 15, 300
 
 

@@ -65,7 +65,10 @@ GAN_HEADS = ("small", "official")
 
 
 def bottleneck_size(family: Family, unet: nn.Module) -> int:
-    """The side of the UNet's mid-block features at the family's training resolution (the shorter side)."""
+    """The side of the UNet's mid-block features at the family's training resolution (the shorter side);
+    a family whose network has no down blocks (a transformer) says it with its own `bottleneck_size`."""
+    if hasattr(family, "bottleneck_size"):
+        return family.bottleneck_size(unet)
     side = min(family.latent_shape(1)[-2:])
     for block in unet.down_blocks:
         if getattr(block, "downsamplers", None):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dmd2.images import to_uint8
-from dmd2.sampling import ddim_sample, initial_noise, student_sample
+from dmd2.sampling import ddim_sample, initial_noise, renoise_seed, student_sample
 
 MAX_IMAGES = 48     # images per batch at most: the MNIST teacher's seconds per image stop falling near 32-48
 
@@ -65,7 +65,7 @@ def sample_batch(requests: list[Request]) -> list[np.ndarray]:
         x = ddim_sample(family, model.unet, cond, noise, model.spec.steps, float(g), autocast)
     else:
         x = student_sample(family, model.unet, cond, noise, list(model.timesteps), autocast=autocast,
-                           request_seeds=[(r.seed, n) for r, n in zip(requests, sizes)])
+                           request_seeds=[(renoise_seed(r.seed), n) for r, n in zip(requests, sizes)])
     return np.split(to_uint8(family.decode(x)), np.cumsum(sizes)[:-1])
 
 

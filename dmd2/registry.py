@@ -29,7 +29,7 @@ from dmd2.guidance import check_guidance
 from dmd2.hub import cached_file, hub_reachable, is_repo_id
 from dmd2.images import to_uint8
 from dmd2.prompts import check_prompt
-from dmd2.sampling import ddim_sample, initial_noise, student_sample
+from dmd2.sampling import ddim_sample, initial_noise, renoise_seed, student_sample
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -48,6 +48,7 @@ class ModelSpec:
     description: str = ""
     base: str | None = None            # text families: the teacher pipeline (Hub repo or folder) giving text encoders + VAE
     weights: str | None = None         # text students: a published name (e.g. "dmd2-sdxl-4step") or a file / folder
+    demo: bool = True                  # in the default app (`build_app()` with no models); others by name
 
     @property
     def conditioning(self) -> str:
@@ -75,6 +76,14 @@ BUILTIN = {
                                   description="DMD2 4-step student of the MNIST teacher"),
     "mnist-dmd2-1step-guided": ModelSpec("mnist-dmd2-1step-guided", ASSETS / "mnist" / "dmd2-1step-guided", "student",
                                          description="guidance-conditioned DMD2 1-step student: any w in [1, 3]"),
+    # The rectified-flow teacher and its students: by name (`python app.py --model mnist-flow-teacher ...`), not in
+    # the default app, whose Compare and Arena would otherwise run a second 50-step teacher per request.
+    "mnist-flow-teacher": ModelSpec("mnist-flow-teacher", ASSETS / "mnist" / "flow-teacher", "teacher",
+                                    description="MNIST rectified-flow teacher, Euler 50 steps", demo=False),
+    "mnist-flow-dmd2-1step": ModelSpec("mnist-flow-dmd2-1step", ASSETS / "mnist" / "flow-dmd2-1step", "student",
+                                       description="DMD2 1-step student of the MNIST flow teacher", demo=False),
+    "mnist-flow-dmd2-4step": ModelSpec("mnist-flow-dmd2-4step", ASSETS / "mnist" / "flow-dmd2-4step", "student",
+                                       description="DMD2 4-step student of the MNIST flow teacher", demo=False),
     "sdxl-teacher": ModelSpec("sdxl-teacher", None, "teacher", "sdxl", steps=50, base=SDXL_BASE,
                               description="SDXL base 1.0, DDIM 50 steps with CFG 5 (needs a GPU)"),
     "dmd2-sdxl-4step": _published("dmd2-sdxl-4step", "DMD2's published 4-step SDXL student (tianweiy/DMD2)"),
@@ -191,7 +200,8 @@ class LoadedModel:
             if self.guided:
                 w = check_guidance(self.guidance_default if guidance is None else guidance, self.guidance_range,
                                    f"student {self.spec.name!r}")
-            x = student_sample(self.family, self.unet, cond, noise, list(self.timesteps), seed=seed, autocast=autocast,
+            x = student_sample(self.family, self.unet, cond, noise, list(self.timesteps), seed=renoise_seed(seed),
+                               autocast=autocast,
                                on_step=(lambda i, t, x0: steps_x0.append(x0)) if step_images else None,
                                guidance_input=w)
             nfe = len(self.timesteps)
@@ -343,9 +353,11 @@ def _is_available(spec: ModelSpec) -> bool:
     return all(cached_file(repo, f) is not None for repo, f in _hub_needs(spec))
 
 
-def available(family: str | None = None) -> list[str]:
-    """Built-in names whose weights are here (Hub models: already in the local cache; no network), of `family` if given."""
-    return [n for n, s in BUILTIN.items() if (family is None or s.family == family) and _is_available(s)]
+def available(family: str | None = None, demo: bool = False) -> list[str]:
+    """Built-in names whose weights are here (Hub models: already in the local cache; no network), of `family` if
+    given; `demo`: only those the default app serves."""
+    return [n for n, s in BUILTIN.items()
+            if (family is None or s.family == family) and (s.demo or not demo) and _is_available(s)]
 
 
 def load(name: str) -> LoadedModel:

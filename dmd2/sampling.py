@@ -16,6 +16,13 @@ def initial_noise(family: Family, n: int, seed: int, device="cpu") -> torch.Tens
     return torch.randn(family.latent_shape(n), generator=gen).to(device)
 
 
+def renoise_seed(seed: int) -> int:
+    """The seed of a student's re-noising generator for a request seeded `seed`: a different stream from the
+    starting noise's (`initial_noise(..., seed)`), so a multi-step student's first fresh noise is not its
+    starting noise again; well mixed, so it does not collide with the starting seeds of other requests."""
+    return int(np.random.SeedSequence([int(seed), 0x5EED]).generate_state(1, np.uint64)[0] >> 1)
+
+
 @torch.no_grad()
 def ddim_sample(family: Family, unet, cond: Any, noise: torch.Tensor, steps: int = 50,
                 guidance: float | None = None, autocast: bool = False,

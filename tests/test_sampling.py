@@ -1,5 +1,6 @@
 """Samplers: teacher DDIM with CFG and the few-step student (denoise, re-noise with fresh noise)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,3 +111,24 @@ def test_samplers_do_not_build_graphs(family, make_unet, cond):
     noise = initial_noise(family, 3, 0)
     assert not ddim_sample(family, unet, cond, noise, steps=2).requires_grad
     assert not student_sample(family, unet, cond, noise, [999, 499]).requires_grad
+
+
+def test_a_generated_multi_step_sample_renoises_with_fresh_noise_not_its_starting_noise(tmp_path, family, unet):
+    """generate(seed=s) starts from initial_noise(s); the student's re-noising draws from another stream
+    (renoise_seed(s)), so the first fresh noise is not the starting noise again."""
+    from dmd2 import registry
+    from dmd2.sampling import renoise_seed
+
+    family.save_student(unet, tmp_path / "s", timesteps=[999, 499])
+    model = registry.LoadedModel(registry.spec_for(str(tmp_path / "s")))
+    seen = []
+    noise = initial_noise(family, 3, seed=4)
+    cond = family.condition([0, 1, 2])
+    student_sample(family, unet, cond, noise, [999, 499], seed=renoise_seed(4), on_step=lambda i, t, x0: seen.append(x0))
+    fresh = torch.randn(noise.shape, generator=torch.Generator().manual_seed(renoise_seed(4)))
+    assert not torch.equal(fresh, noise)
+    with torch.no_grad():
+        expected = family.denoise(unet, family.schedule.add_noise(seen[0], fresh, torch.tensor([499])), 499, cond)
+    got = model.generate([0, 1, 2], seed=4).images
+    np.testing.assert_array_equal(got, registry.to_uint8(family.decode(expected)))
+    assert len({renoise_seed(s) for s in range(1000)} | set(range(1000))) == 2000   # no collisions with seeds

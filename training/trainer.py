@@ -16,7 +16,7 @@ import torch
 
 from dmd2.families import PixelFamily, family_class
 from dmd2.guidance import sample_guidance
-from dmd2.sampling import student_sample
+from dmd2.sampling import renoise_seed, student_sample
 from dmd2.schedule import FlowSchedule, student_timesteps
 from training import losses
 from training.config import ConfigError, DistillConfig
@@ -439,7 +439,7 @@ class DMD2Trainer:
         w = (self.default_guidance if guidance is None else guidance) if self.guided else None
         noise = torch.randn(self.family.latent_shape(len(labels)), generator=torch.Generator().manual_seed(seed))
         x = student_sample(self.family, unet, self.family.condition(labels).to(self.device),
-                           noise.to(self.device), self.timesteps, seed=seed, autocast=self.cfg.frozen_dtype == "bf16",
+                           noise.to(self.device), self.timesteps, seed=renoise_seed(seed), autocast=self.cfg.frozen_dtype == "bf16",
                            guidance_input=w)
         return self.family.decode(x)
 

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"(default: ${FAMILY_ENV}, else pixel)")
     p.add_argument("--model", action="append", metavar="NAME_OR_PATH",
                    help="a registry name or model folder to show (repeatable; default: the comma-separated "
-                   f"${MODELS_ENV}, else all available)")
+                   f"${MODELS_ENV}, else every available model the demo serves)")
     p.add_argument("--votes", metavar="PATH", help="SQLite file for arena votes "
                    "(default: $DMD2_VOTES, else /data/votes.sqlite on a Space with persistent storage, else data/votes.sqlite)")
     p.add_argument("--runs", metavar="DIR", help="folder of training runs for the Train tab "

@@ -167,7 +167,8 @@ def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | N
               trainer: TrainManager | None = None, concurrency: int | None = None, queue_size: int | None = None,
               delete_cache: tuple[int, int] | bool | None = None) -> gr.Blocks:
     """The app; `models` are registry names or model folders (default: every built-in of `family`
-    with weights here; `family` defaults to "pixel"). Text-to-image families ("sdxl", "sd15") get a
+    with weights here that the demo serves, `registry.available(family, demo=True)`; `family` defaults to
+    "pixel"). Text-to-image families ("sdxl", "sd15", "sd3", "flux") get a
     prompt box where the class models have a class picker; given only `models`, theirs decides.
 
     Arena votes are stored in the SQLite file `votes_path` (default: `default_votes_path()`).
@@ -189,7 +190,7 @@ def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | N
     The values in force are in the returned app's `queue_settings` dict.
     """
     if models is None:
-        models = registry.available(family or "pixel")
+        models = registry.available(family or "pixel", demo=True)
     models = list(models)
     mode = ("class" if family == "pixel" else "text") if family else None
     votes_path = default_votes_path() if votes_path is None else votes_path

@@ -15,6 +15,7 @@ from dmd2.families import FAMILIES
 from dmd2.guidance import SAMPLINGS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"   # the presets
+UNET_FAMILIES = ("pixel", "sdxl", "sd15")  # guidance-conditioned students and the per-step critic need a UNet
 
 
 class ConfigError(ValueError):
@@ -149,6 +150,13 @@ class DistillConfig:
         need(isinstance(self.critic_per_step, bool), "critic_per_step", "must be true or false")
         need(not self.critic_per_step or self.student_steps > 1, "critic_per_step",
              "is for multi-step students (student_steps > 1): a 1-step student has one output distribution")
+        # Both hook into diffusers' UNet time embedding, which the transformer families (sd3, flux) do not have.
+        need(not self.critic_per_step or self.family in UNET_FAMILIES, "critic_per_step",
+             f"family {self.family} has no UNet time embedding to add a step embedding to "
+             f"({', '.join(UNET_FAMILIES)} have); set critic_per_step: false")
+        need(self.guidance_range is None or self.family in UNET_FAMILIES, "guidance_range",
+             f"family {self.family} has no guidance-conditioned networks ({', '.join(UNET_FAMILIES)} have); "
+             f"set guidance_range: null")
         need(self.dm_weight >= 0, "dm_weight", "must be >= 0")
         need(self.real_guidance >= 0, "real_guidance", "must be >= 0")
         need(self.guidance_range is None or (

@@ -1,0 +1,182 @@
+"""Issue 18's seed tables: train a preset for several seeds, score each student on several sample sets with every
+measure of `python -m dmd2 evaluate`, and print the mean and spread over seeds beside reference models.
+
+    python scripts/seeds.py --preset configs/mnist-1step.yaml --seeds 0 1 2 [--sample-sets 0 1] [--num 5000] \
+        [--reference mnist-teacher=results/teacher-independent-seed0.json ...] [--dry-run] [--table-only]
+
+Each seed trains into `<runs>/<preset>-seed<S>` (`python -m training distill --config PRESET --set seed=S`; an
+unfinished run resumes, a finished one is kept), then each sample set k is scored into
+`<results>/<preset>-seed<S>-set<k>.json` (`python -m dmd2 evaluate --model <run>/student --seed k`); results
+that exist are not recomputed. The table gives, per measure, each seed's mean over the sample sets, the mean and
+standard deviation over seeds and their range, and each reference row (e.g. the teacher, from its own evaluate
+JSONs); the last lines say, per reference, on which measures every seed beats it. The selection measure that
+picked the preset's settings is the classifier FID ("fid"); the others are the independent check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (key, label, better): "lower", "higher", or "one" (closer to 1 is better)
+MEASURES = [
+    ("fid", "FID (classifier; selection)", "lower"),
+    ("alignment", "alignment", "higher"),
+    ("diversity_ratio", "diversity ratio", "one"),
+    ("classifier_kid", "KID x1e3 (classifier)", "lower"),
+    ("classifier_precision", "precision (classifier)", "higher"),
+    ("classifier_recall", "recall (classifier)", "higher"),
+    ("classifier_density", "density (classifier)", "higher"),
+    ("classifier_coverage", "coverage (classifier)", "higher"),
+    ("autoencoder_fid", "FID (autoencoder)", "lower"),
+    ("autoencoder_kid", "KID x1e3 (autoencoder)", "lower"),
+    ("autoencoder_precision", "precision (autoencoder)", "higher"),
+    ("autoencoder_recall", "recall (autoencoder)", "higher"),
+    ("autoencoder_density", "density (autoencoder)", "higher"),
+    ("autoencoder_coverage", "coverage (autoencoder)", "higher"),
+]
+
+
+def beats(a: float, b: float, better: str) -> bool:
+    """Is value a strictly better than b for a measure of this direction?"""
+    if better == "lower":
+        return a < b
+    if better == "higher":
+        return a > b
+    return abs(a - 1) < abs(b - 1)
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def train_command(preset: Path, seed: int, run: Path, overrides: list[str]) -> list[str] | None:
+    """The command that trains (or resumes) seed `seed`'s run; None when it has finished."""
+    status = run / "status.json"
+    state = json.loads(status.read_text()).get("state") if status.is_file() else None
+    if state == "finished" and (run / "student").is_dir():
+        return None
+    cmd = [sys.executable, "-m", "training", "distill", "--out", _rel(run)]
+    if state is None:
+        cmd += ["--config", _rel(preset), "--set", f"seed={seed}"] + [x for o in overrides for x in ("--set", o)]
+    else:
+        cmd += ["--resume"]
+    return cmd
+
+
+def evaluate_command(model: str, sample_set: int, num: int, out: Path) -> list[str]:
+    return [sys.executable, "-m", "dmd2", "evaluate", "--model", model, "--num", str(num), "--seed", str(sample_set),
+            "--json", _rel(out)]
+
+
+def load_result(path: Path) -> dict:
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: cannot read result {path}: {e}") from None
+    if not isinstance(result, dict):
+        raise SystemExit(f"error: result {path} is not a JSON object")
+    return result
+
+
+def mean_over(results: list[dict]) -> dict[str, float]:
+    """Each measure's mean over the given results (the sample sets of one seed, or a reference's files)."""
+    out = {}
+    for key, _, _ in MEASURES:
+        values = [r[key] for r in results if key in r]
+        if values:
+            out[key] = statistics.fmean(values)
+    return out
+
+
+def table(name: str, per_seed: dict[int, dict[str, float]], references: dict[str, dict[str, float]]) -> str:
+    """The markdown table: a row per measure, a column per seed, mean +- sd (range), and the references."""
+    seeds = sorted(per_seed)
+    head = ["measure", *[f"seed {s}" for s in seeds], f"{name}: mean +- sd (min-max)", *references]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, label, _ in MEASURES:
+        values = [per_seed[s][key] for s in seeds if key in per_seed[s]]
+        if not values:
+            continue
+        scale = 1e3 if "kid" in key else 1.0
+        fmt = (lambda v: f"{v * scale:.2f}") if key.endswith(("fid", "kid")) else (lambda v: f"{v * scale:.3f}")
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary = f"{fmt(statistics.fmean(values))} +- {fmt(spread)} ({fmt(min(values))}-{fmt(max(values))})"
+        refs = [fmt(r[key]) if key in r else "-" for r in references.values()]
+        lines.append("| " + " | ".join([label, *[fmt(per_seed[s][key]) for s in seeds if key in per_seed[s]],
+                                        summary, *refs]) + " |")
+    for ref, values in references.items():
+        wins = [label for key, label, better in MEASURES
+                if key in values and all(key in per_seed[s] and beats(per_seed[s][key], values[key], better)
+                                         for s in seeds)]
+        losses = [label for key, label, better in MEASURES if key in values and label not in wins]
+        lines.append(f"\nEvery seed beats {ref} on {len(wins)} of {len(wins) + len(losses)} measures"
+                     + (f"; not on: {', '.join(losses)}." if losses else " (all)."))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", type=Path, required=True, help="a distillation preset, e.g. configs/mnist-1step.yaml")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    p.add_argument("--sample-sets", type=int, nargs="+", default=[0, 1], help="evaluate --seed of each sample set")
+    p.add_argument("--num", type=int, default=5000, help="samples per evaluation")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every seed's run (e.g. iterations=1000)")
+    p.add_argument("--reference", action="append", default=[], metavar="NAME=JSON[,JSON...]",
+                   help="a reference row from evaluate JSONs (means over the files), e.g. the teacher's")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "seeds")
+    p.add_argument("--results", type=Path, default=ROOT / "results" / "seeds")
+    p.add_argument("--dry-run", action="store_true", help="print the commands still to run, run none")
+    p.add_argument("--table-only", action="store_true", help="run nothing; table the results already there")
+    a = p.parse_args(argv)
+    if not a.preset.is_file():
+        p.error(f"--preset {a.preset}: no such file")
+    if a.num < 2:
+        p.error(f"--num must be at least 2, got {a.num}")
+    if len(set(a.seeds)) != len(a.seeds):
+        p.error(f"--seeds repeats a seed: {a.seeds}")
+    references = {}
+    for item in a.reference:
+        ref_name, sep, files = item.partition("=")
+        if not sep or not ref_name or not files:
+            p.error(f"--reference {item!r} must look like NAME=JSON[,JSON...]")
+        references[ref_name] = mean_over([load_result(Path(f)) for f in files.split(",")])
+    name = a.preset.stem
+    per_seed = {}
+    for seed in a.seeds:
+        run = a.runs / f"{name}-seed{seed}"
+        steps = []
+        train = train_command(a.preset, seed, run, a.overrides)
+        if train is not None:
+            steps.append(train)
+        outs = [a.results / f"{name}-seed{seed}-set{k}.json" for k in a.sample_sets]
+        steps += [evaluate_command(_rel(run / "student"), k, a.num, out)
+                  for k, out in zip(a.sample_sets, outs) if not out.is_file()]
+        for cmd in steps:
+            print("$ " + shlex.join(["python", *cmd[1:]]), flush=True)
+            if a.dry_run or a.table_only:
+                continue
+            a.results.mkdir(parents=True, exist_ok=True)
+            done = subprocess.run(cmd, cwd=ROOT)
+            if done.returncode != 0:
+                raise SystemExit(f"error: seed {seed}: `{shlex.join(cmd[1:])}` exited with {done.returncode}")
+        present = [load_result(out) for out in outs if out.is_file()]
+        if present:
+            per_seed[seed] = mean_over(present)
+    if not per_seed:
+        print("no results yet" + (" (dry run)" if a.dry_run else ""))
+        return
+    print()
+    print(table(name, per_seed, references))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""scripts/seeds.py: a preset trained for several seeds, each scored on sample sets, tabled with its spread."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_pixel_unet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import seeds  # noqa: E402
+
+
+def test_beats_knows_each_measures_direction():
+    assert seeds.beats(5.0, 6.0, "lower") and not seeds.beats(6.0, 5.0, "lower")
+    assert seeds.beats(0.9, 0.8, "higher") and not seeds.beats(0.8, 0.8, "higher")
+    assert seeds.beats(1.02, 0.95, "one") and not seeds.beats(1.2, 0.9, "one")
+
+
+def test_a_seeds_value_is_the_mean_over_its_sample_sets():
+    assert seeds.mean_over([{"fid": 7.0, "alignment": 0.9}, {"fid": 8.0}]) == {"fid": 7.5, "alignment": 0.9}
+
+
+def test_table_gives_mean_spread_and_which_measures_every_seed_wins():
+    per_seed = {0: {"fid": 7.0, "alignment": 0.97, "autoencoder_fid": 20.0},
+                1: {"fid": 9.0, "alignment": 0.99, "autoencoder_fid": 16.0}}
+    text = seeds.table("p", per_seed, {"teacher": {"fid": 8.0, "alignment": 0.96, "autoencoder_fid": 17.0}})
+    fid_row = next(line for line in text.splitlines() if line.startswith("| FID (classifier"))
+    assert "| 7.00 | 9.00 | 8.00 +- 1.41 (7.00-9.00) | 8.00 |" in fid_row
+    # seed 1 loses the classifier FID and seed 0 the autoencoder FID: only alignment is won by every seed
+    assert "Every seed beats teacher on 1 of 3 measures; not on: FID (classifier; selection), FID (autoencoder)." in text
+
+
+def test_trains_each_seed_scores_each_sample_set_and_skips_what_exists(tmp_path, capsys):
+    tiny_pixel_unet().save_pretrained(tmp_path / "teacher", safe_serialization=True)
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(f"teacher: {tmp_path / 'teacher'}\ndata: mnist5k\niterations: 2\nttur: 2\nbatch_size: 4\n"
+                      "warmup_steps: 1\nmixed_precision: 'no'\nsample_every: 0\neval_every: 0\ncheckpoint_every: 0\n")
+    teacher_json = tmp_path / "teacher.json"
+    teacher_json.write_text(json.dumps({"fid": 1e9, "alignment": 0.0, "autoencoder_fid": 0.0}))
+    argv = ["--preset", str(preset), "--seeds", "0", "1", "--sample-sets", "3", "--num", "20",
+            "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
+            "--reference", f"teacher={teacher_json}"]
+    seeds.main(argv)
+    out = capsys.readouterr().out
+    assert out.count("-m training distill") == 2 and out.count("-m dmd2 evaluate") == 2
+    for seed in (0, 1):
+        config = (tmp_path / "runs" / f"tiny-seed{seed}" / "config.yaml").read_text()
+        assert f"seed: {seed}" in config
+        for k in (3,):
+            result = json.loads((tmp_path / "results" / f"tiny-seed{seed}-set{k}.json").read_text())
+            assert result["seed"] == k and result["num"] == 20 and "autoencoder_fid" in result
+    assert "Every seed beats teacher on 2 of 3 measures; not on: FID (autoencoder)." in out
+    seeds.main(argv)                       # everything exists: nothing runs again, the table is the same
+    again = capsys.readouterr().out
+    assert "$ " not in again and again.strip().splitlines()[-1] == out.strip().splitlines()[-1]
+
+
+def test_bad_arguments_are_named(tmp_path, capsys):
+    for argv, message in ((["--preset", str(tmp_path / "none.yaml")], "no such file"),
+                          (["--preset", __file__, "--seeds", "1", "1"], "repeats a seed"),
+                          (["--preset", __file__, "--reference", "teacher"], "NAME=JSON")):
+        with pytest.raises(SystemExit):
+            seeds.main(argv)
+        assert message in capsys.readouterr().err

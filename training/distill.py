@@ -71,12 +71,15 @@ def write_student_card(run: Run, cfg: DistillConfig, trainer: DMD2Trainer, secon
         scale = (f"guidance_scale={cfg.real_guidance:g}).images[0]  # any w in [{low:g}, {high:g}]" if guided
                  else "guidance_scale=0).images[0]")
         how = "the guidance scale as a UNet input, no CFG" if guided else "no CFG"
-        lines += ["", f"Use in plain diffusers (sampling as DMD2's README: LCMScheduler, its timesteps, {how}):", "",
-                  "```python", f"from diffusers import {pipe}, LCMScheduler, UNet2DConditionModel",
-                  f"pipe = {pipe}.from_pretrained('{cfg.teacher}')", load,
-                  "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)",
-                  f"image = pipe('a photo of a cat', timesteps={list(trainer.timesteps)}, {scale}",
-                  "```"]
+        if hasattr(trainer.family, "card_usage"):  # a family whose students are not UNets says how to use them
+            lines += ["", *trainer.family.card_usage(cfg.teacher, list(trainer.timesteps), lora=bool(cfg.lora_rank))]
+        else:
+            lines += ["", f"Use in plain diffusers (sampling as DMD2's README: LCMScheduler, its timesteps, {how}):", "",
+                      "```python", f"from diffusers import {pipe}, LCMScheduler, UNet2DConditionModel",
+                      f"pipe = {pipe}.from_pretrained('{cfg.teacher}')", load,
+                      "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)",
+                      f"image = pipe('a photo of a cat', timesteps={list(trainer.timesteps)}, {scale}",
+                      "```"]
     lines += ["", f"Config: see `config.yaml` in the run folder `{run.path}`."]
     (Path(folder or run.student) / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
 

@@ -83,6 +83,20 @@ def same_outputs(a, b, fam, atol=1e-5):
         torch.testing.assert_close(fam.model_output(a, x, t, cond), fam.model_output(b, x, t, cond), atol=atol, rtol=1e-4)
 
 
+def plain_student_sample(pipe, transformer, fam, noise, timesteps, seed):
+    """A student sampled by plain diffusers as its model card says: FlowMatchEulerDiscreteScheduler with
+    stochastic_sampling at the student's sigmas, no CFG. The scheduler draws its fresh noise from torch's global
+    generator, which `seed` starts as `student_sample(..., seed=seed)` starts its own."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=fam.schedule.shift,
+                                                            stochastic_sampling=True)
+    student_pipe = StableDiffusion3Pipeline(**{**pipe.components, "transformer": transformer, "scheduler": scheduler})
+    student_pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return student_pipe(prompt=PROMPTS, latents=noise.clone(), sigmas=fam.student_sigmas(timesteps),
+                            guidance_scale=1.0, height=fam.height, width=fam.width, output_type="latent").images
+
+
 # --- (a) the teacher against the diffusers pipeline ------------------------------------------------------------------
 def test_condition_is_the_pipelines_encode_prompt(fam, pipe):
     with torch.no_grad():
@@ -176,14 +190,13 @@ def test_1step_with_gan_over_tokens_trains_and_exports_a_diffusers_transformer(w
         assert torch.equal(v, w), k
     fam = tr.family
     same_outputs(tr.student(), fam.load_student(run.student), fam)
-    # The student in the plain pipeline: one Euler step from sigma 1 is x - u = x0, our 1-step sample.
+    # The student in the plain pipeline, as its model card says: one step from sigma 1 is x - u = x0.
+    card = (run.student / "MODEL_CARD.md").read_text()
+    assert "SD3Transformer2DModel.from_pretrained('student')" in card and "sigmas=[1.0]" in card
+    assert "UNet2DConditionModel" not in card and "LCMScheduler" not in card
     noise = initial_noise(fam, 2, seed=4)
     ours = student_sample(fam, fam.load_student(run.student), fam.condition(PROMPTS), noise, [999])
-    pipe_student = StableDiffusion3Pipeline(**{**pipe.components, "transformer": plain})
-    with torch.no_grad():
-        theirs = pipe_student(prompt=PROMPTS, latents=noise.clone(), sigmas=[1.0], guidance_scale=1.0,
-                              height=fam.height, width=fam.width, output_type="latent").images
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours, plain_student_sample(pipe, plain, fam, noise, [999], seed=0), atol=1e-4, rtol=1e-4)
 
     out = export_checkpoint(run.path, tmp_path / "exported", step=1)  # a checkpoint as a student folder
     assert json.loads((out / "dmd2.json").read_text())["flow_shift"] == 3.0
@@ -236,6 +249,16 @@ def test_lora_trains_only_the_attention_adapters_and_loads_in_plain_diffusers(wo
     plain.load_lora_weights(run.student)
     same_outputs(student, plain.transformer, fam)
     same_outputs(student, fam.load_student(run.student), fam)  # our loader fuses it with the same alpha / rank
+    # The model card's recipe samples the 4-step student in plain diffusers: the same images for the same noises.
+    card = (run.student / "MODEL_CARD.md").read_text()
+    assert "load_lora_weights('student')" in card and "sigmas=[1.0, 0.75, 0.5, 0.25]" in card
+    noise = initial_noise(fam, 2, seed=6)
+    ours = student_sample(fam, student, fam.condition(PROMPTS), noise, tr.timesteps, seed=11)
+    theirs = plain_student_sample(plain, plain.transformer, fam, noise, tr.timesteps, seed=11)
+    print(f"\nSD3 4-step LoRA student, ours vs plain diffusers: max diff {(ours - theirs).abs().max().item():.2e}")
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    other = plain_student_sample(plain, plain.transformer, fam, noise, tr.timesteps, seed=12)
+    assert (other - theirs).abs().max() > 1e-3  # the fresh noises matter: the match above is not vacuous
 
 
 # --- (d) registry, (e) app -------------------------------------------------------------------------------------------

@@ -284,6 +284,25 @@ class SD3Family(Family):
         meta = {"family": self.name, "teacher": self.source, **extra}
         (path / "dmd2.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
 
+    def student_sigmas(self, timesteps) -> list[float]:
+        """The unshifted sigmas u = (t + 1) / T that make a FlowMatchEulerDiscreteScheduler with this family's shift
+        step at the student's timesteps (the scheduler shifts what it is given)."""
+        return [round((int(t) + 1) / self.schedule.num_train_timesteps, 6) for t in timesteps]
+
+    def card_usage(self, teacher: str, timesteps, lora: bool = False) -> list[str]:
+        """The model card's plain-diffusers recipe. FlowMatchEulerDiscreteScheduler with stochastic_sampling steps
+        x0 = x - sigma u, then re-noises to the next sigma with fresh noise: exactly `student_sample`."""
+        load = ("pipe.load_lora_weights('student')  # this folder" if lora else
+                "pipe.transformer = SD3Transformer2DModel.from_pretrained('student')  # this folder")
+        return ["Use in plain diffusers (denoise, re-noise with fresh noise at the student's sigmas; no CFG):", "",
+                "```python",
+                f"from diffusers import {self.pipeline_class}, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel",
+                f"pipe = {self.pipeline_class}.from_pretrained('{teacher}')", load,
+                "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, "
+                f"shift={self.schedule.shift:g}, stochastic_sampling=True)",
+                f"image = pipe('a photo of a cat', sigmas={self.student_sigmas(timesteps)}, guidance_scale=1.0).images[0]",
+                "```"]
+
 
 def flow_schedule(source: str, config: dict) -> FlowSchedule:
     """The FlowSchedule of a FlowMatchEulerDiscreteScheduler config (its `shift`), refusing options it does not

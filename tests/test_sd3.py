@@ -153,6 +153,27 @@ def test_bottleneck_is_the_middle_blocks_tokens_as_a_grid(fam):
     assert features.shape == (2, fam.bottleneck_channels(), 4, 4) and fam.bottleneck_size() == 4
     tokens = seen["tokens"]  # (N, 16, D)
     torch.testing.assert_close(features[:, :, 1, 2], tokens[:, 1 * 4 + 2])
+    # With gradient checkpointing (the trainer's option), the same features, and gradients reach the input.
+    teacher.enable_gradient_checkpointing()
+    x = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        checkpointed = fam.bottleneck(teacher, x, t, cond)
+        checkpointed.sum().backward()
+    torch.testing.assert_close(checkpointed.detach(), features)
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_vae_latents_use_sd3s_shift_and_scaling(fam, pipe):
+    """decode(x) = VAE(x / scaling + shift), as the pipeline decodes; encode inverts it on the posterior sample."""
+    assert (fam.vae.config.shift_factor, fam.vae.config.scaling_factor) == (tiny_sd3.SHIFT_FACTOR, tiny_sd3.SCALING_FACTOR)
+    x = initial_noise(fam, 1, seed=2)
+    with torch.no_grad():
+        theirs = pipe.vae.decode(x / tiny_sd3.SCALING_FACTOR + tiny_sd3.SHIFT_FACTOR).sample.clamp(-1, 1)
+        torch.testing.assert_close(fam.decode(x), theirs)
+        images = theirs
+        z = pipe.vae.encode(images).latent_dist.sample(torch.Generator().manual_seed(0))
+    ours = fam.encode(images, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours, (z - tiny_sd3.SHIFT_FACTOR) * tiny_sd3.SCALING_FACTOR)
 
 
 # --- (b, c) DMD2 through the real trainer; exports in plain diffusers -------------------------------------------------
@@ -315,6 +336,24 @@ def test_bad_inputs_fail_clearly(world, fam, tmp_path):
     with pytest.raises(ValueError, match="not guidance-conditioned"):
         fam.model_output(fam.load_teacher(), initial_noise(fam, 1, 0), torch.tensor([500]), fam.condition(["a"]),
                          guidance_input=2.0)
+
+
+def test_a_full_transformer_state_dict_file_loads(fam, tmp_path):
+    weights = tiny_sd3.tiny_transformer(seed=3)
+    save_file(weights.state_dict(), str(tmp_path / "student.safetensors"))
+    same_outputs(fam.load_student(tmp_path / "student.safetensors"), weights, fam)
+
+
+def test_bf16_frozen_parts_with_lora_and_gradient_checkpointing(world, tmp_path):
+    cfg = sd3_config(world, lora_rank=4, mixed_precision="bf16", frozen_dtype="bf16", gradient_checkpointing=True,
+                     sample_every=0)
+    run = distill(cfg, tmp_path / "run")
+    tr = run.trainer
+    assert tr.real_unet.dtype == tr.family.text_encoder_3.dtype == torch.bfloat16
+    assert tr.generator_module.is_gradient_checkpointing and tr.critic_module.fake_unet.is_gradient_checkpointing
+    assert {p.dtype for p in tr.critic_module.parameters()} == {torch.float32}  # the fake score trains in fp32
+    assert all(np.isfinite(v) for v in run.metrics()[-1].values())
+    assert (run.student / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_a_peft_layout_lora_file_fuses_like_the_pipeline(world, fam, tmp_path):

@@ -25,6 +25,7 @@ from dmd2.families.lora import student_lora_file
 from dmd2.families.pixel import PixelFamily, load_pixel_unet
 from dmd2.families.sdxl import PUBLISHED as SDXL_PUBLISHED
 from dmd2.families.sdxl import SDXL_BASE
+from dmd2.families.sd3 import SD3_MEDIUM
 from dmd2.guidance import check_guidance
 from dmd2.hub import cached_file, hub_reachable, is_repo_id
 from dmd2.images import to_uint8
@@ -86,6 +87,9 @@ BUILTIN = {
                                        description="DMD2 4-step student of the MNIST flow teacher", demo=False),
     "sdxl-teacher": ModelSpec("sdxl-teacher", None, "teacher", "sdxl", steps=50, base=SDXL_BASE,
                               description="SDXL base 1.0, DDIM 50 steps with CFG 5 (needs a GPU)"),
+    "sd3-medium-teacher": ModelSpec("sd3-medium-teacher", None, "teacher", "sd3", steps=28, base=SD3_MEDIUM,
+                                    description="Stable Diffusion 3 medium, Euler 28 steps with CFG 7 (gated on the "
+                                                "Hub; needs a GPU)"),
     "dmd2-sdxl-4step": _published("dmd2-sdxl-4step", "DMD2's published 4-step SDXL student (tianweiy/DMD2)"),
     "dmd2-sdxl-1step": _published("dmd2-sdxl-1step", "DMD2's published 1-step SDXL student (tianweiy/DMD2)"),
     "dmd2-sdxl-4step-lora": _published("dmd2-sdxl-4step-lora",
@@ -192,7 +196,8 @@ class LoadedModel:
             g = self.spec.guidance if guidance is None else guidance
             g = self.family.default_guidance if g is None else float(g)
             x = ddim_sample(self.family, self.unet, cond, noise, steps, g, autocast, callback)
-            nfe = steps * (1 if g == 1.0 else 2)
+            # CFG doubles the forwards; a family whose guidance is a network input (FLUX) runs one per step.
+            nfe = steps * (1 if g == 1.0 or getattr(self.family, "guidance_in_network", False) else 2)
             extra = {"guidance": g, "steps": steps}
         else:
             steps_x0 = []

@@ -309,6 +309,30 @@ def test_registry_serves_the_pipeline_and_a_student(world, students, monkeypatch
     assert out.images.shape == (2, 16, 16, 3) and out.nfe == 2 and out.images.std() > 0
 
 
+def test_the_sd3_medium_name_loads_from_the_hub_cache_offline(world, tmp_path, monkeypatch):
+    """`sd3-medium-teacher` is available only once its repo is in the Hugging Face cache (here: the tiny pipeline
+    laid out as stabilityai/stable-diffusion-3-medium-diffusers), then loads with no network."""
+    import huggingface_hub.constants
+
+    from test_registry_text import _cache_repo
+
+    monkeypatch.setattr(registry, "_cache", {})
+    monkeypatch.setattr(registry, "_families", {})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    assert registry.available("sd3") == []
+    with pytest.raises(ModelLoadError, match="hf download stabilityai/stable-diffusion-3-medium-diffusers"):
+        registry.load("sd3-medium-teacher")
+    _cache_repo(tmp_path / "hub", "stabilityai/stable-diffusion-3-medium-diffusers", {".": world["sd3"]})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    registry.forget("sd3-medium-teacher")
+    assert registry.available("sd3") == ["sd3-medium-teacher"]
+    teacher = registry.load("sd3-medium-teacher")
+    assert teacher.default_steps() == 28 and teacher.family.default_guidance == 7.0
+    out = teacher.generate(PROMPTS, seed=0, steps=2)
+    assert out.images.shape == (2, 16, 16, 3) and out.nfe == 4
+
+
 def test_bad_inputs_fail_clearly(world, fam, tmp_path):
     sdxl = tiny_sd.make_tiny_sdxl(tmp_path / "sdxl")
     with pytest.raises(ModelLoadError, match="is a StableDiffusionXLPipeline pipeline, not a StableDiffusion3Pipeline"):

@@ -64,8 +64,8 @@ def test_specs_of_local_text_models(models):
 
 def test_bad_local_text_models_fail_clearly(models, tmp_path):
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ModelLoadError, match="FluxPipeline pipeline; supported: StableDiffusionXLPipeline"):
+    (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
+    with pytest.raises(ModelLoadError, match="KandinskyV22Pipeline pipeline; supported: StableDiffusionXLPipeline"):
         registry.spec_for(str(tmp_path / "other"))
     (tmp_path / "no-teacher").mkdir()
     (tmp_path / "no-teacher" / "dmd2.json").write_text(json.dumps({"family": "sdxl", "timesteps": [999]}))

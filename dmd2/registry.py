@@ -10,6 +10,7 @@ cache; nothing here touches the network at import or in `available()`.
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -31,6 +32,7 @@ from dmd2.hub import cached_file, hub_reachable, is_repo_id
 from dmd2.images import to_uint8
 from dmd2.prompts import check_prompt
 from dmd2.sampling import ddim_sample, initial_noise, renoise_seed, student_sample
+from dmd2.schedule import FlowSchedule
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -136,6 +138,7 @@ class LoadedModel:
                 raise ModelLoadError(f"student {spec.name!r} has no {meta_path} naming its timesteps")
             timesteps = tuple(meta["timesteps"])
         self.timesteps = tuple(int(t) for t in timesteps)
+        self.family = _with_flow_shift(self.family, meta.get("flow_shift"), meta_path)
         # A guidance-conditioned student: the range of w it was trained on, and the w it samples at by default.
         self.guidance_range, self.guidance_default = _guidance_meta(meta, meta_path)
         if (self.guidance_range is None) != (getattr(self.unet.config, "time_cond_proj_dim", None) is None):
@@ -291,6 +294,20 @@ def _guidance_meta(meta: dict, path) -> tuple[tuple[float, float] | None, float 
     if not low < high or not low <= default <= high:
         raise ModelLoadError(f"{path}: guidance_range {rng!r} and guidance_default {default!r} do not fit")
     return (low, high), default
+
+
+def _with_flow_shift(family: Family, shift, path) -> Family:
+    """A text family shares its encoders and VAE among the teacher and its students, but a flow student trained
+    with its own `flow_shift` (dmd2.json) samples on that schedule: then its own shallow copy with that shift."""
+    if shift is None or not isinstance(family.schedule, FlowSchedule) or shift == family.schedule.shift:
+        return family
+    try:
+        schedule = FlowSchedule(shift, family.schedule.num_train_timesteps)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    own = copy.copy(family)
+    own.schedule = schedule
+    return own
 
 
 def _read_meta(path: Path) -> dict:

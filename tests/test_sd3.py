@@ -26,7 +26,9 @@ from conftest import make_caption_folder, served
 from dmd2 import registry
 from dmd2.families.base import ModelLoadError
 from dmd2.families.sd3 import SD3_LORA_TARGETS, SD3Family
-from dmd2.sampling import ddim_sample, initial_noise, student_sample
+from dmd2.images import to_uint8
+from dmd2.sampling import ddim_sample, initial_noise, renoise_seed, student_sample
+from dmd2.schedule import FlowSchedule
 from training.config import ConfigError, DistillConfig, load_config
 from training.distill import distill
 from training.export import export_checkpoint
@@ -307,6 +309,31 @@ def test_registry_serves_the_pipeline_and_a_student(world, students, monkeypatch
     assert model.family is teacher.family  # one set of text encoders and VAE
     out = model.generate(PROMPTS, seed=3)
     assert out.images.shape == (2, 16, 16, 3) and out.nfe == 2 and out.images.std() > 0
+
+
+def test_a_student_trained_with_its_own_flow_shift_samples_on_it(world, fam, students, monkeypatch, tmp_path):
+    """dmd2.json's flow_shift (a config's override) gives the student its own schedule; the teacher keeps 3.0."""
+    import shutil
+
+    monkeypatch.setattr(registry, "_cache", {})
+    monkeypatch.setattr(registry, "_families", {})
+    folder = tmp_path / "student-shift-1.5"
+    shutil.copytree(students["2step"], folder)
+    meta = json.loads((folder / "dmd2.json").read_text())
+    (folder / "dmd2.json").write_text(json.dumps({**meta, "flow_shift": 1.5}))
+    model, teacher = registry.load(str(folder)), registry.load(str(world["sd3"]))
+    assert model.family.schedule.shift == 1.5 and teacher.family.schedule.shift == 3.0
+    assert model.family.text_encoder_3 is teacher.family.text_encoder_3  # the encoders are still shared
+    out = model.generate(PROMPTS, seed=3)
+    fam15 = SD3Family.from_pretrained(world["sd3"])
+    fam15.schedule = FlowSchedule(1.5)
+    x = student_sample(fam15, model.unet, fam15.condition(PROMPTS), initial_noise(fam15, 2, 3), [999, 499],
+                       seed=renoise_seed(3))
+    assert np.array_equal(out.images, to_uint8(fam15.decode(x)))
+    (folder / "dmd2.json").write_text(json.dumps({**meta, "flow_shift": -1}))
+    registry.forget(str(folder))
+    with pytest.raises(ModelLoadError, match="shift must be a positive number"):
+        registry.load(str(folder))
 
 
 def test_the_sd3_medium_name_loads_from_the_hub_cache_offline(world, tmp_path, monkeypatch):

@@ -252,6 +252,21 @@ def test_lora_trains_only_the_adapter_and_loads_in_plain_diffusers(world, tmp_pa
     same_outputs(student, fam.load_student(run.student / "pytorch_lora_weights.safetensors"), fam)
 
 
+def test_a_peft_layout_lora_with_alpha_fuses_with_its_scale(family, tmp_path):
+    """PEFT's bare keys with a per-layer .alpha (FLUX's diffusers loader moves alpha keys aside; they still count)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 16), torch.randn(16, 2)
+    layer = "transformer_blocks.0.attn.to_q"
+    save_file({f"{layer}.lora_A.weight": a, f"{layer}.lora_B.weight": b, f"{layer}.alpha": torch.tensor(1.0)},
+              tmp_path / "peft.safetensors")
+    before = family.load_teacher().state_dict()
+    fused = family.load_student(tmp_path / "peft.safetensors").state_dict()
+    torch.testing.assert_close(fused[f"{layer}.weight"], before[f"{layer}.weight"] + 0.5 * b @ a)  # alpha / rank
+    assert all(torch.equal(fused[k], v) for k, v in before.items() if not k.startswith(layer))
+
+
 # --- loading, registry, bad inputs ---------------------------------------------------------------------------
 def test_registry_serves_a_flux_pipeline_folder_and_a_trained_student(world, tmp_path):
     fam = FluxFamily.from_pretrained(world["flux"])

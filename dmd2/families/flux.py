@@ -33,7 +33,7 @@ Design (what the rest of the code sees):
 - **LoRA targets**: the attention projections of both streams and the double-stream feed-forwards, the default
   `--lora_layers` of diffusers' `examples/dreambooth/train_dreambooth_lora_flux.py` (the suffixes also match the
   single-stream blocks' attn.to_q/k/v). LoRA students are written with `FluxPipeline.save_lora_weights` and
-  load in plain diffusers with `FluxPipeline.load_lora_weights(folder)`.
+  load in plain diffusers with `FluxPipeline.load_lora_weights(folder)` (`dmd2.families.transformer_lora`).
 """
 
 from __future__ import annotations
@@ -46,10 +46,11 @@ import torch
 from torch import nn
 
 from dmd2.families.base import Family, ModelLoadError, _is_one, unwrap
-from dmd2.families.lora import LORA_WEIGHT_NAME, _check_layers, student_lora_file
+from dmd2.families.lora import student_lora_file
 from dmd2.families.sd import TextCondition, resolve_device_dtype
 from dmd2.families.sd_loading import first_line, load_part, load_state_dict_file, load_vaes, move_to, param_dtype
 from dmd2.hub import hub_kwargs
+from dmd2.families.transformer_lora import fuse_transformer_lora, save_transformer_lora
 from dmd2.schedule import NUM_TRAIN_TIMESTEPS, FlowSchedule
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
@@ -60,7 +61,6 @@ FLUX_LORA_TARGET_MODULES = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.
 # FlowMatchEulerDiscreteScheduler options that change the sigmas in ways FlowSchedule does not model.
 _UNSUPPORTED_SCHEDULER = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal",
                           "invert_sigmas", "stochastic_sampling")
-_ADAPTER = "dmd2_fused"
 
 
 def flux_shift(scheduler_config: dict, image_seq_len: int) -> float:
@@ -375,7 +375,7 @@ class FluxFamily(Family):
         state_dict = load_state_dict_file(path)
         if any("lora" in k for k in state_dict):
             teacher = self.load_teacher()
-            fuse_transformer_lora(teacher, path, scale=lora_scale)
+            fuse_transformer_lora(teacher, path, self.pipeline_class, scale=lora_scale)
             return teacher
         return self.transformer_from_state_dict(state_dict, what=str(path))
 
@@ -398,7 +398,7 @@ class FluxFamily(Family):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if getattr(unet, "peft_config", None):
-            extra = {"lora": save_transformer_lora(unet, path).name, **extra}
+            extra = {"lora": save_transformer_lora(unet, path, self.pipeline_class).name, **extra}
         else:
             unet.save_pretrained(path, safe_serialization=True)
         guidance = self.student_guidance if unwrap(unet).config.guidance_embeds else None
@@ -457,61 +457,3 @@ def load_flux_configs(source, **kwargs) -> tuple[dict, dict]:
     except Exception as e:
         raise ModelLoadError(f"{source} has no readable scheduler/scheduler_config.json: {first_line(e)}") from None
     return config, sched
-
-
-# --- LoRA ------------------------------------------------------------------------------------
-def read_transformer_lora(lora) -> tuple[dict, dict | None, dict | None]:
-    """A FLUX transformer LoRA (file or state dict) as FluxPipeline.lora_state_dict reads it (diffusers, kohya,
-    xlabs, PEFT layouts): (keys under `transformer.`, alphas, adapter metadata); bare PEFT keys get the prefix."""
-    from diffusers import FluxPipeline
-
-    source = dict(lora) if isinstance(lora, dict) else str(lora)
-    try:
-        state_dict, alphas, metadata = FluxPipeline.lora_state_dict(source, return_alphas=True,
-                                                                    return_lora_metadata=True)
-    except Exception as e:
-        raise ModelLoadError(f"could not read the LoRA {lora if isinstance(lora, (str, Path)) else '(state dict)'}: "
-                             f"{first_line(e)}") from None
-    state_dict = {k if k.startswith(("transformer.", "text_encoder")) else "transformer." + k: v
-                  for k, v in state_dict.items()}
-    others = [k for k in state_dict if not k.startswith("transformer.")]
-    if others:
-        raise ModelLoadError(f"not a transformer LoRA key: {others[0]!r} (a text-encoder LoRA? only transformer "
-                             f"LoRAs are fused)")
-    return state_dict, alphas or None, metadata
-
-
-@torch.no_grad()
-def fuse_transformer_lora(transformer: nn.Module, lora, scale: float = 1.0) -> int:
-    """Fuse a LoRA into the transformer's weights in place with diffusers' own loader (alpha / rank scaling
-    included); every LoRA layer must name a Linear of this transformer. Returns the number of layers changed."""
-    from diffusers import FluxPipeline
-
-    if getattr(transformer, "peft_config", None):
-        raise ValueError("this transformer carries a LoRA adapter already: fuse into a plain one")
-    state_dict, alphas, metadata = read_transformer_lora(lora)
-    count = _check_layers(transformer, {k.removeprefix("transformer."): v for k, v in state_dict.items()})
-    try:
-        FluxPipeline.load_lora_into_transformer(state_dict, alphas, transformer, adapter_name=_ADAPTER,
-                                                metadata=metadata)
-    except Exception as e:
-        transformer.unload_lora()
-        raise ModelLoadError(f"the LoRA does not fit this FLUX transformer: {first_line(e)}") from None
-    transformer.fuse_lora(lora_scale=scale, adapter_names=[_ADAPTER])
-    transformer.unload_lora()
-    return count
-
-
-def save_transformer_lora(transformer: nn.Module, folder) -> Path:
-    """The transformer's one LoRA adapter as FluxPipeline.save_lora_weights writes it (keys under `transformer.`,
-    rank and alpha in the safetensors metadata), so `load_lora_weights` restores the same scaling."""
-    from diffusers import FluxPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    (name, config), = transformer.peft_config.items()
-    layers = {k: v.detach().float().cpu().contiguous()
-              for k, v in get_peft_model_state_dict(transformer, adapter_name=name).items()}
-    FluxPipeline.save_lora_weights(folder, transformer_lora_layers=layers,
-                                   transformer_lora_adapter_metadata=config.to_dict(), weight_name=LORA_WEIGHT_NAME,
-                                   safe_serialization=True)
-    return Path(folder) / LORA_WEIGHT_NAME

@@ -1,4 +1,4 @@
-"""LoRA students of the transformer families (SD3's MMDiT; any diffusers transformer with PeftAdapterMixin):
+"""LoRA students of the transformer families (SD3's MMDiT, FLUX; any diffusers transformer with PeftAdapterMixin):
 the file they live in and fusing one into a transformer, with diffusers' own loader
 (`<Pipeline>.lora_state_dict`, `ModelMixin.load_lora_adapter`, `fuse_lora`), which derives the LoRA config
 (rank, alpha from the file's metadata) and merges it. `dmd2.families.lora` does the same for UNets.
@@ -12,6 +12,7 @@ Layouts read:
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -31,8 +32,16 @@ def read_transformer_lora(lora, pipeline_class: str) -> tuple[dict, dict | None,
     import diffusers
 
     source = dict(lora) if isinstance(lora, dict) else str(lora)
+    loader = getattr(diffusers, pipeline_class).lora_state_dict
+    # FLUX's loader moves `alpha` keys out of the state dict (returned only with return_alphas): they go back in,
+    # to be read below as in every other layout.
+    with_alphas = "return_alphas" in inspect.signature(loader).parameters
     try:
-        state_dict, metadata = getattr(diffusers, pipeline_class).lora_state_dict(source, return_lora_metadata=True)
+        if with_alphas:
+            state_dict, loader_alphas, metadata = loader(source, return_alphas=True, return_lora_metadata=True)
+            state_dict = {**state_dict, **(loader_alphas or {})}
+        else:
+            state_dict, metadata = loader(source, return_lora_metadata=True)
     except Exception as e:  # an unreadable or missing file
         raise ModelLoadError(f"could not read the LoRA {lora if isinstance(lora, (str, Path)) else '(state dict)'}: "
                              f"{first_line(e)}") from None

@@ -206,10 +206,12 @@ def test_1step_trains_with_guidance_inputs_no_cfg_pass_and_exports(world, tmp_pa
 
 
 def test_4step_backward_simulation_runs_the_generators_own_steps(world):
-    cfg = flux_config(world, student_steps=4, backward_simulation=True, ttur=2, iterations=4, gan_critic_weight=0.0,
-                      gan_generator_weight=0.0)
+    """Also: bf16 frozen teacher and autocast, gradient checkpointing (the bottleneck's checkpointed blocks too)."""
+    cfg = flux_config(world, student_steps=4, backward_simulation=True, ttur=2, iterations=4, mixed_precision="bf16",
+                      frozen_dtype="bf16", gradient_checkpointing=True)
     tr = DMD2Trainer(cfg)
-    assert tr.timesteps == [999, 749, 499, 249]
+    assert tr.timesteps == [999, 749, 499, 249] and tr.real_unet.dtype == torch.bfloat16
+    assert tr.generator_module.is_gradient_checkpointing and tr.critic_module.fake_unet.is_gradient_checkpointing
     fam, gen = tr.family, tr.generator_module
     cond, noise = fam.condition(PROMPTS), initial_noise(fam, 2, seed=5)
     got = backward_simulate(fam, gen, cond, tr.timesteps, 3, noise, torch.Generator().manual_seed(1))
@@ -219,9 +221,24 @@ def test_4step_backward_simulation_runs_the_generators_own_steps(world):
             x0 = fam.denoise(gen, x, tr.timesteps[i], cond)
             x = fam.schedule.add_noise(x0, torch.randn(x0.shape, generator=rng), torch.tensor([tr.timesteps[i + 1]]))
     torch.testing.assert_close(got, x)
-    before = snapshot(gen)
-    kinds = ["G" if "generator/dm" in tr.train_step() else "C" for _ in range(4)]
-    assert kinds == ["C", "G", "C", "G"] and tr.generator_updates == 2 and moved(before, gen)
+    before, before_head = snapshot(gen), snapshot(tr.critic_module.gan_head)
+    stats = [tr.train_step() for _ in range(4)]
+    assert ["G" if "generator/dm" in st else "C" for st in stats] == ["C", "G", "C", "G"] and tr.generator_updates == 2
+    assert all(math.isfinite(v) for st in stats for v in st.values()) and "critic/gan_critic" in stats[-1]
+    assert moved(before, gen) and moved(before_head, tr.critic_module.gan_head)
+
+
+def test_a_schnell_like_teacher_ignores_guidance(world, tmp_path):
+    fam = FluxFamily.from_pretrained(world["schnell"], max_sequence_length=SEQ)
+    teacher = fam.load_teacher()
+    calls = record_calls(teacher)
+    x, cond = initial_noise(fam, 2, seed=1), fam.condition(PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(fam.denoise(teacher, x, 600, cond, guidance=4.0), fam.denoise(teacher, x, 600, cond))
+    assert calls == [(2, None)] * 2 and fam.schedule.shift == 1.0
+    fam.save_student(teacher, tmp_path / "s", timesteps=[999])
+    assert json.loads((tmp_path / "s" / "dmd2.json").read_text())["student_guidance"] is None
+    same_outputs(teacher, fam.load_student(tmp_path / "s"), fam, atol=0)
 
 
 def test_lora_trains_only_the_adapter_and_loads_in_plain_diffusers(world, tmp_path):

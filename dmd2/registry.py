@@ -266,11 +266,13 @@ def _hub_sources(spec: ModelSpec) -> tuple[str | None, str | None]:
             what = ", ".join(f"{repo}/{f}" if f != "model_index.json" else repo for repo, f in missing)
             how = " and ".join(f"`hf download {repo}" + ("`" if f == "model_index.json" else f" {f}`")
                                for repo, f in missing)
+            size = ("SDXL wants a GPU (about 7 GB of fp16 weights per UNet; a CPU takes minutes per image)"
+                    if spec.family == "sdxl" else
+                    f"{spec.family} wants a GPU (billions of parameters; a CPU takes minutes per image)")
             raise ModelLoadError(
                 f"model {spec.name!r} needs {what} from the Hugging Face Hub, which is not in the local cache and "
-                f"the Hub is not reachable from here. SDXL wants a GPU (about 7 GB of fp16 weights per UNet; a CPU "
-                f"takes minutes per image): on a GPU machine with internet it downloads on first use, or fill the "
-                f"cache with {how}")
+                f"the Hub is not reachable from here. {size}: on a GPU machine with internet it downloads on first "
+                f"use, or fill the cache with {how}")
         base, weights = spec.base, spec.weights
         if (spec.base, "model_index.json") in cached:
             base = str(cached[(spec.base, "model_index.json")].parent)     # the cached snapshot folder

@@ -423,3 +423,26 @@ def test_sd15_full_unet_student_file(sd15, tmp_path):
     torch.save(state, tmp_path / "sd15_student.bin")
     loaded = sd15.load_student(tmp_path / "sd15_student.bin").state_dict()
     assert all(torch.equal(loaded[k], v.float()) for k, v in state.items())
+
+
+def test_the_scheduler_config_is_read_and_checked(sdxl_dir, tmp_path):
+    """The folder's scheduler/scheduler_config.json decides the prediction type, and a schedule the family cannot
+    sample is refused by name (the config used to be skipped silently)."""
+    import json
+    import shutil
+
+    from dmd2.families.sd_loading import load_configs
+
+    _, sched = load_configs(sdxl_dir)
+    assert sched["_class_name"] and sched["beta_schedule"] == "scaled_linear"
+    copy = tmp_path / "v"
+    shutil.copytree(sdxl_dir, copy)
+    path = copy / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "prediction_type": "v_prediction"}))
+    assert SDXLFamily.from_pretrained(copy).prediction_type == "v_prediction"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "beta_schedule": "linear"}))
+    with pytest.raises(ModelLoadError, match="beta_schedule='linear'"):
+        SDXLFamily.from_pretrained(copy)
+    path.write_text("{not json")
+    with pytest.raises(ModelLoadError, match="unreadable scheduler"):
+        SDXLFamily.from_pretrained(copy)

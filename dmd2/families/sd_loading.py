@@ -65,16 +65,21 @@ def load_vaes(source, device, dtype, vae=None, vae_subfolder=None, tiny_vae=None
 
 def load_configs(source, unet_subfolder: str = "unet", **kwargs) -> tuple[dict, dict]:
     """The UNet's config (required) and the scheduler's (empty when absent) of an SD folder or Hub repo."""
-    from diffusers import SchedulerMixin, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
 
     try:
         unet_config = dict(UNet2DConditionModel.load_config(source, subfolder=unet_subfolder, **kwargs))
     except Exception as e:
         raise ModelLoadError(f"{source} has no readable {unet_subfolder}/config.json: {first_line(e)}") from None
-    try:
-        sched = dict(SchedulerMixin.load_config(source, subfolder="scheduler", **kwargs))
-    except Exception:
-        sched = {}
+    local = Path(source) / "scheduler" / "scheduler_config.json"
+    if Path(source).is_dir() and not local.is_file():
+        return unet_config, {}   # no scheduler folder: the SD defaults
+    try:  # any scheduler class reads scheduler_config.json as a plain dict (SchedulerMixin has no load_config)
+        sched = dict(DDIMScheduler.load_config(source, subfolder="scheduler", **kwargs))
+    except Exception as e:
+        if not Path(source).is_dir() and isinstance(e, OSError) and "valid JSON" not in str(e):
+            return unet_config, {}   # a Hub repo without a scheduler
+        raise ModelLoadError(f"{source} has an unreadable scheduler/scheduler_config.json: {first_line(e)}") from None
     return unet_config, sched
 
 

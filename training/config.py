@@ -40,6 +40,10 @@ class DistillConfig:
     lora_alpha: float = 8.0                    # LoRA scale alpha / rank (official SDXL: rank 64, alpha 8)
     lora_target_modules: list | None = None    # module-name suffixes; None: the family's (DMD2's list)
     gradient_checkpointing: bool = False       # recompute activations of the generator and fake score
+    compile: bool = False                      # torch.compile (inductor) the generator, fake score and teacher
+                                               # forwards; first steps are slow (compiling); not with FSDP
+    channels_last: bool = False                # channels_last memory format for those networks' weights (and so
+                                               # their activations); not with FSDP
     generator_init: str | None = None          # a student folder of the same network to start the generator from
                                                # (e.g. a 1-step student for a 4-step run); None: the teacher
     # the student
@@ -134,6 +138,8 @@ class DistillConfig:
              "lora_target_modules", "must be null or a non-empty list of module names")
         need(not text or self.eval_every == 0, "eval_every",
              "the quick evaluation scores MNIST digits; set eval_every: 0 for the text families")
+        need(isinstance(self.compile, bool), "compile", "must be true or false")
+        need(isinstance(self.channels_last, bool), "channels_last", "must be true or false")
         need(self.generator_init is None or self.lora_rank == 0, "generator_init",
              "a LoRA generator starts from the teacher; drop generator_init or set lora_rank: 0")
         need(isinstance(self.student_steps, int) and 1 <= self.student_steps <= 1000, "student_steps", "must be an integer in 1..1000")

@@ -63,6 +63,9 @@ class DMD2Trainer:
         if self.sharded and cfg.ema_decay > 0:
             raise ConfigError("ema_decay > 0 with FSDP: the EMA would be a full copy of the generator on every GPU; "
                               "set ema_decay: 0 (as the SDXL presets do) or use DDP")
+        if self.sharded and (cfg.compile or cfg.channels_last):
+            raise ConfigError("compile / channels_last with FSDP: not supported (the sharded parameters are DTensors "
+                              "that neither was tested with); set compile: false and channels_last: false, or use DDP")
         if cfg.guidance_range is not None and cfg.lora_rank:  # also for a config that skipped validate()
             raise ConfigError("guidance_range with lora_rank > 0: a LoRA trains only adapters, so the generator's w "
                               "projection would stay zero and the student would ignore w; set lora_rank: 0")
@@ -123,6 +126,8 @@ class DMD2Trainer:
         if frozen_dtype != torch.float32:  # after the copies above, which train in fp32
             self.real_unet.to(frozen_dtype)
         self.ema = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+        for network in (generator, critic.fake_unet, self.real_unet):  # after the EMA's copy, which stays plain
+            speed_up(network, compile=cfg.compile, channels_last=cfg.channels_last)
 
         if self.sharded:  # before the optimisers, which then hold the sharded (DTensor) parameters
             self.shard_units = {"generator": sharding.shard(generator, self.device),
@@ -442,6 +447,21 @@ class DMD2Trainer:
                            noise.to(self.device), self.timesteps, seed=renoise_seed(seed), autocast=self.cfg.frozen_dtype == "bf16",
                            guidance_input=w)
         return self.family.decode(x)
+
+
+def speed_up(network: torch.nn.Module, compile: bool = False, channels_last: bool = False) -> None:
+    """In place: `network`'s weights in channels_last memory format, and/or its calls compiled (inductor)."""
+    if channels_last:
+        # A conv with channels_last weights returns channels_last activations (on CPU and GPU), so the layout
+        # follows from the first conv on; `to` keeps the Parameter objects, so optimisers and DDP are unaffected.
+        network.to(memory_format=torch.channels_last)
+    if compile:
+        # nn.Module.compile(), not `torch.compile(network)`: the module stays itself (no OptimizedModule wrapper),
+        # so its state dict keeps the plain keys (no "_orig_mod."), checkpoints and exports do not change, and
+        # the optimisers, the EMA's zip over parameters and DDP see the same object. Only `__call__` (forward
+        # and its hooks, e.g. the per-step critic's) is compiled; `family.bottleneck` calls sub-modules
+        # directly, so the GAN's bottleneck runs eagerly, on the same weights.
+        network.compile()
 
 
 GUIDANCE_WEIGHTS = ("time_embedding.cond_proj.weight",)   # a guidance-conditioned network's own weights

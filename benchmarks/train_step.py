@@ -10,11 +10,22 @@ generator forward + backward (after the same k no-grad forwards), the real score
 (noise draws, losses, clipping, AdamW, EMA, finiteness checks) is overhead. Each part and each
 whole step is timed in the same loop, interleaved; per round the step's time is divided by the sum of
 the passes it ran, and the median ratio is printed. Target: <= 1.2x.
+
+    OMP_NUM_THREADS=1 python benchmarks/train_step.py --compare-compile [--config ...] [--repeats 5]
+
+builds trainers from the same config and seed: eager, channels_last, and torch.compile + channels_last
+(the config switches `compile` and `channels_last`). Each first runs one TTUR cycle (`ttur` iterations:
+critic steps and a generator step) as warm-up, timed apart (for the compiled one: compilation), then
+one more untimed; then rounds of one cycle each, interleaved, and prints each one's median step time,
+its ratio to eager, the warm-up time, torch._dynamo's graph count after warm-up and after timing (a
+growing count means recompiles), how far the first cycle's losses are from eager's, and the max abs
+difference of the compiled generator's output from its own eager forward (same weights).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import statistics
 import time
@@ -32,13 +43,79 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def graphs() -> int:
+    """FX graphs torch._dynamo has compiled in this process so far (all networks, all recompiles)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def cycle(tr: DMD2Trainer) -> list[dict]:
+    """One TTUR cycle: `ttur` iterations, the last with a generator update; each iteration's stats."""
+    return [tr.train_step() for _ in range(tr.cfg.ttur)]
+
+
+def compare_compile(cfg, repeats: int) -> None:
+    """Eager vs channels_last vs torch.compile + channels_last trainers, same config and seed (module doc)."""
+    variants = {"eager": {}, "channels_last": {"channels_last": True},
+                "compile + channels_last": {"compile": True, "channels_last": True}}
+    trainers, warmup, first, counts = {}, {}, {}, {}
+    for name, switches in variants.items():
+        before = graphs()
+        tr = trainers[name] = DMD2Trainer(dataclasses.replace(cfg, **switches).validate())
+        warmup[name] = timed(lambda: first.__setitem__(name, cycle(tr)))
+        cycle(tr)  # a second untimed cycle: what a recompile on a second call would cost lands here
+        counts[name] = [graphs() - before]
+    times = {name: [] for name in trainers}
+    for _ in range(repeats):
+        for name, tr in trainers.items():
+            times[name].append(timed(lambda: cycle(tr)) / cfg.ttur)
+    compiled = trainers["compile + channels_last"]
+    counts["compile + channels_last"].append(graphs() - sum(counts[n][0] for n in counts))
+    # The compiled generator against its own eager forward (nn.Module.compile compiles __call__ only), on the
+    # same weights and inputs: what compiling alone changes in a student's output.
+    fam, n = compiled.family, cfg.batch_size
+    _, cond = compiled.real_batch()
+    x = randn(fam.latent_shape(n), compiled.rng, compiled.device)
+    t = fam.schedule.timesteps(compiled.timesteps[0], n, compiled.device)
+    gen = compiled.generator_module
+    with torch.no_grad(), compiled.autocast():
+        out_compiled = fam.model_output(gen, x, t, cond).float()
+        out_eager = gen.forward(x, fam.schedule.model_timestep(t), class_labels=cond).sample.float()
+    diff = (out_compiled - out_eager).abs().max().item()
+
+    def loss_gap(name: str) -> float:
+        return max(abs(a[k] - b[k]) for a, b in zip(first["eager"], first[name]) for k in a
+                   if k.endswith(("fake_denoise", "gan_critic", "/dm", "gan_generator")))
+
+    eager = statistics.median(times["eager"])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {n}, {cfg.student_steps}-step student, "
+          f"GAN {'on' if cfg.use_gan else 'off'}, {cfg.mixed_precision}, TTUR {cfg.ttur}, median of {repeats} "
+          f"cycles of {cfg.ttur} iterations each")
+    print(f"\n{'trainer':<26}{'step s':>9}{'/ eager':>9}{'warm-up s':>11}{'graphs':>8}{'first-cycle loss gap':>22}")
+    for name in trainers:
+        med = statistics.median(times[name])
+        graphs_text = "+".join(str(c) for c in counts.get(name, [0])) if name.startswith("compile") else "-"
+        gap = "-" if name == "eager" else f"{loss_gap(name):.2e}"
+        print(f"{name:<26}{med:>9.3f}{med / eager:>8.2f}x{warmup[name]:>11.1f}{graphs_text:>8}{gap:>22}")
+    print(f"\nwarm-up: the first {cfg.ttur} iterations (for the compiled trainer, compilation of every pass); graphs: "
+          f"compiled during the two warm-up cycles + during the timed cycles (0: no recompiles)")
+    print(f"compiled generator vs its own eager forward (same weights, batch {n}, t={compiled.timesteps[0]}): "
+          f"max abs diff {diff:.2e} (output std {out_eager.std().item():.2f})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/mnist-1step.yaml")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--compare-compile", action="store_true",
+                   help="time eager vs channels_last vs torch.compile + channels_last trainers instead")
     a = p.parse_args()
     cfg = load_config(a.config, a.overrides)
+    if a.compare_compile:
+        compare_compile(cfg, a.repeats)
+        return
     tr = DMD2Trainer(cfg)
     fam, n = tr.family, cfg.batch_size
     T = fam.schedule.num_train_timesteps

@@ -21,7 +21,7 @@ import torch
 from dmd2 import registry
 from dmd2.images import to_uint8
 from dmd2.metrics.mnist import evaluate_images
-from dmd2.sampling import cycled_labels, initial_noise
+from dmd2.sampling import cycled_labels, initial_noise, renoise_seed
 
 
 @torch.no_grad()
@@ -49,7 +49,7 @@ def sample(model: str, first: str | None = None, timesteps: list[int] | None = N
         batch = labels[i:i + batch_size]
         cond = family.condition(batch)
         x = initial_noise(family, len(batch), seed + b)
-        fresh = torch.Generator().manual_seed(seed + b)  # as student_sample seeds its fresh noise
+        fresh = torch.Generator().manual_seed(renoise_seed(seed + b))  # as generate seeds its fresh noise
         x0 = start.family.denoise(start.unet, x, start.timesteps[0], cond, 1.0).float()
         for t in ts:
             x = family.schedule.add_noise(x0, torch.randn(x0.shape, generator=fresh), torch.tensor([t]))

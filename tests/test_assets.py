@@ -33,6 +33,15 @@ def test_committed_teacher_samples_legible_digits():
     assert result["alignment"] > 0.8  # chance is 0.1
 
 
+def test_committed_flow_teacher_is_a_flow_model_that_samples_legible_digits():
+    teacher = registry.load("mnist-flow-teacher")
+    assert teacher.family.schedule.kind == "flow" and teacher.family.prediction_type == "flow"
+    labels = np.arange(100) % 10
+    out = teacher.generate(labels, seed=0, steps=25)
+    assert out.nfe == 25
+    assert evaluate_images(out.images, labels)["alignment"] > 0.8
+
+
 def test_the_teacher_is_committed():
     assert "mnist-teacher" in registry.available()
 

@@ -11,7 +11,6 @@ cache; nothing here touches the network at import or in `available()`.
 from __future__ import annotations
 
 import copy
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from dmd2.families import family_class
-from dmd2.families.base import Family, ModelLoadError
+from dmd2.families.base import Family, ModelLoadError, read_json_object
 from dmd2.families.lora import student_lora_file
 from dmd2.families.pixel import PixelFamily, load_pixel_unet
 from dmd2.families.sdxl import PUBLISHED as SDXL_PUBLISHED
@@ -132,7 +131,7 @@ class LoadedModel:
         folder = spec.path if spec.path is None or spec.path.is_dir() else spec.path.parent
         meta_path = folder / "dmd2.json" if spec.kind == "student" and folder is not None else None
         if meta_path is not None and meta_path.is_file():
-            meta = _read_meta(meta_path)
+            meta = read_json_object(meta_path)
         if spec.kind == "student" and not timesteps:
             if "timesteps" not in meta:
                 raise ModelLoadError(f"student {spec.name!r} has no {meta_path} naming its timesteps")
@@ -312,16 +311,6 @@ def _with_flow_shift(family: Family, shift, path) -> Family:
     return own
 
 
-def _read_meta(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(meta, dict):
-        raise ModelLoadError(f"{path} is not a JSON object")
-    return meta
-
-
 def _resolve_base(teacher: str, folder: Path) -> str:
     """dmd2.json's teacher: a path as given (from the working directory), else beside the student, else a Hub repo."""
     if Path(teacher).exists():
@@ -332,7 +321,7 @@ def _resolve_base(teacher: str, folder: Path) -> str:
 
 
 def _text_student_spec(name: str, weights: Path, meta_path: Path) -> ModelSpec:
-    meta = _read_meta(meta_path)
+    meta = read_json_object(meta_path)
     family = meta.get("family")
     if family not in TEXT_FAMILIES:
         raise ModelLoadError(f"{meta_path}: family {family!r} is not a text-to-image family "
@@ -355,13 +344,13 @@ def spec_for(name: str) -> ModelSpec:
     if path.is_file() and path.suffix in (".safetensors", ".bin") and (path.parent / "dmd2.json").is_file():
         return _text_student_spec(str(path), path, path.parent / "dmd2.json")
     if path.is_dir() and (path / "model_index.json").is_file():
-        cls = _read_meta(path / "model_index.json").get("_class_name")
+        cls = read_json_object(path / "model_index.json").get("_class_name")
         if cls not in PIPELINE_FAMILIES:
             raise ModelLoadError(f"{path} is a {cls} pipeline; supported: {', '.join(PIPELINE_FAMILIES)}")
         return ModelSpec(str(path), path, "teacher", PIPELINE_FAMILIES[cls], base=str(path),
                          description=f"local {PIPELINE_FAMILIES[cls]} pipeline {path}")
     if path.is_dir() and (path / "dmd2.json").is_file():
-        meta = _read_meta(path / "dmd2.json")
+        meta = read_json_object(path / "dmd2.json")
         if meta.get("family", "pixel") in TEXT_FAMILIES:
             weights = path if (path / "config.json").is_file() else student_lora_file(path)
             return _text_student_spec(str(path), weights, path / "dmd2.json")

@@ -136,7 +136,7 @@ def test_a_folder_without_scheduler_config_is_the_ddpm_default(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("{not json", "could not read"),
+    ("{not json", "cannot read"),
     ('{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": -2}', "unsupported schedule"),
     ('{"_class_name": "DDIMScheduler", "beta_schedule": "sigmoid"}', "unsupported schedule"),
     ('{"_class_name": "DDIMScheduler", "prediction_type": "epsilon"}', "predict v"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,19 @@ from dmd2.schedule import Schedule
 
 class ModelLoadError(RuntimeError):
     """A model folder or weight file is missing, unreadable or does not match its config."""
+
+
+def read_json_object(path) -> dict:
+    """A JSON file that must hold an object (config.json, dmd2.json, scheduler_config.json, ...); ModelLoadError
+    naming the file when it cannot be read, is not JSON, or is not an object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    return data
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

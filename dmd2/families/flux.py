@@ -45,10 +45,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dmd2.families.base import Family, ModelLoadError, _is_one, unwrap
+from dmd2.families.base import Family, ModelLoadError, _is_one, read_json_object, unwrap
 from dmd2.families.lora import student_lora_file
 from dmd2.families.sd import TextCondition, resolve_device_dtype
-from dmd2.families.sd_loading import first_line, load_part, load_state_dict_file, load_vaes, move_to, param_dtype
+from dmd2.families.sd_loading import (fill_from_state_dict, first_line, load_part, load_state_dict_file, load_vaes,
+                                      move_to, param_dtype)
 from dmd2.hub import hub_kwargs
 from dmd2.families.transformer_lora import fuse_transformer_lora, save_transformer_lora
 from dmd2.schedule import NUM_TRAIN_TIMESTEPS, FlowSchedule
@@ -97,16 +98,6 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     ids[..., 1] = torch.arange(h // 2)[:, None]
     ids[..., 2] = torch.arange(w // 2)[None, :]
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} is not a JSON object")
-    return data
 
 
 class FluxFamily(Family):
@@ -341,18 +332,8 @@ class FluxFamily(Family):
 
     def transformer_from_state_dict(self, state_dict: dict, what: str = "state dict") -> nn.Module:
         """A transformer with the teacher's config and exactly these weights (every key must match)."""
-        net = self.new_transformer()
-        expected = set(net.state_dict())
-        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-        if missing or unexpected:
-            raise ModelLoadError(f"{what} does not fit the FLUX transformer of {self.source}: {len(missing)} missing "
-                                 f"keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
-        try:
-            net.load_state_dict({k: v.to(self.dtype) for k, v in state_dict.items()}, strict=True, assign=True)
-        except RuntimeError as e:
-            raise ModelLoadError(f"{what} does not fit the FLUX transformer of {self.source}: "
-                                 f"{str(e).strip().splitlines()[-1]}") from None
-        return self._ready(net)
+        return self._ready(fill_from_state_dict(self.new_transformer(), state_dict, self.dtype, what,
+                                                f"the FLUX transformer of {self.source}"))
 
     def load_student(self, path, lora_scale: float = 1.0, **kwargs) -> nn.Module:
         """A student transformer from: a student folder of our runs (`save_student`: a diffusers
@@ -366,7 +347,7 @@ class FluxFamily(Family):
         folder = path if path.is_dir() else path.parent
         self._check_meta(folder / "dmd2.json")
         if path.is_dir() and (path / "config.json").is_file():
-            kind = _read_json(path / "config.json").get("_class_name")
+            kind = read_json_object(path / "config.json").get("_class_name")
             if kind != "FluxTransformer2DModel":
                 raise ModelLoadError(f"{path} holds a {kind}, not a FluxTransformer2DModel (a student of another family?)")
             return self._ready(load_part(FluxTransformer2DModel, path, dtype=self.dtype))
@@ -383,7 +364,7 @@ class FluxFamily(Family):
         """A student's dmd2.json, when there is one, must be a FLUX student trained at this family's guidance input."""
         if not meta_path.is_file():
             return
-        meta = _read_json(meta_path)
+        meta = read_json_object(meta_path)
         if meta.get("family", self.name) != self.name:
             raise ModelLoadError(f"{meta_path}: a {meta['family']} student, not a FLUX one")
         g = meta.get("student_guidance")
@@ -432,7 +413,7 @@ class FluxFamily(Family):
         meta = Path(student) / "dmd2.json"
         if not meta.is_file():
             raise ModelLoadError(f"{student} is not a folder with dmd2.json naming its timesteps")
-        return tuple(int(t) for t in _read_json(meta)["timesteps"])
+        return tuple(int(t) for t in read_json_object(meta)["timesteps"])
 
 
 def load_flux_configs(source, **kwargs) -> tuple[dict, dict]:
@@ -442,7 +423,7 @@ def load_flux_configs(source, **kwargs) -> tuple[dict, dict]:
 
     index = Path(str(source)) / "model_index.json"
     if Path(str(source)).is_dir() and index.is_file():
-        kind = _read_json(index).get("_class_name")
+        kind = read_json_object(index).get("_class_name")
         if kind != "FluxPipeline":
             raise ModelLoadError(f"{source} is a {kind} folder, not a FluxPipeline (use its own family)")
     try:

@@ -12,7 +12,7 @@ from diffusers import UNet2DModel
 from diffusers.models.embeddings import TimestepEmbedding
 from safetensors import SafetensorError
 
-from dmd2.families.base import Family, ModelLoadError, unwrap
+from dmd2.families.base import Family, ModelLoadError, read_json_object, unwrap
 from dmd2.guidance import guidance_embedding
 from dmd2.schedule import FlowSchedule, NoiseSchedule, Schedule
 
@@ -196,12 +196,7 @@ def read_schedule(folder) -> Schedule:
     path = Path(folder) / "scheduler_config.json"
     if not path.is_file():
         return NoiseSchedule("cosine")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"could not read {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ModelLoadError(f"{path} is not a JSON object")
+    cfg = read_json_object(path)
     kind, T = cfg.get("_class_name"), cfg.get("num_train_timesteps", 1000)
     try:
         if kind == "FlowMatchEulerDiscreteScheduler":

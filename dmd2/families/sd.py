@@ -18,7 +18,7 @@ from torch import nn
 from dmd2.families.base import Family, ModelLoadError, unwrap
 from dmd2.guidance import guidance_embedding
 from dmd2.families.lora import LORA_TARGET_MODULES, fuse_lora, save_unet_lora, student_lora_file
-from dmd2.families.sd_loading import load_part, load_state_dict_file, move_to, param_dtype
+from dmd2.families.sd_loading import fill_from_state_dict, load_part, load_state_dict_file, move_to, param_dtype
 from dmd2.hub import hub_file
 from dmd2.schedule import NoiseSchedule
 
@@ -269,18 +269,8 @@ class StableDiffusionFamily(Family):
         time_cond_proj_dim."""
         proj = state_dict.get("time_embedding.cond_proj.weight")
         unet = self.new_unet(**({"time_cond_proj_dim": proj.shape[1]} if proj is not None and proj.ndim == 2 else {}))
-        expected = set(unet.state_dict())
-        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-        if missing or unexpected:
-            raise ModelLoadError(
-                f"{what} does not fit the teacher UNet of {self.source}: {len(missing)} missing keys "
-                f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
-        try:
-            unet.load_state_dict({k: v.to(self.dtype) for k, v in state_dict.items()}, strict=True, assign=True)
-        except RuntimeError as e:
-            raise ModelLoadError(f"{what} does not fit the teacher UNet of {self.source}: "
-                                 f"{str(e).strip().splitlines()[-1]}") from None
-        return self._ready(unet)
+        return self._ready(fill_from_state_dict(unet, state_dict, self.dtype, what,
+                                                f"the teacher UNet of {self.source}"))
 
     def published_file(self, name: str, **kwargs) -> Path:
         """The weight file of a published student, from the Hugging Face cache or the Hub."""

@@ -32,7 +32,8 @@ from torch import nn
 from dmd2.families.base import Family, ModelLoadError, unwrap
 from dmd2.families.lora import student_lora_file
 from dmd2.families.sd import StableDiffusionFamily, TextCondition, resolve_device_dtype
-from dmd2.families.sd_loading import first_line, load_part, load_state_dict_file, load_vaes, move_to, param_dtype
+from dmd2.families.sd_loading import (fill_from_state_dict, first_line, load_part, load_state_dict_file, load_vaes,
+                                      move_to, param_dtype)
 from dmd2.families.transformer_lora import fuse_transformer_lora, save_transformer_lora
 from dmd2.hub import hub_kwargs
 from dmd2.schedule import FlowSchedule
@@ -237,18 +238,8 @@ class SD3Family(Family):
 
     def unet_from_state_dict(self, state_dict: dict[str, torch.Tensor], what: str = "state dict") -> nn.Module:
         """A transformer with the teacher's config and exactly these weights (every key must match)."""
-        transformer = self.new_unet()
-        expected = set(transformer.state_dict())
-        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-        if missing or unexpected:
-            raise ModelLoadError(f"{what} does not fit the SD3 transformer of {self.source}: {len(missing)} missing "
-                                 f"keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
-        try:
-            transformer.load_state_dict({k: v.to(self.dtype) for k, v in state_dict.items()}, strict=True, assign=True)
-        except RuntimeError as e:
-            raise ModelLoadError(f"{what} does not fit the SD3 transformer of {self.source}: "
-                                 f"{str(e).strip().splitlines()[-1]}") from None
-        return self._ready(transformer)
+        return self._ready(fill_from_state_dict(self.new_unet(), state_dict, self.dtype, what,
+                                                f"the SD3 transformer of {self.source}"))
 
     def load_student(self, path, lora_scale: float = 1.0, **kwargs) -> nn.Module:
         """A student transformer from: a folder of our runs (`save_student`: a diffusers SD3Transformer2DModel

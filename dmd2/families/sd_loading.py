@@ -83,6 +83,23 @@ def load_configs(source, unet_subfolder: str = "unet", **kwargs) -> tuple[dict, 
     return unet_config, sched
 
 
+def fill_from_state_dict(net: torch.nn.Module, state_dict: dict, dtype: torch.dtype, what: str,
+                         network: str) -> torch.nn.Module:
+    """Load exactly `state_dict` (in `dtype`) into `net`, an empty network of the teacher's config (e.g. on the
+    meta device: `assign=True`); ModelLoadError naming `what` and the `network` it does not fit when a key is
+    missing or extra or a shape differs."""
+    expected = set(net.state_dict())
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise ModelLoadError(f"{what} does not fit {network}: {len(missing)} missing keys {missing[:3]}, "
+                             f"{len(unexpected)} unexpected keys {unexpected[:3]}")
+    try:
+        net.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ModelLoadError(f"{what} does not fit {network}: {str(e).strip().splitlines()[-1]}") from None
+    return net
+
+
 def load_state_dict_file(path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file, or of a .bin/.pt file read with torch.load(weights_only=True) (no pickled code runs)."""
     path = Path(path)

@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dmd2.families.base import ModelLoadError, read_json_object
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # (key, label, better): "lower", "higher", or "one" (closer to 1 is better)
@@ -78,12 +80,9 @@ def evaluate_command(model: str, sample_set: int, num: int, out: Path) -> list[s
 
 def load_result(path: Path) -> dict:
     try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"error: cannot read result {path}: {e}") from None
-    if not isinstance(result, dict):
-        raise SystemExit(f"error: result {path} is not a JSON object")
-    return result
+        return read_json_object(path)
+    except ModelLoadError as e:
+        raise SystemExit(f"error: result {e}") from None
 
 
 def mean_over(results: list[dict]) -> dict[str, float]:

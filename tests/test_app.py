@@ -230,3 +230,16 @@ def test_default_app_has_one_panel_per_available_model():
     labels = [b.label for b in demo.blocks.values()
               if isinstance(b, gr.Image) and not (b.elem_id or "").startswith(("arena-", "train-"))]
     assert labels == registry.available("pixel", demo=True)  # students get a panel as soon as their weights exist
+
+
+def test_the_flow_models_are_served_by_name_not_by_default():
+    import gradio as gr
+
+    from dmd2.ui.app import build_app
+
+    flow = ["mnist-flow-teacher", "mnist-flow-dmd2-1step", "mnist-flow-dmd2-4step"]
+    assert set(flow) <= set(registry.available("pixel")) and not set(flow) & set(registry.available("pixel", demo=True))
+    demo = build_app(flow)
+    labels = [b.label for b in demo.blocks.values()
+              if isinstance(b, gr.Image) and not (b.elem_id or "").startswith(("arena-", "train-"))]
+    assert labels == flow

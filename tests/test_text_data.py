@@ -96,11 +96,11 @@ def _base(tmp_path, **kw) -> dict:
 def test_bad_inputs_name_the_problem(tmp_path, monkeypatch):
     from training.trainer import DMD2Trainer
 
-    with pytest.raises(ConfigError, match="family.*pixel, sdxl, sd15"):
-        load_config(None, ["family=flux"])
+    with pytest.raises(ConfigError, match="family.*pixel, sdxl, sd15, sd3, flux"):
+        load_config(None, ["family=kandinsky"])
     with pytest.raises(ConfigError, match="eval_every.*MNIST"):
         DistillConfig(family="sdxl", data="x").validate()
-    with pytest.raises(ConfigError, match="lora_rank.*sdxl and sd15"):
+    with pytest.raises(ConfigError, match=r"lora_rank.*text families \(sdxl, sd15, sd3, flux\)"):
         DistillConfig(lora_rank=4).validate()
     with pytest.raises(ConfigError, match="prompts.*only for the text families"):
         DistillConfig(prompts="p.txt").validate()

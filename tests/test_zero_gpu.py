@@ -130,10 +130,10 @@ def test_family_and_models_come_from_the_environment(monkeypatch, tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "app.py"), "--port", "1"], env=env, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 2 and "is a pixel model; this app serves --family sdxl" in p.stderr
-    env["DMD2_FAMILY"] = "sd3"
+    env["DMD2_FAMILY"] = "kandinsky"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "app.py")], env=env, capture_output=True, text=True,
                        timeout=300)
-    assert p.returncode == 2 and "DMD2_FAMILY='sd3': choose one of pixel, sdxl, sd15" in p.stderr
+    assert p.returncode == 2 and "DMD2_FAMILY='kandinsky': choose one of pixel, sdxl, sd15, sd3, flux" in p.stderr
 
 
 def test_app_py_serves_sdxl_from_the_environment_alone(tmp_path):

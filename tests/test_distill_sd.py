@@ -34,21 +34,10 @@ def world(tmp_path_factory):
 
 
 def sd_config(world, family="sdxl", **overrides) -> DistillConfig:
-    base = dict(family=family, teacher=str(world[family]), data=str(world["data"]), prompts=str(world["prompts"]),
-                latent_cache_dir=str(world["cache"]), batch_size=2, iterations=2, ttur=1, warmup_steps=1, log_every=1,
-                sample_every=2, eval_every=0, checkpoint_every=2, mixed_precision="no", ema_decay=0.0,
-                generator_lr=1e-3, critic_lr=1e-3, real_guidance=8.0 if family == "sdxl" else 1.75,
-                gan_generator_weight=5e-3)
-    base.update(overrides)
-    return DistillConfig(**base).validate()
+    return tiny_sd.text_config(world, family, 8.0 if family == "sdxl" else 1.75, **overrides)
 
 
-def snapshot(module) -> dict:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def moved(before: dict, module) -> set[str]:
-    return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
+snapshot, moved = tiny_sd.snapshot, tiny_sd.moved
 
 
 def same_outputs(a, b, fam, atol=1e-5):

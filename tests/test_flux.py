@@ -54,20 +54,10 @@ def family(world):
 
 
 def flux_config(world, **overrides) -> DistillConfig:
-    base = dict(family="flux", teacher=str(world["flux"]), data=str(world["data"]), prompts=str(world["prompts"]),
-                latent_cache_dir=str(world["cache"]), batch_size=2, iterations=2, ttur=1, warmup_steps=1,
-                log_every=1, sample_every=2, eval_every=0, checkpoint_every=2, mixed_precision="no", ema_decay=0.0,
-                generator_lr=1e-3, critic_lr=1e-3, real_guidance=4.0, gan_generator_weight=5e-3)
-    base.update(overrides)
-    return DistillConfig(**base).validate()
+    return tiny_sd.text_config(world, overrides.pop("family", "flux"), 4.0, **overrides)
 
 
-def snapshot(module) -> dict:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def moved(before: dict, module) -> set[str]:
-    return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
+snapshot, moved = tiny_sd.snapshot, tiny_sd.moved
 
 
 def record_calls(module) -> list[tuple[int, tuple | None]]:

@@ -123,3 +123,26 @@ def make_tiny_taesd(folder, seed: int = 0) -> Path:
     AutoencoderTiny(encoder_block_out_channels=(4, 4), decoder_block_out_channels=(4, 4), num_encoder_blocks=(1, 1),
                     num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(folder)
     return folder
+
+
+# --- shared by the text families' trainer tests (test_distill_sd, test_sd3, test_flux) ---------------------------
+def text_config(world, family: str, real_guidance: float, **overrides):
+    """A two-iteration DMD2 config on `world[family]`'s tiny pipeline, its captioned images and prompts."""
+    from training.config import DistillConfig
+
+    teacher = overrides.pop("teacher", None) or str(world[family])
+    base = dict(family=family, teacher=teacher, data=str(world["data"]), prompts=str(world["prompts"]),
+                latent_cache_dir=str(world["cache"]), batch_size=2, iterations=2, ttur=1, warmup_steps=1, log_every=1,
+                sample_every=2, eval_every=0, checkpoint_every=2, mixed_precision="no", ema_decay=0.0,
+                generator_lr=1e-3, critic_lr=1e-3, real_guidance=real_guidance, gan_generator_weight=5e-3)
+    base.update(overrides)
+    return DistillConfig(**base).validate()
+
+
+def snapshot(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def moved(before: dict, module) -> set[str]:
+    """The names of the entries of `module`'s state dict that differ from `before`."""
+    return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}

@@ -157,3 +157,15 @@ def _isolated_runs_root(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = old
+
+
+def tiny_distill_config(setup, **overrides):
+    """A 10-iteration DMD2 config (TTUR 5, checkpoints every 5) on `setup`'s (teacher folder, image folder)."""
+    from training.config import DistillConfig
+
+    teacher, data = setup
+    base = dict(teacher=str(teacher), data=str(data), batch_size=4, iterations=10, ttur=5, warmup_steps=2,
+                log_every=1, sample_every=0, eval_every=0, checkpoint_every=5, mixed_precision="no",
+                generator_lr=1e-3, critic_lr=1e-3, real_guidance=2.0)
+    base.update(overrides)
+    return DistillConfig(**base).validate()

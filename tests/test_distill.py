@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_UNET, make_two_class_folder
+from conftest import TINY_UNET, make_two_class_folder, tiny_distill_config
 from dmd2.families.pixel import load_pixel_unet
 from training.config import ConfigError, DistillConfig, load_config
 from training.distill import distill
@@ -36,13 +36,7 @@ def setup(tmp_path, family):
     return tmp_path / "teacher", data
 
 
-def tiny_config(setup, **overrides) -> DistillConfig:
-    teacher, data = setup
-    base = dict(teacher=str(teacher), data=str(data), batch_size=4, iterations=10, ttur=5, warmup_steps=2,
-                log_every=1, sample_every=0, eval_every=0, checkpoint_every=5, mixed_precision="no",
-                generator_lr=1e-3, critic_lr=1e-3, real_guidance=2.0)
-    base.update(overrides)
-    return DistillConfig(**base).validate()
+tiny_config = tiny_distill_config
 
 
 def snapshot(module) -> dict:

@@ -38,7 +38,6 @@ Design (what the rest of the code sees):
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -51,7 +50,7 @@ from dmd2.families.sd import TextCondition, resolve_device_dtype
 from dmd2.families.sd_loading import (fill_from_state_dict, first_line, load_part, load_state_dict_file, load_vaes,
                                       move_to, param_dtype)
 from dmd2.hub import hub_kwargs
-from dmd2.families.transformer_lora import fuse_transformer_lora, save_transformer_lora
+from dmd2.families.transformer_lora import fuse_transformer_lora, save_transformer_student
 from dmd2.schedule import NUM_TRAIN_TIMESTEPS, FlowSchedule
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
@@ -376,15 +375,9 @@ class FluxFamily(Family):
         """A diffusers FluxTransformer2DModel folder (loads in plain diffusers), or for a transformer with a PEFT
         LoRA adapter only the LoRA (`pytorch_lora_weights.safetensors`, FluxPipeline.load_lora_weights(folder));
         and dmd2.json with `extra` (timesteps, schedule, ...), the family, teacher and guidance input."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        if getattr(unet, "peft_config", None):
-            extra = {"lora": save_transformer_lora(unet, path, self.pipeline_class).name, **extra}
-        else:
-            unet.save_pretrained(path, safe_serialization=True)
         guidance = self.student_guidance if unwrap(unet).config.guidance_embeds else None
-        meta = {"family": self.name, "teacher": self.source, "student_guidance": guidance, **extra}
-        (path / "dmd2.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
+        save_transformer_student(unet, path, self.pipeline_class,
+                                 {"family": self.name, "teacher": self.source, "student_guidance": guidance, **extra})
 
     def student_sigmas(self, timesteps) -> list[float]:
         """The unshifted sigmas (t + 1) / T of student timesteps: FluxPipeline's `sigmas=` argument, which its

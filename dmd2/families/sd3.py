@@ -34,7 +34,7 @@ from dmd2.families.lora import student_lora_file
 from dmd2.families.sd import StableDiffusionFamily, TextCondition, resolve_device_dtype
 from dmd2.families.sd_loading import (fill_from_state_dict, first_line, load_part, load_state_dict_file, load_vaes,
                                       move_to, param_dtype)
-from dmd2.families.transformer_lora import fuse_transformer_lora, save_transformer_lora
+from dmd2.families.transformer_lora import fuse_transformer_lora, save_transformer_student
 from dmd2.hub import hub_kwargs
 from dmd2.schedule import FlowSchedule
 
@@ -266,14 +266,8 @@ class SD3Family(Family):
         """A diffusers SD3Transformer2DModel folder (config.json + safetensors, loads in plain diffusers), or for
         a transformer with a PEFT LoRA adapter only the LoRA (`pytorch_lora_weights.safetensors`, loads with
         `StableDiffusion3Pipeline.load_lora_weights(folder)`); and dmd2.json with `extra`, family and teacher."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        if getattr(transformer, "peft_config", None):
-            extra = {"lora": save_transformer_lora(transformer, path, self.pipeline_class).name, **extra}
-        else:
-            transformer.save_pretrained(path, safe_serialization=True)
-        meta = {"family": self.name, "teacher": self.source, **extra}
-        (path / "dmd2.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
+        save_transformer_student(transformer, path, self.pipeline_class,
+                                 {"family": self.name, "teacher": self.source, **extra})
 
     def student_sigmas(self, timesteps) -> list[float]:
         """The unshifted sigmas u = (t + 1) / T that make a FlowMatchEulerDiscreteScheduler with this family's shift

@@ -13,6 +13,7 @@ Layouts read:
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import torch
@@ -96,3 +97,16 @@ def save_transformer_lora(transformer: nn.Module, folder, pipeline_class: str) -
         folder, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config.to_dict(),
         weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
     return Path(folder) / LORA_WEIGHT_NAME
+
+
+def save_transformer_student(transformer: nn.Module, path, pipeline_class: str, meta: dict) -> None:
+    """A transformer student's folder: the diffusers model (config.json + safetensors, loads in plain diffusers),
+    or for a transformer with a PEFT LoRA adapter only the LoRA (`pipeline_class.load_lora_weights(folder)` reads
+    it, and `meta` gets its file name as "lora"); then dmd2.json with `meta`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if getattr(transformer, "peft_config", None):
+        meta = {"lora": save_transformer_lora(transformer, path, pipeline_class).name, **meta}
+    else:
+        transformer.save_pretrained(path, safe_serialization=True)
+    (path / "dmd2.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")

@@ -10,7 +10,8 @@ unfinished run resumes, a finished one is kept), then each sample set k is score
 that exist are not recomputed. The table gives, per measure, each seed's mean over the sample sets, the mean and
 standard deviation over seeds and their range, and each reference row (e.g. the teacher, from its own evaluate
 JSONs); the last lines say, per reference, on which measures every seed beats it. The selection measure that
-picked the preset's settings is the classifier FID ("fid"); the others are the independent check.
+picked the preset's settings is the classifier FID ("fid"); the others are the independent check. A last row
+gives each seed's training wall time, summed over the stretches of a resumed run (from its metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 from pathlib import Path
 
 from dmd2.families.base import ModelLoadError, read_json_object
+from training.runs import Run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,8 +97,20 @@ def mean_over(results: list[dict]) -> dict[str, float]:
     return out
 
 
-def table(name: str, per_seed: dict[int, dict[str, float]], references: dict[str, dict[str, float]]) -> str:
-    """The markdown table: a row per measure, a column per seed, mean +- sd (range), and the references."""
+def training_minutes(run: Path) -> float | None:
+    """Wall time of a run's training in minutes, from its log: the trainer's clock restarts at 0 on a resume, so
+    each stretch's last reading is added (work done after a stretch's last checkpoint and redone is not counted)."""
+    clock = [r["seconds"] for r in Run(run).metrics() if "seconds" in r]
+    if not clock:
+        return None
+    total = sum(a for a, b in zip(clock, clock[1:]) if b < a)
+    return (total + clock[-1]) / 60
+
+
+def table(name: str, per_seed: dict[int, dict[str, float]], references: dict[str, dict[str, float]],
+          minutes: dict[int, float] | None = None) -> str:
+    """The markdown table: a row per measure, a column per seed, mean +- sd (range), and the references; then
+    each seed's training wall time where known."""
     seeds = sorted(per_seed)
     head = ["measure", *[f"seed {s}" for s in seeds], f"{name}: mean +- sd (min-max)", *references]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -111,6 +125,12 @@ def table(name: str, per_seed: dict[int, dict[str, float]], references: dict[str
         refs = [fmt(r[key]) if key in r else "-" for r in references.values()]
         lines.append("| " + " | ".join([label, *[fmt(per_seed[s][key]) for s in seeds if key in per_seed[s]],
                                         summary, *refs]) + " |")
+    known = [minutes[s] for s in seeds if minutes and minutes.get(s) is not None]
+    if len(known) == len(seeds):
+        spread = statistics.stdev(known) if len(known) > 1 else 0.0
+        summary = f"{statistics.fmean(known):.1f} +- {spread:.1f} ({min(known):.1f}-{max(known):.1f})"
+        lines.append("| " + " | ".join(["training wall time, min", *[f"{m:.1f}" for m in known], summary,
+                                        *["-"] * len(references)]) + " |")
     for ref, values in references.items():
         wins = [label for key, label, better in MEASURES
                 if key in values and all(key in per_seed[s] and beats(per_seed[s][key], values[key], better)
@@ -149,7 +169,7 @@ def main(argv=None) -> None:
             p.error(f"--reference {item!r} must look like NAME=JSON[,JSON...]")
         references[ref_name] = mean_over([load_result(Path(f)) for f in files.split(",")])
     name = a.preset.stem
-    per_seed = {}
+    per_seed, minutes = {}, {}
     for seed in a.seeds:
         run = a.runs / f"{name}-seed{seed}"
         steps = []
@@ -170,11 +190,12 @@ def main(argv=None) -> None:
         present = [load_result(out) for out in outs if out.is_file()]
         if present:
             per_seed[seed] = mean_over(present)
+            minutes[seed] = training_minutes(run) if run.is_dir() else None
     if not per_seed:
         print("no results yet" + (" (dry run)" if a.dry_run else ""))
         return
     print()
-    print(table(name, per_seed, references))
+    print(table(name, per_seed, references, minutes))
 
 
 if __name__ == "__main__":

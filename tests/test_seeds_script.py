@@ -64,3 +64,19 @@ def test_bad_arguments_are_named(tmp_path, capsys):
         with pytest.raises(SystemExit):
             seeds.main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_training_minutes_adds_the_stretches_of_a_resumed_run(tmp_path):
+    records = [{"step": 10, "seconds": 60.0}, {"step": 20, "seconds": 120.0},      # first stretch: 2 min
+               {"step": 30, "seconds": 30.0}, {"step": 40, "seconds": 90.0}]       # resumed: 1.5 min more
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert seeds.training_minutes(tmp_path) == pytest.approx(3.5)
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert seeds.training_minutes(tmp_path) is None
+
+
+def test_table_gives_each_seeds_wall_time_only_when_every_seed_has_one():
+    per_seed = {0: {"fid": 7.0}, 1: {"fid": 9.0}}
+    text = seeds.table("p", per_seed, {"teacher": {"fid": 8.0}}, {0: 40.0, 1: 50.0})
+    assert "| training wall time, min | 40.0 | 50.0 | 45.0 +- 7.1 (40.0-50.0) | - |" in text
+    assert "wall time" not in seeds.table("p", per_seed, {}, {0: 40.0, 1: None})

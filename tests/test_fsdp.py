@@ -162,6 +162,40 @@ def test_fsdp_kill_resume_is_bit_identical_and_exports_the_gathered_generator(fs
     assert steps == list(range(1, 9))
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_sd3_and_flux_transformers_are_sharded_per_block(family, tmp_path):
+    """Each SD3 joint block and each FLUX double- and single-stream block is a shard unit of its own (not the
+    whole transformer gathered at once), in the generator and in the critic's fake score; the run finishes on 2
+    processes and its student is the gathered generator."""
+    import tiny_flux
+    import tiny_sd3
+
+    make = {"sd3": tiny_sd3.make_tiny_sd3, "flux": tiny_flux.make_tiny_flux}[family]
+    (tmp_path / "prompts.txt").write_text("a photo of a dog\na blue cat\n")
+    world = {family: make(tmp_path / family), "data": make_caption_folder(tmp_path / "data"),
+             "prompts": tmp_path / "prompts.txt", "cache": tmp_path / "cache"}
+    cfg = tiny_sd.text_config(world, family, 4.0, iterations=4, ttur=2, sample_every=0, checkpoint_every=2)
+    (tmp_path / "cfg.yaml").write_text(json.dumps(cfg.to_dict()))
+    finish(torchrun(tmp_path / "cfg.yaml", tmp_path / "run"))
+
+    r0, r1 = (torch.load(tmp_path / f"run/rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["sharded"] and r0["step"] == 4
+    config = json.loads((world[family] / "transformer/config.json").read_text())
+    blocks = [f"transformer_blocks.{i}" for i in range(config["num_layers"])]
+    blocks += [f"single_transformer_blocks.{i}" for i in range(config.get("num_single_layers", 0))]
+    assert sorted(r0["units"]["generator"]) == sorted(blocks)
+    assert {u for u in r0["units"]["critic"] if u.endswith(tuple(blocks))} and \
+        len(r0["units"]["critic"]) == len(blocks)
+    for key in ("generator", "critic"):
+        assert all(r0[key]["dtensor"].values()) and all(r1[key]["dtensor"].values())
+        for name, tensor in r0[key]["full"].items():
+            assert torch.equal(torch.cat([r0[key]["local"][name], r1[key]["local"][name]]), tensor), name
+    student = load_file(tmp_path / "run/student/diffusion_pytorch_model.safetensors")
+    full = r0["generator"]["full"]
+    # every parameter (the student also holds buffers such as SD3's positional embedding)
+    assert full.keys() <= student.keys() and all(torch.equal(student[n], full[n]) for n in full)
+
+
 @pytest.fixture(scope="module")
 def sharded_config(fsdp_config) -> Path:
     """The FSDP run's config with checkpoint_format: sharded (DCP)."""

@@ -1,4 +1,4 @@
-"""FSDP2 for the trained models: `fully_shard` per UNet block, applied by the trainer itself, and the full
+"""FSDP2 for the trained models: `fully_shard` per UNet or transformer block, applied by the trainer itself, and the full
 (unsharded) or sharded (DCP) state dicts of sharded models and their optimisers, for checkpoints and export.
 
 Why the trainer shards and not `accelerate.prepare`: accelerate refuses FSDP without a GPU (with
@@ -18,8 +18,11 @@ import os
 import torch
 
 # The shard units: each block is all-gathered only while it runs (configs/accelerate/fsdp.yaml names the
-# same classes in fsdp_transformer_layer_cls_to_wrap; tests/test_fsdp.py checks that they agree).
-UNIT_CLASSES = ("DownBlock2D", "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D", "UpBlock2D")
+# same classes in fsdp_transformer_layer_cls_to_wrap; tests/test_fsdp.py checks that they agree). The UNets'
+# blocks (SDXL, SD1.5, the pixel UNets), SD3's joint blocks and FLUX's double- and single-stream blocks; a model
+# holds the classes of its own family only, so one list serves every family.
+UNIT_CLASSES = ("DownBlock2D", "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D", "UpBlock2D",
+                "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
 
 
 def fsdp_requested(accelerator) -> bool:

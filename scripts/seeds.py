@@ -34,18 +34,24 @@ MEASURES = [
     ("fid", "FID (classifier; selection)", "lower"),
     ("alignment", "alignment", "higher"),
     ("diversity_ratio", "diversity ratio", "one"),
-    ("classifier_kid", "KID x1e3 (classifier)", "lower"),
+    ("classifier_kid", "KID (classifier)", "lower"),
     ("classifier_precision", "precision (classifier)", "higher"),
     ("classifier_recall", "recall (classifier)", "higher"),
     ("classifier_density", "density (classifier)", "higher"),
     ("classifier_coverage", "coverage (classifier)", "higher"),
     ("autoencoder_fid", "FID (autoencoder)", "lower"),
-    ("autoencoder_kid", "KID x1e3 (autoencoder)", "lower"),
+    ("autoencoder_kid", "KID (autoencoder)", "lower"),
     ("autoencoder_precision", "precision (autoencoder)", "higher"),
     ("autoencoder_recall", "recall (autoencoder)", "higher"),
     ("autoencoder_density", "density (autoencoder)", "higher"),
     ("autoencoder_coverage", "coverage (autoencoder)", "higher"),
 ]
+
+
+def fmt(value: float, key: str) -> str:
+    """A measure's value as the tables print it: FID and KID (as evaluate writes them, in the feature spaces'
+    own units) with 2 decimals, the rest with 3."""
+    return f"{value:.2f}" if key.endswith(("fid", "kid")) else f"{value:.3f}"
 
 
 def beats(a: float, b: float, better: str) -> bool:
@@ -118,12 +124,11 @@ def table(name: str, per_seed: dict[int, dict[str, float]], references: dict[str
         values = [per_seed[s][key] for s in seeds if key in per_seed[s]]
         if not values:
             continue
-        scale = 1e3 if "kid" in key else 1.0
-        fmt = (lambda v: f"{v * scale:.2f}") if key.endswith(("fid", "kid")) else (lambda v: f"{v * scale:.3f}")
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        summary = f"{fmt(statistics.fmean(values))} +- {fmt(spread)} ({fmt(min(values))}-{fmt(max(values))})"
-        refs = [fmt(r[key]) if key in r else "-" for r in references.values()]
-        lines.append("| " + " | ".join([label, *[fmt(per_seed[s][key]) for s in seeds if key in per_seed[s]],
+        mean, lo, hi = (fmt(v, key) for v in (statistics.fmean(values), min(values), max(values)))
+        summary = f"{mean} +- {fmt(spread, key)} ({lo}-{hi})"
+        refs = [fmt(r[key], key) if key in r else "-" for r in references.values()]
+        lines.append("| " + " | ".join([label, *[fmt(per_seed[s][key], key) for s in seeds if key in per_seed[s]],
                                         summary, *refs]) + " |")
     known = [minutes[s] for s in seeds if minutes and minutes.get(s) is not None]
     if len(known) == len(seeds):

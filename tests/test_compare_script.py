@@ -1,0 +1,54 @@
+"""scripts/compare.py: models side by side on every measure, and where every sample set beats the reference."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import compare  # noqa: E402
+
+
+def write(tmp_path, name, **values):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(values))
+    return str(path)
+
+
+def test_cells_are_means_with_the_range_of_the_sample_sets():
+    assert compare.cell([7.0, 8.0], "fid") == "7.50 (7.00-8.00)"
+    assert compare.cell([17.4519], "autoencoder_kid") == "17.45"      # as evaluate writes it
+    assert compare.cell([0.9], "alignment") == "0.900"
+
+
+def test_a_measure_is_won_only_when_every_sample_set_beats_the_references_mean(tmp_path, capsys):
+    teacher = write(tmp_path, "t", fid=8.0, alignment=0.96, autoencoder_fid=17.0, diversity_ratio=1.0)
+    a = write(tmp_path, "a0", fid=7.0, alignment=0.97, autoencoder_fid=16.0, diversity_ratio=0.9)
+    b = write(tmp_path, "a1", fid=8.5, alignment=0.98, autoencoder_fid=16.5, diversity_ratio=0.95)
+    compare.main([f"teacher={teacher}", f"student={a},{b}"])
+    out = capsys.readouterr().out
+    assert "| FID (classifier; selection) | 8.00 | 7.75 (7.00-8.50) |" in out
+    # set 1 loses the classifier FID (8.5 > 8.0); the diversity ratio is further from 1 than the teacher's
+    assert ("student beats teacher on 2 of 4 measures (each of its 2 sample sets); "
+            "not on: FID (classifier; selection), diversity ratio.") in out
+
+
+def test_against_picks_the_reference_and_missing_measures_are_dashes(tmp_path, capsys):
+    t = write(tmp_path, "t", fid=8.0)
+    s = write(tmp_path, "s", fid=7.0, autoencoder_fid=16.0)
+    compare.main([f"teacher={t}", f"student={s}", "--against", "student"])
+    out = capsys.readouterr().out
+    assert "| FID (autoencoder) | - | 16.00 |" in out
+    assert "teacher beats student on 0 of 1 measures (its sample set); not on: FID (classifier; selection)." in out
+
+
+def test_bad_arguments_are_named(tmp_path, capsys):
+    t = write(tmp_path, "t", fid=8.0)
+    for argv, message in (([f"teacher{t}"], "NAME=JSON"), ([f"a={t}", f"a={t}"], "given twice"),
+                          ([f"a={t}", "--against", "b"], "not one of the models")):
+        with pytest.raises(SystemExit):
+            compare.main(argv)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="cannot read .*none.json"):
+        compare.main([f"a={tmp_path / 'none.json'}"])

@@ -1,6 +1,7 @@
 """Compare models on every measure of `python -m dmd2 evaluate`: one column per model (its mean over the
 sample sets given, and their range), then, for each model, the measures on which every one of its sample sets
-beats the reference model's mean, and those on which it does not.
+beats the reference model's mean ("beats"), those on which the reference's mean beats every one ("loses"), and
+the rest ("mixed or tied").
 
     python scripts/compare.py teacher=results/teacher-independent-seed0.json \
         1-step=results/dmd2-1step-independent-seed0.json,results/dmd2-1step-independent-seed1.json \
@@ -13,6 +14,7 @@ selection measure (the classifier FID, which picked the recipes) are those of sc
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -24,32 +26,66 @@ from seeds import MEASURES, beats, fmt, load_result  # noqa: E402
 def cell(values: list[float], key: str) -> str:
     """A model's mean over its sample sets, with the range when there are several."""
     text = fmt(statistics.fmean(values), key)
-    return text + f" ({fmt(min(values), key)}-{fmt(max(values), key)})" if len(values) > 1 else text
+    if len(values) > 1:
+        text += f" ({fmt(min(values), key)}-{fmt(max(values), key)})"
+    return text
+
+
+def has(runs: list[dict], key: str) -> bool:
+    return all(r.get(key) is not None for r in runs)
+
+
+def verdicts(runs: list[dict], reference: list[dict]) -> dict[str, list[str]]:
+    """Per measure: "wins" when every sample set of `runs` beats the reference's mean, "loses" when the
+    reference's mean beats every one, "mixed" otherwise (sets either way, or ties); "missing" when a file
+    lacks it."""
+    out = {"wins": [], "loses": [], "mixed": [], "missing": []}
+    for key, label, better in MEASURES:
+        if not has(runs + reference, key):
+            out["missing"].append(label)
+            continue
+        ref = statistics.fmean(r[key] for r in reference)
+        if all(beats(r[key], ref, better) for r in runs):
+            out["wins"].append(label)
+        elif all(beats(ref, r[key], better) for r in runs):
+            out["loses"].append(label)
+        else:
+            out["mixed"].append(label)
+    return out
 
 
 def compare(models: dict[str, list[dict]], against: str) -> str:
-    """The table and, per model other than `against`, which measures all its sample sets win against its mean."""
+    """The table and, per model other than `against`, the measures it wins, loses and splits against it."""
     names = list(models)
     lines = ["| measure | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
     for key, label, _ in MEASURES:
-        if not any(key in r for runs in models.values() for r in runs):
-            continue
-        cells = [cell([r[key] for r in models[n]], key) if all(key in r for r in models[n]) else "-" for n in names]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    reference = models[against]
+        if any(has(runs, key) for runs in models.values()):
+            cells = [cell([r[key] for r in models[n]], key) if has(models[n], key) else "-" for n in names]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for name in names:
         if name == against:
             continue
-        wins, losses = [], []
-        for key, label, better in MEASURES:
-            if not all(key in r for r in reference + models[name]):
-                continue
-            ref = statistics.fmean(r[key] for r in reference)
-            (wins if all(beats(r[key], ref, better) for r in models[name]) else losses).append(label)
+        v = verdicts(models[name], models[against])
         sets = "its sample set" if len(models[name]) == 1 else f"each of its {len(models[name])} sample sets"
-        lines.append(f"\n{name} beats {against} on {len(wins)} of {len(wins) + len(losses)} measures ({sets})"
-                     + (f"; not on: {', '.join(losses)}." if losses else "."))
+        text = f"\n{name} beats {against} on {len(v['wins'])} of {len(v['wins']) + len(v['loses']) + len(v['mixed'])}"
+        text += f" measures ({sets}, against {against}'s mean)."
+        for what, label in (("loses", "Loses on"), ("mixed", "Mixed or tied on"), ("missing", "Not in every file")):
+            if v[what]:
+                text += f" {label}: {', '.join(v[what])}."
+        lines.append(text)
     return "\n".join(lines)
+
+
+def check_sample_sets(name: str, runs: list[dict]) -> str | None:
+    """Why a model's files are not sample sets of one evaluation, or None: they must name the same model,
+    sample count and steps, and different sample seeds."""
+    for field in ("model", "num", "steps"):
+        if len({json.dumps(r.get(field)) for r in runs}) > 1:
+            return f"{name}: its files differ in {field!r}: {[r.get(field) for r in runs]}"
+    seeds = [r.get("seed") for r in runs]
+    if len(set(seeds)) < len(seeds):
+        return f"{name}: two of its files are the same sample set (seeds {seeds})"
+    return None
 
 
 def main(argv=None) -> None:
@@ -65,6 +101,9 @@ def main(argv=None) -> None:
         if name in models:
             p.error(f"model {name!r} is given twice")
         models[name] = [load_result(Path(f)) for f in files.split(",")]
+        problem = check_sample_sets(name, models[name])
+        if problem:
+            p.error(problem)
     against = a.against or next(iter(models))
     if against not in models:
         p.error(f"--against {against!r} is not one of the models: {', '.join(models)}")

@@ -29,7 +29,8 @@ from training.runs import Run
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# (key, label, better): "lower", "higher", or "one" (closer to 1 is better)
+# (key, label, better): "lower", "higher", or "one" (closer to 1 is better: the diversity ratio, and density,
+# which exceeds 1 when samples crowd the real data's dense regions; Naeem et al. 2020)
 MEASURES = [
     ("fid", "FID (classifier; selection)", "lower"),
     ("alignment", "alignment", "higher"),
@@ -37,13 +38,13 @@ MEASURES = [
     ("classifier_kid", "KID (classifier)", "lower"),
     ("classifier_precision", "precision (classifier)", "higher"),
     ("classifier_recall", "recall (classifier)", "higher"),
-    ("classifier_density", "density (classifier)", "higher"),
+    ("classifier_density", "density (classifier)", "one"),
     ("classifier_coverage", "coverage (classifier)", "higher"),
     ("autoencoder_fid", "FID (autoencoder)", "lower"),
     ("autoencoder_kid", "KID (autoencoder)", "lower"),
     ("autoencoder_precision", "precision (autoencoder)", "higher"),
     ("autoencoder_recall", "recall (autoencoder)", "higher"),
-    ("autoencoder_density", "density (autoencoder)", "higher"),
+    ("autoencoder_density", "density (autoencoder)", "one"),
     ("autoencoder_coverage", "coverage (autoencoder)", "higher"),
 ]
 
@@ -94,10 +95,11 @@ def load_result(path: Path) -> dict:
 
 
 def mean_over(results: list[dict]) -> dict[str, float]:
-    """Each measure's mean over the given results (the sample sets of one seed, or a reference's files)."""
+    """Each measure's mean over the given results (the sample sets of one seed, or a reference's files); a
+    measure evaluate could not compute (null, e.g. precision on very few samples) is left out."""
     out = {}
     for key, _, _ in MEASURES:
-        values = [r[key] for r in results if key in r]
+        values = [r[key] for r in results if r.get(key) is not None]
         if values:
             out[key] = statistics.fmean(values)
     return out

@@ -14,6 +14,7 @@ rank 0 only (the other ranks get empty dicts); loading takes the full dicts on e
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -53,7 +54,11 @@ def shard(module: torch.nn.Module, device: torch.device, classes: tuple[str, ...
     classes = classes or unit_classes()
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     units = [name for name, m in module.named_modules() if name and type(m).__name__ in classes]
-    for name in units:
+    if not units:
+        warnings.warn(f"FSDP: no {type(module).__name__} submodule is one of the shard unit classes {classes}; the "
+                      "whole model is one unit, all-gathered at once (add its block classes to "
+                      "fsdp_transformer_layer_cls_to_wrap)", stacklevel=2)
+    for name in reversed(units):   # inner units before the modules that hold them, as fully_shard expects
         fully_shard(module.get_submodule(name), mesh=mesh, reshard_after_forward=True)
     fully_shard(module, mesh=mesh, reshard_after_forward=True)
     return units

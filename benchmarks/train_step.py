@@ -11,6 +11,12 @@ generator forward + backward (after the same k no-grad forwards), the real score
 whole step is timed in the same loop, interleaved; per round the step's time is divided by the sum of
 the passes it ran, and the median ratio is printed. Target: <= 1.2x.
 
+    OMP_NUM_THREADS=2 python benchmarks/train_step.py --compare-precision [--config ...] [--repeats 3]
+
+times fp32 against bf16 autocast trainers (same config and seed) and prints bf16 over fp32: on a CPU without
+bf16 units (AVX2 only) autocast is emulated and many times slower, which is why the MNIST presets say
+`mixed_precision: auto`.
+
     OMP_NUM_THREADS=1 python benchmarks/train_step.py --compare-compile [--config ...] [--repeats 5]
 
 builds trainers from the same config and seed: eager, channels_last, and torch.compile + channels_last
@@ -34,6 +40,7 @@ import torch
 
 from training.config import load_config
 from training.trainer import DMD2Trainer
+from dmd2.sampling import bf16_is_native
 from training.simulate import randn
 
 
@@ -90,7 +97,7 @@ def compare_compile(cfg, repeats: int) -> None:
 
     eager = statistics.median(times["eager"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {n}, {cfg.student_steps}-step student, "
-          f"GAN {'on' if cfg.use_gan else 'off'}, {cfg.mixed_precision}, TTUR {cfg.ttur}, median of {repeats} "
+          f"GAN {'on' if cfg.use_gan else 'off'}, {compiled.mixed_precision}, TTUR {cfg.ttur}, median of {repeats} "
           f"cycles of {cfg.ttur} iterations each")
     print(f"\n{'trainer':<26}{'step s':>9}{'/ eager':>9}{'warm-up s':>11}{'graphs':>8}{'first-cycle loss gap':>22}")
     for name in trainers:
@@ -104,6 +111,27 @@ def compare_compile(cfg, repeats: int) -> None:
           f"max abs diff {diff:.2e} (output std {out_eager.std().item():.2f})")
 
 
+def compare_precision(cfg, repeats: int) -> None:
+    """fp32 vs bf16 autocast trainers, same config and seed: one TTUR cycle each as warm-up, then `repeats`
+    interleaved cycles; prints each one's median step time and bf16 over fp32, and whether this machine has
+    bf16 units (what `mixed_precision: auto` decides on)."""
+    trainers = {p: DMD2Trainer(dataclasses.replace(cfg, mixed_precision=p).validate()) for p in ("no", "bf16")}
+    for tr in trainers.values():
+        cycle(tr)
+    times = {p: [] for p in trainers}
+    for _ in range(repeats):
+        for p, tr in trainers.items():
+            times[p].append(timed(lambda: cycle(tr)) / cfg.ttur)
+    fp32, bf16 = (statistics.median(times[p]) for p in ("no", "bf16"))
+    device = trainers["no"].device
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device.type} "
+          f"(CPU capability {torch.backends.cpu.get_cpu_capability()}), bf16 units: {bf16_is_native(device)}, "
+          f"batch {cfg.batch_size}, {cfg.student_steps}-step student, median of {repeats} cycles of {cfg.ttur} "
+          f"iterations each")
+    print(f"fp32 step {fp32:.3f} s, bf16 autocast step {bf16:.3f} s: bf16 / fp32 = {bf16 / fp32:.2f}x "
+          f"(mixed_precision: auto takes {'bf16' if bf16_is_native(device) else 'fp32'} here)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/mnist-1step.yaml")
@@ -111,8 +139,13 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--compare-compile", action="store_true",
                    help="time eager vs channels_last vs torch.compile + channels_last trainers instead")
+    p.add_argument("--compare-precision", action="store_true",
+                   help="time fp32 vs bf16 autocast trainers instead")
     a = p.parse_args()
     cfg = load_config(a.config, a.overrides)
+    if a.compare_precision:
+        compare_precision(cfg, a.repeats)
+        return
     if a.compare_compile:
         compare_compile(cfg, a.repeats)
         return
@@ -192,7 +225,7 @@ def main() -> None:
                 times.setdefault(k, []).append(v)
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {n}, {cfg.student_steps}-step student, "
-          f"GAN {'on' if cfg.use_gan else 'off'}, {cfg.mixed_precision}, median of {a.repeats}")
+          f"GAN {'on' if cfg.use_gan else 'off'}, {tr.mixed_precision}, median of {a.repeats}")
     for step, parts in (("critic step", critic_parts), ("generator step", generator_parts)):
         print(f"\n{step}: {med[step]:.1f} ms (median; generator calls per step: {counts[step][2:]})")
         for k in parts:

@@ -68,3 +68,14 @@ def test_bad_data_folder_fails_before_training(tmp_path):
     with pytest.raises(DataError):
         train_teacher(data=str(tmp_path / "missing"), out=str(tmp_path / "out"), steps=1)
     assert not (tmp_path / "out" / "train_log.jsonl").exists()
+
+
+@pytest.mark.parametrize("argv, expected", [([], None), (["--bf16"], True), (["--no-bf16"], False)])
+def test_cli_precision_defaults_to_the_hardware(monkeypatch, argv, expected):
+    """No flag: bf16 only where the hardware has it (train_teacher resolves None); the flags force either way."""
+    import training.teacher as teacher_module
+
+    seen = {}
+    monkeypatch.setattr(teacher_module, "train_teacher", lambda **kw: seen.update(kw))
+    teacher_module.main(argv)
+    assert seen["bf16"] is expected

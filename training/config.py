@@ -94,7 +94,8 @@ class DistillConfig:
     lr_schedule: str = "constant"              # after warm-up: "constant" or "cosine" (down to lr_min_ratio)
     lr_min_ratio: float = 0.1                  # cosine: final LR as a fraction of the base LR
     grad_clip: float = 10.0
-    mixed_precision: str = "bf16"              # "bf16" autocast or "no"
+    mixed_precision: str = "bf16"              # "bf16" autocast, "no" (fp32), or "auto": bf16 where the hardware
+                                               # has it (dmd2.sampling.bf16_is_native), else fp32
     ema_decay: float = 0.99                    # EMA of the generator (0 = off), per generator update
     seed: int = 0
     # bookkeeping
@@ -201,7 +202,7 @@ class DistillConfig:
         need(self.lr_schedule in ("constant", "cosine"), "lr_schedule", "must be 'constant' or 'cosine'")
         need(0 <= self.lr_min_ratio <= 1, "lr_min_ratio", "must be in [0, 1]")
         need(self.grad_clip > 0, "grad_clip", "must be > 0")
-        need(self.mixed_precision in ("bf16", "no"), "mixed_precision", "must be 'bf16' or 'no'")
+        need(self.mixed_precision in ("bf16", "no", "auto"), "mixed_precision", "must be 'bf16', 'no' or 'auto'")
         need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
         for key in ("log_every", "sample_every", "eval_every", "checkpoint_every", "eval_num"):
             need(isinstance(getattr(self, key), int) and getattr(self, key) >= 0, key, "must be an integer >= 0")

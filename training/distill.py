@@ -137,7 +137,7 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerat
     acc.wait_for_everyone()
     if main:
         run.set_status("running", step=trainer.step, total_steps=cfg.iterations, pid=os.getpid(), error=None,
-                       started=time.time())
+                       started=time.time(), mixed_precision=trainer.mixed_precision)
     fixed_labels = trainer.grid_specs()
     start, window, window_start = time.time(), defaultdict(list), time.time()
     last = stop_after if stop_after is not None else cfg.iterations

@@ -17,6 +17,7 @@ import torch
 from dmd2.cli import invocation
 from dmd2.families.pixel import DEFAULT_UNET_CONFIG, PixelFamily
 from dmd2.schedule import FlowSchedule
+from dmd2.sampling import bf16_is_native
 from training.data import InfiniteSampler, load_dataset
 
 
@@ -29,7 +30,7 @@ def train_teacher(
     warmup: int = 200,              # linear LR warm-up steps
     ema_decay: float = 0.999,       # EMA of the weights; the EMA is what gets saved
     label_dropout: float = 0.1,     # fraction of labels replaced by the null class (for CFG)
-    bf16: bool = True,              # bf16 autocast on CPU (AMX) or GPU
+    bf16: bool | None = None,       # bf16 autocast; None: where the CPU (AVX512-BF16, AMX) or GPU has it
     seed: int = 0,                  # seeds init, data order, noise and timesteps
     image_size: int = 32,           # folder data is resized to this
     channels: int = 1,              # 1 (grey) or 3 (RGB)
@@ -65,6 +66,8 @@ def train_teacher(
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"teacher: {n_params / 1e6:.2f}M parameters, {len(images)} images, {num_classes} classes", flush=True)
 
+    if bf16 is None:
+        bf16 = bf16_is_native(device)
     log = open(out / "train_log.jsonl", "a")
     start = time.time()
     for step in range(1, steps + 1):
@@ -116,7 +119,9 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--label-dropout", type=float, default=0.1)
-    p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--bf16", dest="bf16", action="store_true", default=None,
+                   help="bf16 autocast (default: where the hardware has bf16 units)")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=1)

@@ -182,12 +182,9 @@ def bf16_default() -> bool:
         return raw in ("1", "true")
     import torch
 
-    if torch.cuda.is_available():
-        return False
-    try:                                   # oneDNN's own check (private, so guarded): AVX512-BF16 or AMX
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    from dmd2.sampling import bf16_is_native
+
+    return not torch.cuda.is_available() and bf16_is_native("cpu")
 
 
 class Arena:

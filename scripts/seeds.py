@@ -2,12 +2,13 @@
 measure of `python -m dmd2 evaluate`, and print the mean and spread over seeds beside reference models.
 
     python scripts/seeds.py --preset configs/mnist-1step.yaml --seeds 0 1 2 [--sample-sets 0 1] [--num 5000] \
-        [--reference mnist-teacher=results/teacher-independent-seed0.json ...] [--dry-run] [--table-only]
+        [--reference mnist-teacher=results/teacher-independent-seed0.json ...] [--parallel N] [--dry-run] [--table-only]
 
 Each seed trains into `<runs>/<preset>-seed<S>` (`python -m training distill --config PRESET --set seed=S`; an
 unfinished run resumes, a finished one is kept), then each sample set k is scored into
 `<results>/<preset>-seed<S>-set<k>.json` (`python -m dmd2 evaluate --model <run>/student --seed k`); results
-that exist are not recomputed. The table gives, per measure, each seed's mean over the sample sets, the mean and
+that exist are not recomputed. `--parallel N` trains N seeds at once first (each one's output in `<run>.log`), as
+a GPU or a many-core CPU affords; a 2-core CPU runs one at a time. The table gives, per measure, each seed's mean over the sample sets, the mean and
 standard deviation over seeds and their range, and each reference row (e.g. the teacher, from its own evaluate
 JSONs); the last lines say, per reference, on which measures every seed beats it. The selection measure that
 picked the preset's settings is the classifier FID ("fid"); the others are the independent check. A last row
@@ -22,6 +23,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from dmd2.families.base import ModelLoadError, read_json_object
@@ -71,7 +73,13 @@ def _rel(path: Path) -> str:
 def train_command(preset: Path, seed: int, run: Path, overrides: list[str]) -> list[str] | None:
     """The command that trains (or resumes) seed `seed`'s run; None when it has finished."""
     status = run / "status.json"
-    state = json.loads(status.read_text()).get("state") if status.is_file() else None
+    state = None
+    if status.is_file():
+        try:
+            state = json.loads(status.read_text()).get("state")
+        except (ValueError, AttributeError, OSError) as e:
+            raise SystemExit(f"error: seed {seed}: {_rel(status)} cannot be read ({e}); repair it or move the run "
+                             f"folder away to start that seed again") from None
     if state == "finished" and (run / "student").is_dir():
         return None
     cmd = [sys.executable, "-m", "training", "distill", "--out", _rel(run)]
@@ -148,6 +156,30 @@ def table(name: str, per_seed: dict[int, dict[str, float]], references: dict[str
     return "\n".join(lines)
 
 
+def train_in_parallel(trains: dict[int, list[str]], runs: dict[int, Path], parallel: int) -> None:
+    """Run the seeds' training commands, `parallel` at a time (one GPU or many cores hold several of these
+    small runs at once); each one's output goes to `<run>.log` beside its folder. A failure is named after all
+    have ended, so the seeds that did finish are kept."""
+    pending, active, failed = list(trains.items()), {}, []
+    while pending or active:
+        while pending and len(active) < parallel:
+            seed, cmd = pending.pop(0)
+            log = runs[seed].parent / f"{runs[seed].name}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"$ {shlex.join(['python', *cmd[1:]])}  > {_rel(log)}", flush=True)
+            with open(log, "a") as out:
+                active[seed] = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        ended = [seed for seed, proc in active.items() if proc.poll() is not None]
+        if not ended:
+            time.sleep(1)
+        for seed in ended:
+            code = active.pop(seed).returncode
+            if code != 0:
+                failed.append(f"seed {seed} (exit {code}; see {_rel(runs[seed])}.log)")
+    if failed:
+        raise SystemExit("error: training failed for " + ", ".join(failed))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", type=Path, required=True, help="a distillation preset, e.g. configs/mnist-1step.yaml")
@@ -160,6 +192,8 @@ def main(argv=None) -> None:
                    help="a reference row from evaluate JSONs (means over the files), e.g. the teacher's")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "seeds")
     p.add_argument("--results", type=Path, default=ROOT / "results" / "seeds")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="train N seeds at once (on a GPU or a many-core CPU), then score them")
     p.add_argument("--dry-run", action="store_true", help="print the commands still to run, run none")
     p.add_argument("--table-only", action="store_true", help="run nothing; table the results already there")
     a = p.parse_args(argv)
@@ -167,6 +201,8 @@ def main(argv=None) -> None:
         p.error(f"--preset {a.preset}: no such file")
     if a.num < 2:
         p.error(f"--num must be at least 2, got {a.num}")
+    if a.parallel < 1:
+        p.error(f"--parallel must be at least 1, got {a.parallel}")
     if len(set(a.seeds)) != len(a.seeds):
         p.error(f"--seeds repeats a seed: {a.seeds}")
     references = {}
@@ -176,12 +212,20 @@ def main(argv=None) -> None:
             p.error(f"--reference {item!r} must look like NAME=JSON[,JSON...]")
         references[ref_name] = mean_over([load_result(Path(f)) for f in files.split(",")])
     name = a.preset.stem
+    runs = {seed: a.runs / f"{name}-seed{seed}" for seed in a.seeds}
+    if a.parallel > 1:  # train first, several seeds at a time; each seed's scoring follows below
+        trains = {seed: cmd for seed, run in runs.items() if (cmd := train_command(a.preset, seed, run, a.overrides))}
+        if a.dry_run or a.table_only:
+            for cmd in trains.values():
+                print("$ " + shlex.join(["python", *cmd[1:]]), flush=True)
+        else:
+            train_in_parallel(trains, runs, a.parallel)
     per_seed, minutes = {}, {}
     for seed in a.seeds:
-        run = a.runs / f"{name}-seed{seed}"
+        run = runs[seed]
         steps = []
         train = train_command(a.preset, seed, run, a.overrides)
-        if train is not None:
+        if train is not None and not (a.parallel > 1 and (a.dry_run or a.table_only)):
             steps.append(train)
         outs = [a.results / f"{name}-seed{seed}-set{k}.json" for k in a.sample_sets]
         steps += [evaluate_command(_rel(run / "student"), k, a.num, out)

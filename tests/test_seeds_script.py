@@ -60,7 +60,8 @@ def test_trains_each_seed_scores_each_sample_set_and_skips_what_exists(tmp_path,
 def test_bad_arguments_are_named(tmp_path, capsys):
     for argv, message in ((["--preset", str(tmp_path / "none.yaml")], "no such file"),
                           (["--preset", __file__, "--seeds", "1", "1"], "repeats a seed"),
-                          (["--preset", __file__, "--reference", "teacher"], "NAME=JSON")):
+                          (["--preset", __file__, "--reference", "teacher"], "NAME=JSON"),
+                          (["--preset", __file__, "--parallel", "0"], "--parallel must be at least 1")):
         with pytest.raises(SystemExit):
             seeds.main(argv)
         assert message in capsys.readouterr().err
@@ -80,3 +81,49 @@ def test_table_gives_each_seeds_wall_time_only_when_every_seed_has_one():
     text = seeds.table("p", per_seed, {"teacher": {"fid": 8.0}}, {0: 40.0, 1: 50.0})
     assert "| training wall time, min | 40.0 | 50.0 | 45.0 +- 7.1 (40.0-50.0) | - |" in text
     assert "wall time" not in seeds.table("p", per_seed, {}, {0: 40.0, 1: None})
+
+
+def tiny_preset(tmp_path, extra: str = "") -> Path:
+    tiny_pixel_unet().save_pretrained(tmp_path / "teacher", safe_serialization=True)
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(f"teacher: {tmp_path / 'teacher'}\ndata: mnist5k\niterations: 2\nttur: 2\nbatch_size: 4\n"
+                      "warmup_steps: 1\nmixed_precision: 'no'\nsample_every: 0\neval_every: 0\ncheckpoint_every: 0\n"
+                      + extra)
+    return preset
+
+
+def test_parallel_trains_the_seeds_side_by_side_then_scores_each(tmp_path, capsys):
+    preset = tiny_preset(tmp_path)
+    argv = ["--preset", str(preset), "--seeds", "0", "1", "--sample-sets", "0", "--num", "20", "--parallel", "2",
+            "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    seeds.main(argv + ["--dry-run"])                      # a dry run lists each training once and runs nothing
+    dry = capsys.readouterr().out
+    assert dry.count("-m training distill") == 2 and not (tmp_path / "runs").exists()
+    seeds.main(argv)
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    trains = [i for i, line in enumerate(lines) if "-m training distill" in line]
+    evals = [i for i, line in enumerate(lines) if "-m dmd2 evaluate" in line]
+    assert len(trains) == 2 and len(evals) == 2 and max(trains) < min(evals)   # both trained before any scoring
+    for seed in (0, 1):
+        run = tmp_path / "runs" / f"tiny-seed{seed}"
+        assert json.loads((run / "status.json").read_text())["state"] == "finished"
+        assert f"seed: {seed}" in (run / "config.yaml").read_text()
+        assert (tmp_path / "runs" / f"tiny-seed{seed}.log").is_file()            # its output, not interleaved
+        assert json.loads((tmp_path / "results" / f"tiny-seed{seed}-set0.json").read_text())["num"] == 20
+
+
+def test_parallel_names_the_seed_that_failed_and_keeps_the_others(tmp_path, capsys):
+    preset = tiny_preset(tmp_path)
+    bad = tmp_path / "runs" / "tiny-seed1"
+    bad.mkdir(parents=True)
+    (bad / "status.json").write_text('{"state": "stopped"}')  # a stopped run without its config: resume fails
+    argv = ["--preset", str(preset), "--seeds", "0", "1", "--sample-sets", "0", "--num", "20", "--parallel", "2",
+            "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    with pytest.raises(SystemExit, match=r"training failed for seed 1 \(exit [1-9]"):
+        seeds.main(argv)
+    assert json.loads((tmp_path / "runs" / "tiny-seed0" / "status.json").read_text())["state"] == "finished"
+    assert "config" in (tmp_path / "runs" / "tiny-seed1.log").read_text()          # the trainer's own message
+    (bad / "status.json").write_text("{not json")         # a status that cannot be read is named, not a traceback
+    with pytest.raises(SystemExit, match="tiny-seed1/status.json cannot be read"):
+        seeds.main(argv)

@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_sd's offline CLIP tokenizer
 
+from dmd2.sampling import bf16_is_native  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.simulate import randn  # noqa: E402
 from training.trainer import DMD2Trainer  # noqa: E402
@@ -232,7 +233,7 @@ def sampling_throughput(tr: DMD2Trainer, batch: int, repeats: int) -> dict:
     fam, unet = tr.family, tr.real_unet  # the teacher: the same network and cost as a full student
     cond = fam.condition(list(CAPTIONS[:batch])).to(tr.device)
     noise = torch.randn(fam.latent_shape(batch), generator=torch.Generator().manual_seed(0)).to(tr.device)
-    autocast = tr.cfg.mixed_precision == "bf16"
+    autocast = tr.mixed_precision == "bf16"
     samplers = {
         "teacher_50step_cfg": (lambda: ddim_sample(fam, unet, cond, noise, steps=50, guidance=fam.default_guidance,
                                                    autocast=autocast), 1),
@@ -298,13 +299,17 @@ def main(argv=None) -> dict:
         overrides = [f"teacher={tmp / 'sdxl'}", f"data={caption_folder(tmp / 'data', resolution)}",
                      f"latent_cache_dir={tmp / 'cache'}", f"resolution={resolution}", "batch_size=2",
                      "sample_every=0", "eval_every=0", "checkpoint_every=0"]
+        # --tiny on a CPU without bf16 units: fp32 (emulated bf16 is many times slower; the code path is the same)
+        precision = "bf16" if not a.tiny or bf16_is_native("cpu") else "fp32"
+        if precision == "fp32":
+            overrides += ["mixed_precision=no", "frozen_dtype=fp32"]
         torch.manual_seed(0)
         modes = {m: run_mode(m, overrides, repeats, (1 if a.tiny else 3) if i == 0 else None)
                  for i, m in enumerate(a.modes)}
     sampling = next((r.pop("sampling") for r in modes.values() if "sampling" in r), None)
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
-        "torch": torch.__version__, "tiny": a.tiny, "resolution": resolution, "batch_size": 2, "repeats": repeats,
+        "torch": torch.__version__, "tiny": a.tiny, "precision": precision, "resolution": resolution, "batch_size": 2, "repeats": repeats,
         "unet_params": unet_params(unet_config),
         "unet": "configs/real_unets/sdxl-base.json, random weights" if not a.tiny else "sdxl-base config scaled down",
         "text_encoders": "1-layer random CLIP encoders of the real widths (768; 1280, projection 1280), 77 tokens",

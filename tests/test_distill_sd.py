@@ -232,8 +232,14 @@ def test_accelerate_configs_load_with_accelerates_loader():
     env = launch_env("fsdp.yaml")
     assert (env["ACCELERATE_USE_FSDP"], env["FSDP_VERSION"], env["FSDP_RESHARD_AFTER_FORWARD"]) == ("true", "2", "true")
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16" and env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
-    for cls in env["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(","):
-        assert hasattr(unet_2d_blocks, cls), cls  # every wrapped class exists in diffusers
+    from diffusers.models import attention
+    from diffusers.models.transformers import transformer_flux
+    from training.sharding import UNIT_CLASSES
+
+    wrapped = env["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(",")
+    assert tuple(wrapped) == UNIT_CLASSES  # the launch config and the trainer's own default agree
+    for cls in wrapped:  # every wrapped class exists in diffusers: UNet blocks, SD3's joint and FLUX's blocks
+        assert any(hasattr(m, cls) for m in (unet_2d_blocks, attention, transformer_flux)), cls
 
 
 def test_cli_with_a_preset_and_bad_data_fails_in_one_line_before_loading_models(tmp_path):

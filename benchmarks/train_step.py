@@ -38,9 +38,9 @@ import time
 
 import torch
 
+from dmd2.sampling import bf16_is_native
 from training.config import load_config
 from training.trainer import DMD2Trainer
-from dmd2.sampling import bf16_is_native
 from training.simulate import randn
 
 

@@ -225,7 +225,7 @@ def main(argv=None) -> None:
         run = runs[seed]
         steps = []
         train = train_command(a.preset, seed, run, a.overrides)
-        if train is not None and not (a.parallel > 1 and (a.dry_run or a.table_only)):
+        if train is not None and a.parallel == 1:  # with --parallel the block above trained (or listed) it
             steps.append(train)
         outs = [a.results / f"{name}-seed{seed}-set{k}.json" for k in a.sample_sets]
         steps += [evaluate_command(_rel(run / "student"), k, a.num, out)

@@ -12,6 +12,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import seeds  # noqa: E402
 
 
+def tiny_preset(tmp_path) -> Path:
+    """A 2-iteration preset on a tiny random teacher (saved under tmp_path)."""
+    tiny_pixel_unet().save_pretrained(tmp_path / "teacher", safe_serialization=True)
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(f"teacher: {tmp_path / 'teacher'}\ndata: mnist5k\niterations: 2\nttur: 2\nbatch_size: 4\n"
+                      "warmup_steps: 1\nmixed_precision: 'no'\nsample_every: 0\neval_every: 0\ncheckpoint_every: 0\n")
+    return preset
+
+
 def test_beats_knows_each_measures_direction():
     assert seeds.beats(5.0, 6.0, "lower") and not seeds.beats(6.0, 5.0, "lower")
     assert seeds.beats(0.9, 0.8, "higher") and not seeds.beats(0.8, 0.8, "higher")
@@ -33,10 +42,7 @@ def test_table_gives_mean_spread_and_which_measures_every_seed_wins():
 
 
 def test_trains_each_seed_scores_each_sample_set_and_skips_what_exists(tmp_path, capsys):
-    tiny_pixel_unet().save_pretrained(tmp_path / "teacher", safe_serialization=True)
-    preset = tmp_path / "tiny.yaml"
-    preset.write_text(f"teacher: {tmp_path / 'teacher'}\ndata: mnist5k\niterations: 2\nttur: 2\nbatch_size: 4\n"
-                      "warmup_steps: 1\nmixed_precision: 'no'\nsample_every: 0\neval_every: 0\ncheckpoint_every: 0\n")
+    preset = tiny_preset(tmp_path)
     teacher_json = tmp_path / "teacher.json"
     teacher_json.write_text(json.dumps({"fid": 1e9, "alignment": 0.0, "autoencoder_fid": 0.0}))
     argv = ["--preset", str(preset), "--seeds", "0", "1", "--sample-sets", "3", "--num", "20",
@@ -81,15 +87,6 @@ def test_table_gives_each_seeds_wall_time_only_when_every_seed_has_one():
     text = seeds.table("p", per_seed, {"teacher": {"fid": 8.0}}, {0: 40.0, 1: 50.0})
     assert "| training wall time, min | 40.0 | 50.0 | 45.0 +- 7.1 (40.0-50.0) | - |" in text
     assert "wall time" not in seeds.table("p", per_seed, {}, {0: 40.0, 1: None})
-
-
-def tiny_preset(tmp_path, extra: str = "") -> Path:
-    tiny_pixel_unet().save_pretrained(tmp_path / "teacher", safe_serialization=True)
-    preset = tmp_path / "tiny.yaml"
-    preset.write_text(f"teacher: {tmp_path / 'teacher'}\ndata: mnist5k\niterations: 2\nttur: 2\nbatch_size: 4\n"
-                      "warmup_steps: 1\nmixed_precision: 'no'\nsample_every: 0\neval_every: 0\ncheckpoint_every: 0\n"
-                      + extra)
-    return preset
 
 
 def test_parallel_trains_the_seeds_side_by_side_then_scores_each(tmp_path, capsys):

@@ -521,3 +521,14 @@ def test_presets_for_the_embedded_models_ask_for_auto_precision():
     """The MNIST presets run on any CPU: bf16 where it is native, fp32 where bf16 would be emulated."""
     for path in sorted((ROOT / "configs").glob("mnist-*.yaml")) + sorted((ROOT / "configs" / "ablation").glob("*.yaml")):
         assert load_config(str(path), []).mixed_precision == "auto", path
+
+
+def test_the_cheaper_1step_preset_differs_from_the_preset_only_in_batch_and_iterations():
+    """configs/mnist-1step-fast.yaml says "everything else is configs/mnist-1step.yaml": a later edit to one
+    preset alone would make its seed table describe a recipe neither file holds."""
+    import dataclasses
+
+    full = dataclasses.asdict(load_config(ROOT / "configs" / "mnist-1step.yaml"))
+    fast = dataclasses.asdict(load_config(ROOT / "configs" / "mnist-1step-fast.yaml"))
+    differ = {key: (full[key], fast[key]) for key in full if full[key] != fast[key]}
+    assert differ == {"batch_size": (32, 16), "iterations": (5000, 4000)}

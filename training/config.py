@@ -271,20 +271,40 @@ def _renamed(values: dict, where: str) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> DistillConfig:
-    """Defaults <- YAML file <- `key=value` overrides (values parsed as YAML), then validated."""
+BASE_KEY = "base"   # a preset may start from another: `base: mnist-1step.yaml` (relative to its own folder)
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file's values with its `base:` chain applied (the base's values first, the file's own over
+    them), old key names renamed. Every problem (missing file, bad YAML, a loop of bases) is a ConfigError
+    naming the file."""
+    path = Path(path)
+    named_by = f" (named as the base of {_chain[-1]})" if _chain else ""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}{named_by}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    if path.resolve() in _chain:
+        loop = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(f"config file {path}: its bases form a loop: {loop}")
     values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-        values.update(_renamed(loaded, f"config file {path}"))
+    base = loaded.pop(BASE_KEY, None)
+    if base is not None:
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"config file {path}: {BASE_KEY}={base!r} must name another config file")
+        values = read_config_file(path.parent / base, (*_chain, path.resolve()))
+    values.update(_renamed(loaded, f"config file {path}"))
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> DistillConfig:
+    """Defaults <- YAML file (after its `base:` chain) <- `key=value` overrides (values parsed as YAML), then
+    validated."""
+    values: dict = read_config_file(path) if path is not None else {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
@@ -320,8 +340,8 @@ def cuda_available() -> bool:
 def preset_family(path: str | Path) -> str | None:
     """The family a preset file trains (pixel when it names none); None if it is not a distillation preset."""
     try:
-        return (yaml.safe_load(Path(path).read_text()) or {}).get("family", "pixel")
-    except (OSError, yaml.YAMLError, AttributeError):
+        return read_config_file(path).get("family", "pixel")
+    except (OSError, ConfigError):
         return None                       # e.g. an accelerate config
 
 

@@ -7,8 +7,9 @@ measure of `python -m dmd2 evaluate`, and print the mean and spread over seeds b
 Each seed trains into `<runs>/<preset>-seed<S>` (`python -m training distill --config PRESET --set seed=S`; an
 unfinished run resumes, a finished one is kept), then each sample set k is scored into
 `<results>/<preset>-seed<S>-set<k>.json` (`python -m dmd2 evaluate --model <run>/student --seed k`); results
-that exist are not recomputed. `--parallel N` trains N seeds at once first (each one's output in `<run>.log`), as
-a GPU or a many-core CPU affords; a 2-core CPU runs one at a time. The table gives, per measure, each seed's mean over the sample sets, the mean and
+that exist are not recomputed. `--parallel N` trains N seeds at once first (each one's output in `<run>.log`), then
+scores N sample sets at once (`<run>-set<k>.log`), as a GPU or a many-core CPU affords (on a 2-core CPU, 2 for
+the scoring). The table gives, per measure, each seed's mean over the sample sets, the mean and
 standard deviation over seeds and their range, and each reference row (e.g. the teacher, from its own evaluate
 JSONs); the last lines say, per reference, on which measures every seed beats it. The selection measure that
 picked the preset's settings is the classifier FID ("fid"); the others are the independent check. A last row
@@ -156,28 +157,27 @@ def table(name: str, per_seed: dict[int, dict[str, float]], references: dict[str
     return "\n".join(lines)
 
 
-def train_in_parallel(trains: dict[int, list[str]], runs: dict[int, Path], parallel: int) -> None:
-    """Run the seeds' training commands, `parallel` at a time (one GPU or many cores hold several of these
-    small runs at once); each one's output goes to `<run>.log` beside its folder. A failure is named after all
-    have ended, so the seeds that did finish are kept."""
-    pending, active, failed = list(trains.items()), {}, []
+def run_in_parallel(jobs: dict[str, tuple[list[str], Path]], parallel: int, what: str) -> None:
+    """Run the commands `parallel` at a time (one GPU or many cores hold several of these small runs at once),
+    each one's output appended to its log file. A failure is named after all have ended, so the jobs that did
+    finish are kept. `jobs` maps a name ("seed 1") to (command, log)."""
+    pending, active, failed = list(jobs.items()), {}, []
     while pending or active:
         while pending and len(active) < parallel:
-            seed, cmd = pending.pop(0)
-            log = runs[seed].parent / f"{runs[seed].name}.log"
+            job, (cmd, log) = pending.pop(0)
             log.parent.mkdir(parents=True, exist_ok=True)
             print(f"$ {shlex.join(['python', *cmd[1:]])}  > {_rel(log)}", flush=True)
             with open(log, "a") as out:
-                active[seed] = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        ended = [seed for seed, proc in active.items() if proc.poll() is not None]
+                active[job] = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        ended = [job for job, proc in active.items() if proc.poll() is not None]
         if not ended:
             time.sleep(1)
-        for seed in ended:
-            code = active.pop(seed).returncode
+        for job in ended:
+            code = active.pop(job).returncode
             if code != 0:
-                failed.append(f"seed {seed} (exit {code}; see {_rel(runs[seed])}.log)")
+                failed.append(f"{job} (exit {code}; see {_rel(jobs[job][1])})")
     if failed:
-        raise SystemExit("error: training failed for " + ", ".join(failed))
+        raise SystemExit(f"error: {what} failed for " + ", ".join(failed))
 
 
 def main(argv=None) -> None:
@@ -193,7 +193,7 @@ def main(argv=None) -> None:
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "seeds")
     p.add_argument("--results", type=Path, default=ROOT / "results" / "seeds")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
-                   help="train N seeds at once (on a GPU or a many-core CPU), then score them")
+                   help="train N seeds at once (on a GPU or a many-core CPU), then score N sample sets at once")
     p.add_argument("--dry-run", action="store_true", help="print the commands still to run, run none")
     p.add_argument("--table-only", action="store_true", help="run nothing; table the results already there")
     a = p.parse_args(argv)
@@ -213,23 +213,29 @@ def main(argv=None) -> None:
         references[ref_name] = mean_over([load_result(Path(f)) for f in files.split(",")])
     name = a.preset.stem
     runs = {seed: a.runs / f"{name}-seed{seed}" for seed in a.seeds}
-    if a.parallel > 1:  # train first, several seeds at a time; each seed's scoring follows below
+    outs = {seed: {k: a.results / f"{name}-seed{seed}-set{k}.json" for k in a.sample_sets} for seed in a.seeds}
+    if a.parallel > 1:  # train every seed, `parallel` at a time, then score every sample set the same way
         trains = {seed: cmd for seed, run in runs.items() if (cmd := train_command(a.preset, seed, run, a.overrides))}
+        scores = {(seed, k): evaluate_command(_rel(runs[seed] / "student"), k, a.num, out)
+                  for seed in a.seeds for k, out in outs[seed].items() if not out.is_file()}
         if a.dry_run or a.table_only:
-            for cmd in trains.values():
+            for cmd in [*trains.values(), *scores.values()]:
                 print("$ " + shlex.join(["python", *cmd[1:]]), flush=True)
         else:
-            train_in_parallel(trains, runs, a.parallel)
+            run_in_parallel({f"seed {seed}": (cmd, runs[seed].parent / f"{runs[seed].name}.log")
+                             for seed, cmd in trains.items()}, a.parallel, "training")
+            a.results.mkdir(parents=True, exist_ok=True)
+            run_in_parallel({f"seed {seed} sample set {k}": (cmd, runs[seed].parent / f"{runs[seed].name}-set{k}.log")
+                             for (seed, k), cmd in scores.items()}, a.parallel, "scoring")
     per_seed, minutes = {}, {}
     for seed in a.seeds:
         run = runs[seed]
         steps = []
-        train = train_command(a.preset, seed, run, a.overrides)
-        if train is not None and a.parallel == 1:  # with --parallel the block above trained (or listed) it
-            steps.append(train)
-        outs = [a.results / f"{name}-seed{seed}-set{k}.json" for k in a.sample_sets]
-        steps += [evaluate_command(_rel(run / "student"), k, a.num, out)
-                  for k, out in zip(a.sample_sets, outs) if not out.is_file()]
+        if a.parallel == 1:  # one command at a time, each seed trained then scored
+            if (train := train_command(a.preset, seed, run, a.overrides)) is not None:
+                steps.append(train)
+            steps += [evaluate_command(_rel(run / "student"), k, a.num, out)
+                      for k, out in outs[seed].items() if not out.is_file()]
         for cmd in steps:
             print("$ " + shlex.join(["python", *cmd[1:]]), flush=True)
             if a.dry_run or a.table_only:
@@ -238,7 +244,7 @@ def main(argv=None) -> None:
             done = subprocess.run(cmd, cwd=ROOT)
             if done.returncode != 0:
                 raise SystemExit(f"error: seed {seed}: `{shlex.join(cmd[1:])}` exited with {done.returncode}")
-        present = [load_result(out) for out in outs if out.is_file()]
+        present = [load_result(out) for out in outs[seed].values() if out.is_file()]
         if present:
             per_seed[seed] = mean_over(present)
             minutes[seed] = training_minutes(run) if run.is_dir() else None

@@ -107,7 +107,25 @@ def test_parallel_trains_the_seeds_side_by_side_then_scores_each(tmp_path, capsy
         assert json.loads((run / "status.json").read_text())["state"] == "finished"
         assert f"seed: {seed}" in (run / "config.yaml").read_text()
         assert (tmp_path / "runs" / f"tiny-seed{seed}.log").is_file()            # its output, not interleaved
+        assert (tmp_path / "runs" / f"tiny-seed{seed}-set0.log").is_file()       # the scoring's, likewise
         assert json.loads((tmp_path / "results" / f"tiny-seed{seed}-set0.json").read_text())["num"] == 20
+    assert "Every seed" not in out and "| FID (classifier; selection) |" in out
+
+
+def test_parallel_scoring_names_the_sample_set_that_failed(tmp_path, capsys):
+    preset = tiny_preset(tmp_path)
+    argv = ["--preset", str(preset), "--seeds", "0", "1", "--sample-sets", "0", "1", "--num", "20",
+            "--parallel", "2", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    seeds.main(argv + ["--sample-sets", "0"])                       # both seeds trained and scored on set 0
+    capsys.readouterr()
+    (tmp_path / "runs" / "tiny-seed1" / "student" / "config.json").write_text("{broken")
+    with pytest.raises(SystemExit, match=r"scoring failed for seed 1 sample set 1 \(exit [1-9]"):
+        seeds.main(argv)                                             # set 1 of each seed, two at a time
+    out = capsys.readouterr().out
+    assert out.count("-m dmd2 evaluate") == 2 and "-m training distill" not in out   # only what was missing
+    assert (tmp_path / "results" / "tiny-seed0-set1.json").is_file()                 # the other one is kept
+    assert not (tmp_path / "results" / "tiny-seed1-set1.json").exists()
+    assert "could not load" in (tmp_path / "runs" / "tiny-seed1-set1.log").read_text()  # evaluate's own message
 
 
 def test_parallel_names_the_seed_that_failed_and_keeps_the_others(tmp_path, capsys):

@@ -7,9 +7,9 @@ measure of `python -m dmd2 evaluate`, and print the mean and spread over seeds b
 Each seed trains into `<runs>/<preset>-seed<S>` (`python -m training distill --config PRESET --set seed=S`; an
 unfinished run resumes, a finished one is kept), then each sample set k is scored into
 `<results>/<preset>-seed<S>-set<k>.json` (`python -m dmd2 evaluate --model <run>/student --seed k`); results
-that exist are not recomputed. `--parallel N` trains N seeds at once first (each one's output in `<run>.log`), then
-scores N sample sets at once (`<run>-set<k>.log`), as a GPU or a many-core CPU affords (on a 2-core CPU, 2 for
-the scoring). The table gives, per measure, each seed's mean over the sample sets, the mean and
+that exist are not recomputed. `--parallel N` trains N seeds at once first (each one's output in `<run>.log`), as
+a GPU or a many-core CPU affords, then scores N sample sets at once (`<run>-set<k>.log`; `--score-parallel M`
+for another count: scoring runs on the CPU, so 2 on a 2-core machine). The table gives, per measure, each seed's mean over the sample sets, the mean and
 standard deviation over seeds and their range, and each reference row (e.g. the teacher, from its own evaluate
 JSONs); the last lines say, per reference, on which measures every seed beats it. The selection measure that
 picked the preset's settings is the classifier FID ("fid"); the others are the independent check. A last row
@@ -193,7 +193,9 @@ def main(argv=None) -> None:
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "seeds")
     p.add_argument("--results", type=Path, default=ROOT / "results" / "seeds")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
-                   help="train N seeds at once (on a GPU or a many-core CPU), then score N sample sets at once")
+                   help="train N seeds at once (on a GPU or a many-core CPU), then score them")
+    p.add_argument("--score-parallel", type=int, default=None, metavar="M",
+                   help="with --parallel: score M sample sets at once (default N; scoring is CPU-bound: the cores)")
     p.add_argument("--dry-run", action="store_true", help="print the commands still to run, run none")
     p.add_argument("--table-only", action="store_true", help="run nothing; table the results already there")
     a = p.parse_args(argv)
@@ -203,6 +205,8 @@ def main(argv=None) -> None:
         p.error(f"--num must be at least 2, got {a.num}")
     if a.parallel < 1:
         p.error(f"--parallel must be at least 1, got {a.parallel}")
+    if a.score_parallel is not None and (a.score_parallel < 1 or a.parallel == 1):
+        p.error(f"--score-parallel must be at least 1 and comes with --parallel N > 1, got {a.score_parallel}")
     if len(set(a.seeds)) != len(a.seeds):
         p.error(f"--seeds repeats a seed: {a.seeds}")
     references = {}
@@ -226,7 +230,7 @@ def main(argv=None) -> None:
                              for seed, cmd in trains.items()}, a.parallel, "training")
             a.results.mkdir(parents=True, exist_ok=True)
             run_in_parallel({f"seed {seed} sample set {k}": (cmd, runs[seed].parent / f"{runs[seed].name}-set{k}.log")
-                             for (seed, k), cmd in scores.items()}, a.parallel, "scoring")
+                             for (seed, k), cmd in scores.items()}, a.score_parallel or a.parallel, "scoring")
     per_seed, minutes = {}, {}
     for seed in a.seeds:
         run = runs[seed]

@@ -17,7 +17,7 @@ import torch
 
 from conftest import TINY_UNET, make_two_class_folder, tiny_distill_config
 from dmd2.families.pixel import load_pixel_unet
-from training.config import ConfigError, DistillConfig, config_text, load_config
+from training.config import ConfigError, DistillConfig, load_config
 from training.distill import distill
 from training.trainer import DMD2Trainer, NonFiniteLoss
 from training.runs import Run, RunError, safe_run_dir
@@ -534,22 +534,6 @@ def test_the_cheaper_1step_preset_differs_from_the_preset_only_in_batch_and_iter
     assert differ == {"batch_size": (32, 16), "iterations": (5000, 4000)}
 
 
-@pytest.mark.parametrize("preset, recorded", [("mnist-4step-stage2", "distill_config.stage2.yaml"),
-                                              ("mnist-4step-stage3", "distill_config.stage3.yaml"),
-                                              ("mnist-4step-stage4", "distill_config.yaml")])
-def test_the_4step_stage_presets_resolve_to_the_settings_the_embedded_student_was_trained_with(preset, recorded):
-    """Stages 3 and 4 are written as their differences from the stage before (`base:`); resolved, each must still
-    be the run's config.yaml kept beside the embedded student, but for where its start was and the precision
-    (bf16 on that machine; `auto` now)."""
-    import dataclasses
-
-    ours = dataclasses.asdict(load_config(ROOT / "configs" / f"{preset}.yaml"))
-    with pytest.warns(FutureWarning, match="'steps' is deprecated"):   # those runs spelled `iterations` `steps`
-        theirs = dataclasses.asdict(load_config(ROOT / "assets" / "mnist" / "dmd2-4step" / recorded))
-    differ = {key for key in ours if ours[key] != theirs[key]}
-    assert differ == {"generator_init", "mixed_precision"}, differ
-
-
 def test_a_config_file_starts_from_its_base_and_overrides_win(tmp_path):
     (tmp_path / "parent.yaml").write_text("batch_size: 8\nttur: 3\niterations: 20\n")
     (tmp_path / "sub").mkdir()
@@ -558,7 +542,14 @@ def test_a_config_file_starts_from_its_base_and_overrides_win(tmp_path):
     cfg = load_config(tmp_path / "grandchild.yaml", ["batch_size=2"])
     assert (cfg.batch_size, cfg.ttur, cfg.iterations) == (2, 4, 30)
     assert load_config(tmp_path / "sub" / "child.yaml").batch_size == 8
-    assert "base" not in config_text(cfg)             # a run's config.yaml is written resolved
+    from training.config import preset_family
+
+    assert preset_family(tmp_path / "grandchild.yaml") == "pixel"
+    (tmp_path / "sub" / "child.yaml").write_text("base: ../gone.yaml\nfamily: sdxl\n")
+    assert preset_family(tmp_path / "sub" / "child.yaml") == "sdxl"   # still listed (its own family), so the app
+    assert preset_family(tmp_path / "grandchild.yaml") == "pixel"     # can say why it does not load: its base
+    with pytest.raises(ConfigError, match=r"gone.yaml \(named as the base of .*child.yaml\)"):
+        load_config(tmp_path / "grandchild.yaml")
 
 
 def test_a_bad_base_is_an_error_naming_the_file(tmp_path):
@@ -575,5 +566,10 @@ def test_a_bad_base_is_an_error_naming_the_file(tmp_path):
         load_config(tmp_path / "a.yaml")
     (tmp_path / "old.yaml").write_text("steps: 7\n")                   # a base with the old key name
     child.write_text("base: old.yaml\nbatch_size: 4\n")
-    with pytest.warns(FutureWarning, match="old.yaml: config key 'steps' is deprecated"):
+    with pytest.warns(FutureWarning, match="old.yaml: config key 'steps' is deprecated") as warned:
         assert load_config(child).iterations == 7
+    assert [w.filename for w in warned] == [__file__]                 # it points at the caller, not config.py
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("[1, 2]\n")
+    with pytest.raises(ConfigError, match=r"b.yaml \(named as the base of .*a.yaml\) must hold a mapping"):
+        load_config(tmp_path / "a.yaml")

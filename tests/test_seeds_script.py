@@ -67,7 +67,9 @@ def test_bad_arguments_are_named(tmp_path, capsys):
     for argv, message in ((["--preset", str(tmp_path / "none.yaml")], "no such file"),
                           (["--preset", __file__, "--seeds", "1", "1"], "repeats a seed"),
                           (["--preset", __file__, "--reference", "teacher"], "NAME=JSON"),
-                          (["--preset", __file__, "--parallel", "0"], "--parallel must be at least 1")):
+                          (["--preset", __file__, "--parallel", "0"], "--parallel must be at least 1"),
+                          (["--preset", __file__, "--score-parallel", "2"], "comes with --parallel N > 1"),
+                          (["--preset", __file__, "--parallel", "2", "--score-parallel", "0"], "at least 1")):
         with pytest.raises(SystemExit):
             seeds.main(argv)
         assert message in capsys.readouterr().err
@@ -95,7 +97,8 @@ def test_parallel_trains_the_seeds_side_by_side_then_scores_each(tmp_path, capsy
             "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
     seeds.main(argv + ["--dry-run"])                      # a dry run lists each training once and runs nothing
     dry = capsys.readouterr().out
-    assert dry.count("-m training distill") == 2 and not (tmp_path / "runs").exists()
+    assert dry.count("-m training distill") == 2 and dry.count("-m dmd2 evaluate") == 2
+    assert not (tmp_path / "runs").exists()
     seeds.main(argv)
     out = capsys.readouterr().out
     lines = out.splitlines()
@@ -112,18 +115,31 @@ def test_parallel_trains_the_seeds_side_by_side_then_scores_each(tmp_path, capsy
     assert "Every seed" not in out and "| FID (classifier; selection) |" in out
 
 
-def test_parallel_scoring_names_the_sample_set_that_failed(tmp_path, capsys):
+def test_parallel_scoring_runs_m_at_once_and_names_each_sample_set_that_failed(tmp_path, capsys, monkeypatch):
     preset = tiny_preset(tmp_path)
-    argv = ["--preset", str(preset), "--seeds", "0", "1", "--sample-sets", "0", "1", "--num", "20",
-            "--parallel", "2", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    argv = ["--preset", str(preset), "--seeds", "1", "0", "--sample-sets", "0", "1", "2", "--num", "20",
+            "--parallel", "3", "--score-parallel", "2", "--runs", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "results")]
     seeds.main(argv + ["--sample-sets", "0"])                       # both seeds trained and scored on set 0
     capsys.readouterr()
     (tmp_path / "runs" / "tiny-seed1" / "student" / "config.json").write_text("{broken")
-    with pytest.raises(SystemExit, match=r"scoring failed for seed 1 sample set 1 \(exit [1-9]"):
-        seeds.main(argv)                                             # set 1 of each seed, two at a time
+    started, live = [], []
+
+    class Counted(seeds.subprocess.Popen):                           # how many scorings run when each starts
+        def __init__(self, *args, **kwargs):
+            live[:] = [p for p in live if p.poll() is None]
+            super().__init__(*args, **kwargs)
+            live.append(self)
+            started.append(len(live))
+
+    monkeypatch.setattr(seeds.subprocess, "Popen", Counted)
+    with pytest.raises(SystemExit, match=r"scoring failed for seed 1 sample set 1 \(exit [1-9].*"
+                                         r"seed 1 sample set 2 \(exit [1-9]"):
+        seeds.main(argv)            # seed 1's sets 1 and 2 start first and fail; seed 0's still run after them
     out = capsys.readouterr().out
-    assert out.count("-m dmd2 evaluate") == 2 and "-m training distill" not in out   # only what was missing
-    assert (tmp_path / "results" / "tiny-seed0-set1.json").is_file()                 # the other one is kept
+    assert out.count("-m dmd2 evaluate") == 4 and "-m training distill" not in out   # only what was missing
+    assert started[:2] == [1, 2] and max(started) == 2                               # two at a time, never three
+    assert all((tmp_path / "results" / f"tiny-seed0-set{k}.json").is_file() for k in (1, 2))
     assert not (tmp_path / "results" / "tiny-seed1-set1.json").exists()
     assert "could not load" in (tmp_path / "runs" / "tiny-seed1-set1.log").read_text()  # evaluate's own message
 

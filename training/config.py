@@ -258,15 +258,16 @@ def _coerce(key: str, value):
 RENAMED = {"steps": "iterations"}
 
 
-def _renamed(values: dict, where: str) -> dict:
-    """`values` with old key names replaced by the new ones (a FutureWarning for each); both is an error."""
+def _renamed(values: dict, where: str, stacklevel: int = 3) -> dict:
+    """`values` with old key names replaced by the new ones (a FutureWarning for each, pointing `stacklevel`
+    frames up: at load_config's caller); both is an error."""
     out = dict(values)
     for old, new in RENAMED.items():
         if old not in out:
             continue
         if new in out:
             raise ConfigError(f"{where} sets both {old!r} and {new!r}: {old!r} is the old name of {new!r}, keep one")
-        warnings.warn(f"{where}: config key {old!r} is deprecated, call it {new!r}", FutureWarning, stacklevel=3)
+        warnings.warn(f"{where}: config key {old!r} is deprecated, call it {new!r}", FutureWarning, stacklevel=stacklevel)
         out[new] = out.pop(old)
     return out
 
@@ -285,9 +286,9 @@ def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path}{named_by} is not valid YAML: {e}") from None
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        raise ConfigError(f"config file {path}{named_by} must hold a mapping of keys to values")
     if path.resolve() in _chain:
         loop = " -> ".join(str(p) for p in (*_chain, path.resolve()))
         raise ConfigError(f"config file {path}: its bases form a loop: {loop}")
@@ -297,7 +298,8 @@ def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
         if not isinstance(base, str) or not base.strip():
             raise ConfigError(f"config file {path}: {BASE_KEY}={base!r} must name another config file")
         values = read_config_file(path.parent / base, (*_chain, path.resolve()))
-    values.update(_renamed(loaded, f"config file {path}"))
+    # the warning points at load_config's caller: past _renamed, this frame and its bases' frames, load_config
+    values.update(_renamed(loaded, f"config file {path}", stacklevel=4 + len(_chain)))
     return values
 
 
@@ -341,8 +343,14 @@ def preset_family(path: str | Path) -> str | None:
     """The family a preset file trains (pixel when it names none); None if it is not a distillation preset."""
     try:
         return read_config_file(path).get("family", "pixel")
-    except (OSError, ConfigError):
-        return None                       # e.g. an accelerate config
+    except ConfigError:                   # e.g. a broken base: listed, so the Train tab can say what is wrong
+        try:
+            own = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        return own.get("family", "pixel") if isinstance(own, dict) else None
+    except OSError:
+        return None
 
 
 DEFAULT_PRESET = "mnist-1step"   # listed first (the app's default): the teacher-to-student recipe

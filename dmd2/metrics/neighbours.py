@@ -49,6 +49,14 @@ def knn_radii(a, k: int, chunk: int = CHUNK) -> np.ndarray:
     return out
 
 
+def nearest_distances(a, b, chunk: int = CHUNK) -> np.ndarray:
+    """Distance from each row of `a` to its nearest row of `b` (how close a sample comes to copying one of `b`)."""
+    a, b = _features("a", a), _features("b", b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature dimensions differ: {a.shape[1]} and {b.shape[1]}")
+    return np.concatenate([d.min(axis=1) for _, d in _distance_rows(a, b, chunk)])
+
+
 def precision_recall(real, fake, k: int = 3, chunk: int = CHUNK) -> tuple[float, float]:
     """(precision, recall) with k-NN radii (Kynkaanniemi et al. 2019)."""
     real, fake = _pair(real, fake)

@@ -534,6 +534,23 @@ def test_the_cheaper_1step_preset_differs_from_the_preset_only_in_batch_and_iter
     assert differ == {"batch_size": (32, 16), "iterations": (5000, 4000)}
 
 
+def test_each_recall_variant_differs_from_the_cheaper_preset_only_in_what_it_names():
+    """configs/recall/*.yaml are one-change studies of the cheaper preset: each must resolve to that preset with
+    exactly the keys its file lists changed, or its table would describe a different change."""
+    import dataclasses
+
+    import yaml
+
+    fast = dataclasses.asdict(load_config(ROOT / "configs" / "mnist-1step-fast.yaml"))
+    variants = sorted((ROOT / "configs" / "recall").glob("*.yaml"))
+    assert len(variants) >= 3
+    for path in variants:
+        named = set(yaml.safe_load(path.read_text())) - {"base"}
+        cfg = dataclasses.asdict(load_config(path))
+        differ = {key for key in fast if cfg[key] != fast[key]}
+        assert differ == named, (path.name, differ, named)
+
+
 def test_a_config_file_starts_from_its_base_and_overrides_win(tmp_path):
     (tmp_path / "parent.yaml").write_text("batch_size: 8\nttur: 3\niterations: 20\n")
     (tmp_path / "sub").mkdir()

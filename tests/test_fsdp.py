@@ -58,7 +58,10 @@ def fsdp_config(tmp_path_factory) -> Path:
 def torchrun(cfg_file: Path, out: Path, *extra: str) -> subprocess.Popen:
     """The FSDP worker on 2 processes."""
     exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_FSDP="true", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+    # PYTHONFAULTHANDLER: a rank that dies of a signal prints its Python stack (one run of CI saw a rank die of
+    # SIGSEGV inside gloo's all-gather during the uninterrupted run, once; reruns passed)
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_FSDP="true", PYTHONFAULTHANDLER="1",
+               PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
     return subprocess.Popen([exe, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
                              str(free_port()), str(ROOT / "tests" / "fsdp_worker.py"), str(cfg_file), str(out), *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -95,7 +98,8 @@ def kill_minus_nine(proc: subprocess.Popen) -> None:
 
 def finish(proc: subprocess.Popen) -> None:
     out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-4000:]
+    crash = out.find("Fatal Python error")  # a rank's faulthandler stack, far above torchrun's summary
+    assert proc.returncode == 0, (out[crash:crash + 4000] + "\n...\n" if crash >= 0 else "") + out[-4000:]
 
 
 def test_fsdp_kill_resume_is_bit_identical_and_exports_the_gathered_generator(fsdp_config, tmp_path):

@@ -12,7 +12,7 @@ data distribution reaches. Here, per split s (numpy seed s), the real digits are
 B plays "held-out real" (draws of the data distribution, as many as A) and each model's first len(B) samples are
 scored against A like B is: precision and recall (k = 3), density and coverage (k = 5), in the classifier's and
 the autoencoder's features (the spaces of `evaluate`). A model's recall above B's is recall that fresh digits
-do not have. Copying: each sample's pixel distance (images in [0, 1]) to its nearest training digit, beside
+do not have. Copying: each scored sample's pixel distance (images in [0, 1]) to its nearest training digit, beside
 each real digit's distance to its nearest other one; their medians, and the fraction of samples closer than
 the real digits' 1st percentile (about 0.01 for draws like the real ones, 1 for a model that copies).
 """
@@ -23,17 +23,18 @@ import argparse
 import json
 import statistics
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from dmd2.metrics.independent import DC_K, PR_K, default_autoencoder, embed
+from dmd2.metrics.independent import default_autoencoder, embed, neighbour_measures
 from dmd2.metrics.mnist import _to_tensor, default_classifier, real_digits
-from dmd2.metrics.neighbours import density_coverage, knn_radii, nearest_distances, precision_recall
+from dmd2.metrics.neighbours import knn_radii, nearest_distances
 
-HELD_OUT = "held-out real"
+HELD_OUT = "held-out real"  # the k-NN rows: half B; the copying rows: every real digit against the others
 MEASURES = ("precision", "recall", "density", "coverage")
-COPY_PERCENTILE = 1.0
+COPY_PERCENTILE = 1  # "closer than the real digits' 1st percentile of nearest-other-digit distances"
 
 
 def load_samples(spec: str) -> tuple[str, np.ndarray]:
@@ -45,14 +46,22 @@ def load_samples(spec: str) -> tuple[str, np.ndarray]:
         raise ValueError(f"{name!r} is the name of the held-out real half; call the model something else")
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, EOFError, ValueError) as e:  # ValueError: neither .npy nor .npz
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path}: a single array, not an .npz of samples (write one with `python -m dmd2 sample --out`)")
+        with data:
+            if "images" not in data:
+                raise ValueError(f"{path}: no 'images' array (write it with `python -m dmd2 sample --out`)")
+            images = data["images"]
+    except (OSError, EOFError, zipfile.BadZipFile) as e:  # missing, unreadable, truncated
         raise ValueError(f"{path}: cannot read samples ({e})") from None
-    if not isinstance(data, np.lib.npyio.NpzFile) or "images" not in data:
-        raise ValueError(f"{path}: no 'images' array (write it with `python -m dmd2 sample --out`)")
-    with data:
-        images = data["images"]
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:3] not in ((32, 32), (28, 28)):
-        raise ValueError(f"{path}: expected uint8 images N x 32 x 32 x C, got {images.dtype} {images.shape}")
+    except ValueError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: cannot read samples ({e})") from None  # neither .npy nor .npz
+    if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:3] not in ((32, 32), (28, 28))
+            or images.shape[3] not in (1, 3)):
+        raise ValueError(f"{path}: expected uint8 images N x 32 x 32 (or 28 x 28) x 1 (or 3), "
+                         f"got {images.dtype} {images.shape}")
     return name, images
 
 
@@ -91,12 +100,10 @@ def split_scores(real_images: np.ndarray, models: dict[str, np.ndarray], splits:
         a, b = order[:half], order[half:2 * half]
         for name in [HELD_OUT, *models]:
             for space in nets:
-                ref = real[space][a]
                 x = real[space][b] if name == HELD_OUT else fake[name][space]
-                values = dict(zip(("precision", "recall"), precision_recall(ref, x, PR_K)))
-                values.update(zip(("density", "coverage"), density_coverage(ref, x, DC_K)))
-                for m, v in values.items():
-                    rows.setdefault(name, {}).setdefault(f"{space}_{m}", []).append(v)
+                values = neighbour_measures(real[space][a], x)
+                for m in MEASURES:
+                    rows.setdefault(name, {}).setdefault(f"{space}_{m}", []).append(values[m])
     return rows
 
 
@@ -111,10 +118,10 @@ def table(rows: dict, copies: dict, splits: int, half: int) -> str:
              "|---|" + "---|" * len(names)]
     for key in rows[HELD_OUT]:
         lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(mean_sd(rows[n][key]) for n in names) + " |")
-    lines.append("| median pixel distance to the nearest training digit | "
+    lines.append("| median pixel distance to the nearest training digit (real: to the nearest other one) | "
                  + " | ".join(f"{copies[n]['median_distance']:.2f}" for n in names) + " |")
-    lines.append(f"| fraction closer than the real digits' {COPY_PERCENTILE:g}st percentile | "
-                 + " | ".join(f"{copies[n]['near_copies']:.3f}" for n in names) + " |")
+    lines.append(f"| fraction closer than the real digits' percentile {COPY_PERCENTILE} of those distances "
+                 "(real: by construction) | " + " | ".join(f"{copies[n]['near_copies']:.3f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -135,13 +142,14 @@ def main(argv=None) -> None:
         rows = split_scores(real_images, models, a.splits)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    copies = copying(real_images, models)
-    text = table(rows, copies, a.splits, len(real_images) // 2)
+    half = len(real_images) // 2
+    copies = copying(real_images, {name: images[:half] for name, images in models.items()})  # the samples scored above
+    text = table(rows, copies, a.splits, half)
     print(text, end="")
     if a.table:
         a.table.write_text(text)
     if a.json:
-        a.json.write_text(json.dumps({"splits": a.splits, "half": len(real_images) // 2, "rows": rows,
+        a.json.write_text(json.dumps({"splits": a.splits, "half": half, "rows": rows,
                                       "copying": copies}, indent=2) + "\n")
 
 

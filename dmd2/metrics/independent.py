@@ -51,14 +51,18 @@ def real_features(net: torch.nn.Module) -> np.ndarray:
         return _real[net]
 
 
-def compare_features(real: np.ndarray, fake: np.ndarray) -> dict:
-    """KID (mean, std), precision/recall and density/coverage of `fake` features against `real` ones.
-
-    A measure that needs more generated samples than given (k-NN radii need more than k) is None."""
-    mean, std = kid(real, fake, KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED)
+def neighbour_measures(real: np.ndarray, fake: np.ndarray) -> dict:
+    """Precision/recall (k = PR_K) and density/coverage (k = DC_K) of `fake` features against `real` ones;
+    precision and recall are None when there are too few generated samples for k-NN radii (k or fewer)."""
     precision, recall = precision_recall(real, fake, PR_K) if len(fake) > PR_K else (None, None)
     density, coverage = density_coverage(real, fake, DC_K)
-    return dict(kid=mean, kid_std=std, precision=precision, recall=recall, density=density, coverage=coverage)
+    return dict(precision=precision, recall=recall, density=density, coverage=coverage)
+
+
+def compare_features(real: np.ndarray, fake: np.ndarray) -> dict:
+    """KID (mean, std) and the neighbour measures of `fake` features against `real` ones."""
+    mean, std = kid(real, fake, KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED)
+    return dict(kid=mean, kid_std=std, **neighbour_measures(real, fake))
 
 
 def evaluate_independent(images_uint8, classifier=None, autoencoder=None) -> dict:

@@ -44,20 +44,20 @@ def load_samples(spec: str) -> tuple[str, np.ndarray]:
         raise ValueError(f"expected NAME=FILE.npz, got {spec!r}")
     if name == HELD_OUT:
         raise ValueError(f"{name!r} is the name of the held-out real half; call the model something else")
+    unreadable = (OSError, EOFError, ValueError, zipfile.BadZipFile)  # missing, truncated, neither .npy nor .npz
     try:
         data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ValueError(f"{path}: a single array, not an .npz of samples (write one with `python -m dmd2 sample --out`)")
-        with data:
-            if "images" not in data:
-                raise ValueError(f"{path}: no 'images' array (write it with `python -m dmd2 sample --out`)")
-            images = data["images"]
-    except (OSError, EOFError, zipfile.BadZipFile) as e:  # missing, unreadable, truncated
+    except unreadable as e:
         raise ValueError(f"{path}: cannot read samples ({e})") from None
-    except ValueError as e:
-        if str(e).startswith(str(path)):
-            raise
-        raise ValueError(f"{path}: cannot read samples ({e})") from None  # neither .npy nor .npz
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: a single array, not an .npz of samples (write one with `python -m dmd2 sample --out`)")
+    with data:
+        if "images" not in data:
+            raise ValueError(f"{path}: no 'images' array (write it with `python -m dmd2 sample --out`)")
+        try:
+            images = data["images"]
+        except unreadable as e:
+            raise ValueError(f"{path}: cannot read samples ({e})") from None
     if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:3] not in ((32, 32), (28, 28))
             or images.shape[3] not in (1, 3)):
         raise ValueError(f"{path}: expected uint8 images N x 32 x 32 (or 28 x 28) x 1 (or 3), "

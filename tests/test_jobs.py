@@ -80,6 +80,8 @@ def test_bad_knob_values_fail_with_the_trainers_message(tmp_path):
     ({"data": "/etc"}, "data='/etc' points outside the folders the app may read or write"),
     ({"generator_init": "/root/elsewhere"}, "generator_init='/root/elsewhere' points outside"),
     ({"latent_cache_dir": "/var/tmp/x"}, "latent_cache_dir='/var/tmp/x' points outside"),
+    ({"regression_weight": 0.5, "regression_pairs": "/var/tmp/p.npz"}, "regression_pairs='/var/tmp/p.npz' points outside"),
+    ({"regression_weight": 50.0, "regression_pairs": "runs/p.npz"}, "regression_weight=50.0 is outside the app's bounds"),
     ({"generator_init": "../outside-the-project"}, "generator_init='../outside-the-project' points outside"),
     ({"family": "sdxl", "data": "hf:some/data", "eval_every": 0}, "family='sdxl': this app trains only pixel"),
 ])

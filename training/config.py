@@ -77,6 +77,9 @@ class DistillConfig:
     gan_max_t: int = 1000                      # real and fake are noised at t ~ U[0, gan_max_t)
     gan_head: str = "small"                    # "small": conv-conv-conv + spatial mean (the MNIST students);
                                                # "official": DMD2's strided 4x4 convs down to 1x1, GroupNorm 32
+    # DMD's regression term (DMD1; DMD2 drops it): mse(G(z), teacher's DDIM sample from z) on stored pairs
+    regression_weight: float = 0.0             # 0 = off (DMD2); > 0 needs regression_pairs (pixel, 1-step only)
+    regression_pairs: str | None = None        # .npz from `python -m training pairs` at this real_guidance
     # two time-scale update rule and optimisation
     ttur: int = 5                              # critic updates per generator update
     iterations: int = 2000                     # critic updates; the generator updates every `ttur`-th
@@ -187,8 +190,21 @@ class DistillConfig:
         need(self.gan_critic_weight >= 0, "gan_critic_weight", "must be >= 0")
         need(1 <= self.gan_max_t <= 1000, "gan_max_t", "must be in 1..1000")
         need(self.gan_head in ("small", "official"), "gan_head", "must be 'small' or 'official'")
-        need(self.dm_weight > 0 or self.gan_generator_weight > 0, "dm_weight",
-             "with dm_weight 0 the GAN generator weight must be > 0, or the generator learns nothing")
+        need(isinstance(self.regression_weight, (int, float)) and not isinstance(self.regression_weight, bool)
+             and math.isfinite(self.regression_weight) and self.regression_weight >= 0, "regression_weight",
+             "must be a number >= 0")
+        if self.regression_weight > 0:
+            need(isinstance(self.regression_pairs, str) and self.regression_pairs, "regression_pairs",
+                 "regression_weight > 0 needs a pairs file: make one with `python -m training pairs --out F.npz`")
+            need(self.family == "pixel", "regression_weight", "the regression term is for class-conditional pixel "
+                 "teachers (pairs are made by `python -m training pairs`); set regression_weight: 0")
+            need(self.student_steps == 1, "regression_weight", "the regression term is for 1-step students (their "
+                 "one step maps the pairs' noise to the teacher's sample); set regression_weight: 0")
+            need(self.guidance_range is None, "regression_weight", "pairs are made at one guidance scale, a "
+                 "guidance-conditioned student takes many; set regression_weight: 0 or guidance_range: null")
+        need(self.dm_weight > 0 or self.gan_generator_weight > 0 or self.regression_weight > 0, "dm_weight",
+             "with dm_weight 0 the GAN generator weight (or regression_weight) must be > 0, or the generator "
+             "learns nothing")
         need(isinstance(self.ttur, int) and self.ttur >= 1, "ttur", "must be an integer >= 1")
         need(isinstance(self.iterations, int) and self.iterations >= 1, "iterations", "must be an integer >= 1")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")

@@ -20,12 +20,12 @@ BOUNDS = {
     "iterations": (1, 1_000_000), "batch_size": (1, 1024), "ttur": (1, 100), "student_steps": (1, 8),
     "generator_lr": (1e-9, 1e-2), "critic_lr": (1e-9, 1e-2), "warmup_steps": (0, 1_000_000),
     "weight_decay": (0.0, 1.0), "grad_clip": (1e-3, 1e4), "dm_weight": (0.0, 10.0), "real_guidance": (0.0, 20.0),
-    "gan_generator_weight": (0.0, 10.0), "gan_critic_weight": (0.0, 10.0), "lora_rank": (0, 1024),
-    "lora_alpha": (1e-3, 1e4), "resolution": (8, 2048), "eval_num": (0, 50_000), "keep_checkpoints": (1, 100),
-    "log_every": (0, 1_000_000), "sample_every": (0, 1_000_000), "eval_every": (0, 1_000_000),
+    "gan_generator_weight": (0.0, 10.0), "gan_critic_weight": (0.0, 10.0), "regression_weight": (0.0, 10.0),
+    "lora_rank": (0, 1024), "lora_alpha": (1e-3, 1e4), "resolution": (8, 2048), "eval_num": (0, 50_000),
+    "keep_checkpoints": (1, 100), "log_every": (0, 1_000_000), "sample_every": (0, 1_000_000), "eval_every": (0, 1_000_000),
     "checkpoint_every": (0, 1_000_000),
 }
-PATH_KEYS = ("teacher", "data", "generator_init", "latent_cache_dir", "prompts")
+PATH_KEYS = ("teacher", "data", "generator_init", "latent_cache_dir", "prompts", "regression_pairs")
 
 
 class LaunchRefused(ValueError):

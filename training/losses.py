@@ -37,3 +37,9 @@ def gan_critic_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> tor
 def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating generator loss: softplus(-fake), averaged."""
     return F.softplus(-fake_logits.float()).mean()
+
+
+def regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """DMD's regression term: MSE between the student's samples and the teacher's from the same noise (DMD used
+    LPIPS on its images; pixel MSE here, where no perceptual network is at hand)."""
+    return F.mse_loss(prediction.float(), target.float(), reduction="mean")

@@ -23,6 +23,7 @@ from training import losses
 from training.config import ConfigError, DistillConfig
 from training.critic import Critic
 from training.lora import add_lora
+from training.pairs import load_pairs
 from training.data import InfiniteSampler, load_dataset
 from training.text_data import captioned_images, cached_latents, read_prompts
 from training.runs import RunError
@@ -121,6 +122,15 @@ class DMD2Trainer:
                                   f"{self.family.num_classes} classes")
             self.images, self.labels = images, labels
 
+        # DMD's regression term: stored (noise, label, teacher sample) pairs, drawn by their own sampler below.
+        self.pairs = None
+        if cfg.regression_weight > 0:
+            self.pairs, meta = load_pairs(cfg.regression_pairs, self.family)
+            if "guidance" in meta and float(meta["guidance"]) != float(cfg.real_guidance):
+                raise ConfigError(f"regression_pairs {cfg.regression_pairs}: made at guidance {meta['guidance']}, "
+                                  f"but real_guidance is {cfg.real_guidance}; make pairs at --guidance "
+                                  f"{cfg.real_guidance} or set real_guidance to match")
+
         torch.manual_seed(cfg.seed)  # the GAN head's initialisation
         self.real_unet = teacher.to(self.device).eval().requires_grad_(False)
         # A guidance-conditioned student (guidance_range): the generator and the fake score take w as an input.
@@ -169,6 +179,8 @@ class DMD2Trainer:
         self.sampler = InfiniteSampler(len(self.images), cfg.batch_size, seed=cfg.seed * 1000 + rank)
         self.prompt_sampler = (InfiniteSampler(len(self.prompts), cfg.batch_size, seed=cfg.seed * 1000 + rank + 500)
                                if text else None)
+        self.pair_sampler = (InfiniteSampler(len(self.pairs["labels"]), cfg.batch_size, seed=cfg.seed * 1000 + rank + 700)
+                             if self.pairs is not None else None)
         self.step = 0
         self.generator_updates = 0
 
@@ -264,16 +276,25 @@ class DMD2Trainer:
         return stats
 
     def generator_step(self, real_x0, cond) -> dict:
-        """One generator update: distribution matching + GAN generator loss; the critic stays frozen."""
+        """One generator update: distribution matching + GAN generator loss (+ DMD's regression term on a batch
+        of teacher pairs); the critic stays frozen."""
         cfg, fam, n = self.cfg, self.family, real_x0.shape[0]
         w = self._guidance(n)
         with torch.no_grad(), self.autocast():
             x_t, t = generator_input(fam, self.generator_module, cond, n, self.timesteps, self.rng, self.device,
                                      cfg.backward_simulation, real_x0, cfg.step_weights, guidance_input=w)
+        if self.pairs is not None:  # 1-step: the pairs' noise joins the batch, so the generator runs once
+            idx = self.pair_sampler.next()
+            x_t = torch.cat([x_t, self.pairs["noise"][idx].to(self.device)])
+            cond = torch.cat([cond, self.pairs["labels"][idx].to(cond.device)])
+            t = torch.cat([t, t[:1].expand(len(idx))])
         with self.autocast():
             x = fam.denoise(self.generator, x_t, t, cond, guidance_input=w).float()
-        k = self.timesteps.index(int(t[0]))  # the student step being trained (one per batch)
         parts = {}
+        if self.pairs is not None:
+            parts["regression"] = losses.regression_loss(x[n:], self.pairs["target"][idx].to(self.device))
+            x, cond, t = x[:n], cond[:n], t[:n]
+        k = self.timesteps.index(int(t[0]))  # the student step being trained (one per batch)
         # Frozen: no weight gradients for the critic; no_sync: its DDP wrapper expects none.
         with self.critic_module.frozen(), self._no_sync(self.critic):
             if cfg.dm_weight > 0:
@@ -293,7 +314,8 @@ class DMD2Trainer:
                                          guidance_input=w)
                 parts["gan_generator"] = losses.gan_generator_loss(logits)
             self._check(parts)
-            total = cfg.dm_weight * parts.get("dm", 0.0) + cfg.gan_generator_weight * parts.get("gan_generator", 0.0)
+            total = (cfg.dm_weight * parts.get("dm", 0.0) + cfg.gan_generator_weight * parts.get("gan_generator", 0.0)
+                     + cfg.regression_weight * parts.get("regression", 0.0))
             self.opt_g.zero_grad(set_to_none=True)
             self.acc.backward(total)
         grad_norm = self._clip(self.generator, cfg.grad_clip)
@@ -378,6 +400,7 @@ class DMD2Trainer:
             "rng": self.rng.get_state(),
             "sampler": self.sampler.state_dict(),
             "prompt_sampler": self.prompt_sampler.state_dict() if self.prompt_sampler else None,
+            "pair_sampler": self.pair_sampler.state_dict() if self.pair_sampler else None,
             # Every rank draws its own noise and data: their positions, so that each rank resumes its own.
             "ranks": self._gathered(self._draw_state()),
         }
@@ -392,7 +415,8 @@ class DMD2Trainer:
 
     def _draw_state(self) -> dict:
         return {"rng": self.rng.get_state(), "sampler": self.sampler.state_dict(),
-                "prompt_sampler": self.prompt_sampler.state_dict() if self.prompt_sampler else None}
+                "prompt_sampler": self.prompt_sampler.state_dict() if self.prompt_sampler else None,
+                "pair_sampler": self.pair_sampler.state_dict() if self.pair_sampler else None}
 
     def _gathered(self, obj) -> list:
         """[obj of rank 0, obj of rank 1, ...] on every rank (a collective when there are several processes)."""
@@ -443,6 +467,8 @@ class DMD2Trainer:
         self.sampler.load_state_dict(mine["sampler"])
         if self.prompt_sampler is not None:
             self.prompt_sampler.load_state_dict(mine["prompt_sampler"])
+        if self.pair_sampler is not None and mine.get("pair_sampler") is not None:  # else: regression added on resume
+            self.pair_sampler.load_state_dict(mine["pair_sampler"])
         self.step = state["step"]
         self.generator_updates = state["generator_updates"]
 

@@ -18,7 +18,8 @@ from dmd2.families.pixel import PixelFamily
 from dmd2.sampling import ddim_sample
 from training.config import ConfigError
 from training.distill import distill
-from training.pairs import PairsError, load_pairs, make_pairs, save_pairs
+from training.pairs import PairsError, load_pairs, make_pairs, save_pairs, teacher_fingerprint
+from training.runs import RunError
 from training.trainer import DMD2Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,10 +35,12 @@ def setup(tmp_path, family):
 @pytest.fixture
 def pairs_file(setup, family, tmp_path):
     """12 pairs of the tiny teacher at CFG 2 (tiny_distill_config's real_guidance), 3 DDIM steps."""
-    teacher = family.load_teacher(setup[0])
-    path = tmp_path / "pairs.npz"
-    save_pairs(path, make_pairs(family, teacher, 12, seed=7, steps=3, guidance=2.0, batch_size=5),
-               dict(guidance=2.0, steps=3))
+    return write_pairs(family, family.load_teacher(setup[0]), tmp_path / "pairs.npz", num=12)
+
+
+def write_pairs(family, teacher, path, num=12, seed=7, guidance=2.0):
+    save_pairs(path, make_pairs(family, teacher, num, seed=seed, steps=3, guidance=guidance, batch_size=5),
+               dict(guidance=guidance, steps=3, teacher_fingerprint=teacher_fingerprint(teacher)))
     return path
 
 
@@ -62,10 +65,11 @@ def test_pairs_are_the_teachers_ddim_samples_from_seeded_noise(family, unet):
 
 def test_a_pairs_file_round_trips_and_is_never_overwritten(family, unet, tmp_path):
     pairs = make_pairs(family, unet, 4, steps=2)
-    save_pairs(tmp_path / "p.npz", pairs, {"guidance": 1.0, "teacher": "t"})
-    tensors, meta = load_pairs(tmp_path / "p.npz", family)
-    assert meta == {"guidance": 1.0, "teacher": "t"}
-    assert all(np.array_equal(tensors[k].numpy(), pairs[k]) for k in pairs)
+    meta = {"guidance": 1.0, "teacher": "t", "teacher_fingerprint": teacher_fingerprint(unet)}
+    save_pairs(tmp_path / "p.npz", pairs, meta)
+    loaded = load_pairs(tmp_path / "p.npz", family, teacher=unet, guidance=1.0)
+    assert loaded.meta == meta and len(loaded) == 4
+    assert all(np.array_equal(getattr(loaded, k).numpy(), pairs[k]) for k in pairs)
     before = (tmp_path / "p.npz").read_bytes()
     with pytest.raises(PairsError, match="already exists"):
         save_pairs(tmp_path / "p.npz", make_pairs(family, unet, 4, seed=1, steps=2), {})
@@ -80,9 +84,17 @@ def test_a_pairs_file_round_trips_and_is_never_overwritten(family, unet, tmp_pat
     ("other size", "do not fit"),
     ("label 3", "labels must be in 0..2"),
     ("nan", "NaN"),
+    ("float labels", "labels must be a non-empty list of integers"),
+    ("no meta", "no readable meta"),
+    ("broken meta", "no readable meta"),
+    ("other teacher", "made with another teacher"),
+    ("other guidance", "made at guidance 1.0, but real_guidance is 2.0"),
 ])
-def test_a_bad_pairs_file_is_named_with_its_fault(family, unet, tmp_path, damage, message):
+def test_a_bad_pairs_file_is_named_with_its_fault(family, make_unet, tmp_path, damage, message):
+    unet = make_unet(0)
     pairs = make_pairs(family, unet, 4, steps=2)
+    meta = np.array(json.dumps({"guidance": 1.0, "teacher_fingerprint": teacher_fingerprint(unet)}))
+    pairs["meta"] = meta
     path = tmp_path / "p.npz"
     if damage == "garbage":
         path.write_bytes(b"PK\x03\x04 not really a zip")
@@ -95,8 +107,17 @@ def test_a_bad_pairs_file_is_named_with_its_fault(family, unet, tmp_path, damage
     elif damage == "nan":
         pairs["target"][1, 0, 2, 2] = np.nan
         np.savez(path, **pairs)
+    elif damage == "float labels":
+        np.savez(path, **dict(pairs, labels=np.array([0.0, 1.5, 2.0, 0.0])))
+    elif damage == "no meta":
+        np.savez(path, **{k: v for k, v in pairs.items() if k != "meta"})
+    elif damage == "broken meta":
+        np.savez(path, **dict(pairs, meta=np.array("{not json")))
+    elif damage in ("other teacher", "other guidance"):  # a good file, asked for by another run
+        np.savez(path, **pairs)
+    teacher = make_unet(1) if damage == "other teacher" else unet
     with pytest.raises(PairsError, match=message) as err:
-        load_pairs(path, family)
+        load_pairs(path, family, teacher=teacher, guidance=2.0 if damage == "other guidance" else 1.0)
     assert str(path) in str(err.value)
 
 
@@ -114,7 +135,7 @@ def test_the_config_allows_the_term_only_where_it_means_something(setup, pairs_f
 
 
 def test_pairs_made_at_another_guidance_or_missing_stop_the_run_before_training(setup, pairs_file, tmp_path):
-    with pytest.raises(ConfigError, match="made at guidance 2.0, but real_guidance is 1.0"):
+    with pytest.raises(PairsError, match="made at guidance 2.0, but real_guidance is 1.0"):
         DMD2Trainer(config(setup, pairs_file, real_guidance=1.0))
     with pytest.raises(PairsError, match="no such file"):
         DMD2Trainer(config(setup, tmp_path / "none.npz"))
@@ -123,8 +144,8 @@ def test_pairs_made_at_another_guidance_or_missing_stop_the_run_before_training(
 def _distance_to_targets(trainer) -> float:
     pairs = trainer.pairs
     with torch.no_grad():
-        x = trainer.family.denoise(trainer.generator_module, pairs["noise"], trainer.timesteps[0], pairs["labels"])
-    return float(((x - pairs["target"]) ** 2).mean())
+        x = trainer.family.denoise(trainer.generator_module, pairs.noise, trainer.timesteps[0], pairs.labels)
+    return float(((x - pairs.target) ** 2).mean())
 
 
 def test_the_term_alone_pulls_the_student_onto_the_teachers_map(setup, pairs_file):
@@ -137,13 +158,22 @@ def test_the_term_alone_pulls_the_student_onto_the_teachers_map(setup, pairs_fil
     assert _distance_to_targets(trainer) < 0.5 * before
 
 
-def test_with_distribution_matching_both_terms_train_and_off_means_off(setup, pairs_file):
+def test_with_distribution_matching_both_terms_train_and_off_means_off(setup, pairs_file, monkeypatch):
+    import training.losses as losses
+
+    seen = []
+    dm = losses.distribution_matching_loss
+    monkeypatch.setattr(losses, "distribution_matching_loss", lambda x, *a: seen.append(len(x)) or dm(x, *a))
     trainer = DMD2Trainer(config(setup, pairs_file))
     stats = trainer.train_step()
     assert {"generator/dm", "generator/regression"} <= set(stats)
+    assert seen == [4]  # distribution matching sees the generator's batch only, not the pairs joined to it
     plain = DMD2Trainer(config(setup, pairs_file, regression_weight=0.0))
-    assert plain.pairs is None and "generator/regression" not in plain.train_step()
-    # The regression batch changes the update: same seed and data, other weights after one step.
+    plain_stats = plain.train_step()
+    assert plain.pairs is None and "generator/regression" not in plain_stats
+    # Same seed and data: the same DM loss (the pairs are drawn by their own sampler), other weights after the
+    # step (the regression term's gradient).
+    assert stats["generator/dm"] == pytest.approx(plain_stats["generator/dm"], rel=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(trainer.generator_module.parameters(),
                                                      plain.generator_module.parameters()))
 
@@ -155,8 +185,16 @@ def test_resume_with_the_term_is_bit_identical(setup, pairs_file, tmp_path):
     resumed = distill(cfg, tmp_path / "split", resume=True).trainer.state_dict()
     for name, tensor in straight["generator"].items():
         assert torch.equal(tensor, resumed["generator"][name]), f"generator.{name} differs after resume"
-    assert torch.equal(straight["pair_sampler"]["perm"], resumed["pair_sampler"]["perm"])
-    assert straight["pair_sampler"]["pos"] == resumed["pair_sampler"]["pos"]
+    a, b = straight["ranks"][0]["pair_sampler"], resumed["ranks"][0]["pair_sampler"]
+    assert torch.equal(a["perm"], b["perm"]) and a["pos"] == b["pos"] and a["pos"] > 0
+
+
+def test_resume_refuses_other_pairs_and_names_them(setup, family, pairs_file, tmp_path):
+    cfg = config(setup, pairs_file, iterations=8, checkpoint_every=4, ttur=2)
+    distill(cfg, tmp_path / "run", stop_after=4)
+    other = write_pairs(family, family.load_teacher(setup[0]), tmp_path / "other.npz", num=5)
+    with pytest.raises(RunError, match="trained on other regression pairs .*other.npz"):
+        distill(config(setup, other, iterations=8, checkpoint_every=4, ttur=2), tmp_path / "run", resume=True)
 
 
 def test_the_pairs_command_writes_a_file_and_refuses_to_overwrite_it(setup, tmp_path):
@@ -166,11 +204,14 @@ def test_the_pairs_command_writes_a_file_and_refuses_to_overwrite_it(setup, tmp_
            "--guidance", "2", "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    tensors, meta = load_pairs(out, PixelFamily(num_classes=3, image_size=8, channels=1))
-    assert len(tensors["labels"]) == 3 and meta["guidance"] == 2.0 and "training pairs" in meta["command"]
+    family = PixelFamily(num_classes=3, image_size=8, channels=1)
+    pairs = load_pairs(out, family, teacher=family.load_teacher(setup[0]), guidance=2.0)
+    assert len(pairs) == 3 and pairs.meta["steps"] == 2 and "training pairs" in pairs.meta["command"]
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
     bad = subprocess.run([*cmd[:5], str(tmp_path / "no-teacher"), *cmd[6:-1], str(tmp_path / "q.npz")], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "no-teacher" in bad.stderr and "Traceback" not in bad.stderr
-    assert json.loads(json.dumps(meta))["steps"] == 2
+    npy = subprocess.run([*cmd[:-1], str(tmp_path / "p.np")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert npy.returncode == 1 and "must end in .npz" in npy.stderr and "pairs" not in npy.stdout

@@ -122,14 +122,13 @@ class DMD2Trainer:
                                   f"{self.family.num_classes} classes")
             self.images, self.labels = images, labels
 
-        # DMD's regression term: stored (noise, label, teacher sample) pairs, drawn by their own sampler below.
+        # DMD's regression term: stored (noise, label, teacher sample) pairs of this teacher at this guidance,
+        # drawn by their own sampler (below); validate() keeps it to 1-step, unguided, pixel students.
         self.pairs = None
         if cfg.regression_weight > 0:
-            self.pairs, meta = load_pairs(cfg.regression_pairs, self.family)
-            if "guidance" in meta and float(meta["guidance"]) != float(cfg.real_guidance):
-                raise ConfigError(f"regression_pairs {cfg.regression_pairs}: made at guidance {meta['guidance']}, "
-                                  f"but real_guidance is {cfg.real_guidance}; make pairs at --guidance "
-                                  f"{cfg.real_guidance} or set real_guidance to match")
+            if cfg.student_steps != 1 or cfg.guidance_range is not None:  # also for a config that skipped validate()
+                raise ConfigError("regression_weight > 0 is for 1-step students without guidance_range")
+            self.pairs = load_pairs(cfg.regression_pairs, self.family, teacher=teacher, guidance=cfg.real_guidance)
 
         torch.manual_seed(cfg.seed)  # the GAN head's initialisation
         self.real_unet = teacher.to(self.device).eval().requires_grad_(False)
@@ -179,7 +178,7 @@ class DMD2Trainer:
         self.sampler = InfiniteSampler(len(self.images), cfg.batch_size, seed=cfg.seed * 1000 + rank)
         self.prompt_sampler = (InfiniteSampler(len(self.prompts), cfg.batch_size, seed=cfg.seed * 1000 + rank + 500)
                                if text else None)
-        self.pair_sampler = (InfiniteSampler(len(self.pairs["labels"]), cfg.batch_size, seed=cfg.seed * 1000 + rank + 700)
+        self.pair_sampler = (InfiniteSampler(len(self.pairs), cfg.batch_size, seed=cfg.seed * 1000 + rank + 700)
                              if self.pairs is not None else None)
         self.step = 0
         self.generator_updates = 0
@@ -285,14 +284,14 @@ class DMD2Trainer:
                                      cfg.backward_simulation, real_x0, cfg.step_weights, guidance_input=w)
         if self.pairs is not None:  # 1-step: the pairs' noise joins the batch, so the generator runs once
             idx = self.pair_sampler.next()
-            x_t = torch.cat([x_t, self.pairs["noise"][idx].to(self.device)])
-            cond = torch.cat([cond, self.pairs["labels"][idx].to(cond.device)])
+            x_t = torch.cat([x_t, self.pairs.noise[idx].to(self.device)])
+            cond = torch.cat([cond, self.pairs.labels[idx].to(cond.device)])
             t = torch.cat([t, t[:1].expand(len(idx))])
         with self.autocast():
             x = fam.denoise(self.generator, x_t, t, cond, guidance_input=w).float()
         parts = {}
         if self.pairs is not None:
-            parts["regression"] = losses.regression_loss(x[n:], self.pairs["target"][idx].to(self.device))
+            parts["regression"] = losses.regression_loss(x[n:], self.pairs.target[idx].to(self.device))
             x, cond, t = x[:n], cond[:n], t[:n]
         k = self.timesteps.index(int(t[0]))  # the student step being trained (one per batch)
         # Frozen: no weight gradients for the critic; no_sync: its DDP wrapper expects none.
@@ -400,7 +399,7 @@ class DMD2Trainer:
             "rng": self.rng.get_state(),
             "sampler": self.sampler.state_dict(),
             "prompt_sampler": self.prompt_sampler.state_dict() if self.prompt_sampler else None,
-            "pair_sampler": self.pair_sampler.state_dict() if self.pair_sampler else None,
+            "pairs": self.pairs.digest if self.pairs is not None else None,   # which pairs file (its arrays)
             # Every rank draws its own noise and data: their positions, so that each rank resumes its own.
             "ranks": self._gathered(self._draw_state()),
         }
@@ -431,6 +430,10 @@ class DMD2Trainer:
     def load_state_dict(self, state: dict, read_shards=None) -> None:
         """Restore a checkpoint's state; a "sharded" one also needs `read_shards(template)`, which fills this
         rank's `sharded_state()` in place from the checkpoint's DCP folder."""
+        saved_pairs = state.get("pairs")
+        if self.pairs is not None and saved_pairs is not None and saved_pairs != self.pairs.digest:
+            raise RunError(f"this run was trained on other regression pairs (digest {saved_pairs}) than "
+                           f"{self.cfg.regression_pairs} ({self.pairs.digest}); resume with the same file")
         if state.get("format") == "sharded":
             if read_shards is None:
                 raise RunError("this checkpoint is sharded (checkpoint_format: sharded): its weights are in its dcp/ "

@@ -160,8 +160,9 @@ def table(name: str, per_seed: dict[int, dict[str, float]], references: dict[str
 def run_in_parallel(jobs: dict[str, tuple[list[str], Path]], parallel: int, what: str) -> None:
     """Run the commands `parallel` at a time (one GPU or many cores hold several of these small runs at once),
     each one's output appended to its log file. A failure is named after all have ended, so the jobs that did
-    finish are kept. `jobs` maps a name ("seed 1") to (command, log)."""
-    pending, active, failed = list(jobs.items()), {}, []
+    finish are kept, and the failures are listed in the jobs' order, whichever ended first. `jobs` maps a name
+    ("seed 1") to (command, log)."""
+    pending, active, failed = list(jobs.items()), {}, {}
     while pending or active:
         while pending and len(active) < parallel:
             job, (cmd, log) = pending.pop(0)
@@ -175,9 +176,9 @@ def run_in_parallel(jobs: dict[str, tuple[list[str], Path]], parallel: int, what
         for job in ended:
             code = active.pop(job).returncode
             if code != 0:
-                failed.append(f"{job} (exit {code}; see {_rel(jobs[job][1])})")
+                failed[job] = f"{job} (exit {code}; see {_rel(jobs[job][1])})"
     if failed:
-        raise SystemExit(f"error: {what} failed for " + ", ".join(failed))
+        raise SystemExit(f"error: {what} failed for " + ", ".join(failed[job] for job in jobs if job in failed))
 
 
 def main(argv=None) -> None:

@@ -125,12 +125,18 @@ def table(rows: dict, copies: dict, splits: int, half: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def sample_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments the sample-file scripts share: NAME=FILE.npz models, --json, --table."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("models", nargs="+", metavar="NAME=FILE.npz", help="samples of each model (python -m dmd2 sample)")
-    p.add_argument("--splits", type=int, default=5, help="random halvings of the real digits (default 5)")
     p.add_argument("--json", type=Path, help="write every value here")
-    p.add_argument("--table", type=Path, help="write the markdown table here")
+    p.add_argument("--table", type=Path, help="write the markdown table(s) here")
+    return p
+
+
+def main(argv=None) -> None:
+    p = sample_arguments(__doc__.splitlines()[0])
+    p.add_argument("--splits", type=int, default=5, help="random halvings of the real digits (default 5)")
     a = p.parse_args(argv)
     if a.splits < 1:
         p.error(f"--splits must be at least 1, got {a.splits}")

@@ -57,16 +57,22 @@ def nearest_distances(a, b, chunk: int = CHUNK) -> np.ndarray:
     return np.concatenate([d.min(axis=1) for _, d in _distance_rows(a, b, chunk)])
 
 
+def inside_any_ball(points, centres, radii, chunk: int = CHUNK) -> np.ndarray:
+    """For each row of `points`: does it lie inside (distance < radius) the ball of some row of `centres`?"""
+    points, centres = _pair(points, centres)
+    radii = np.asarray(radii, dtype=np.float64)
+    if radii.shape != (len(centres),):
+        raise ValueError(f"{len(centres)} centres need as many radii, got shape {radii.shape}")
+    return np.concatenate([(d < radii[None, :]).any(axis=1) for _, d in _distance_rows(points, centres, chunk)])
+
+
 def precision_recall(real, fake, k: int = 3, chunk: int = CHUNK) -> tuple[float, float]:
-    """(precision, recall) with k-NN radii (Kynkaanniemi et al. 2019)."""
+    """(precision, recall) with k-NN radii (Kynkaanniemi et al. 2019): the fraction of fake samples inside some
+    real ball, and of real samples inside some fake ball."""
     real, fake = _pair(real, fake)
     r_real, r_fake = knn_radii(real, k, chunk), knn_radii(fake, k, chunk)
-    fake_inside = np.zeros(len(fake), dtype=bool)  # inside some real ball
-    real_inside = np.zeros(len(real), dtype=bool)  # inside some fake ball
-    for start, d in _distance_rows(real, fake, chunk):
-        fake_inside |= (d < r_real[start:start + len(d), None]).any(axis=0)
-        real_inside[start:start + len(d)] = (d < r_fake[None, :]).any(axis=1)
-    return float(fake_inside.mean()), float(real_inside.mean())
+    return (float(inside_any_ball(fake, real, r_real, chunk).mean()),
+            float(inside_any_ball(real, fake, r_fake, chunk).mean()))
 
 
 def density_coverage(real, fake, k: int = 5, chunk: int = CHUNK) -> tuple[float, float]:

@@ -153,15 +153,16 @@ def main(argv=None) -> None:
         sys.exit(f"error: {e}")
     text = table(result["scores"])
     print(text, end="")
+    if pair:
+        first, second = (result["verdicts"][("classifier", name)] for name in pair)
+        only_first = figure(result["real_a"], first, second, a.figure)
+        result["scores"]["figure"] = {"path": str(a.figure), "pair": pair, "only_first": only_first}
+        print(f"{a.figure}: top, digits both recall; below, {min(only_first, 40)} of the {only_first} digits "
+              f"{pair[0]} recalls and {pair[1]} misses (classifier space)")
     if a.table:
         a.table.write_text(text)
     if a.json:
         a.json.write_text(json.dumps(result["scores"], indent=2) + "\n")
-    if pair:
-        first, second = (result["verdicts"][("classifier", name)] for name in pair)
-        shown = figure(result["real_a"], first, second, a.figure)
-        print(f"{a.figure}: top, digits both recall; below, {min(shown, 40)} of the {shown} digits {pair[0]} recalls "
-              f"and {pair[1]} misses (classifier space)")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,12 @@ def test_radii_match_brute_force_and_chunks_do_not_change_results():
     np.testing.assert_allclose(knn_radii(a, 3, chunk=7), brute, rtol=1e-10)
     assert precision_recall(a, b, chunk=7) == precision_recall(a, b)
     assert density_coverage(a, b, chunk=7) == density_coverage(a, b)
+    # Precision and recall against the definition, on sets of different sizes.
+    d = cdist(a, b)
+    r_a, r_b = brute, np.sort(cdist(b, b), axis=1)[:, 3]
+    precision = (d < r_a[:, None]).any(axis=0).mean()   # b inside some ball of a
+    recall = (d < r_b[None, :]).any(axis=1).mean()      # a inside some ball of b
+    assert precision_recall(a, b) == pytest.approx((precision, recall), abs=1e-12)
 
 
 def test_neighbour_measures_reject_too_few_points():

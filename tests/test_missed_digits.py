@@ -70,10 +70,31 @@ def test_a_model_without_threes_misses_the_threes_and_nothing_else():
     rows = result["scores"]["spaces"]["pixels"]["no-threes"]
     assert all(rows["class"][c] == 1.0 for c in range(10) if c != 3)
     assert rows["class"][3] < 0.7
-    assert rows["recall"] == pytest.approx(1 - (1 - rows["class"][3]) * len(threes) / 2500)
     assert "held-out real" in result["scores"]["spaces"]["pixels"]
     text = missed_digits.table(result["scores"])
     assert "| class 3 | " in text and "slant Q4" in text
+
+
+def test_a_model_without_the_heaviest_digits_misses_the_top_ink_quartile_and_the_figure_shows_them(tmp_path):
+    images, labels = real_digits()
+    order = np.random.default_rng(0).permutation(len(images))
+    a, b = order[:2500], order[2500:]
+    ink = missed_digits.stroke_attributes(images)["ink"]
+    heavy = ink[a] >= np.quantile(ink[a], 0.75)                    # A's top ink quartile, as the script bins it
+    light_b = b[ink[b] < np.quantile(ink[a], 0.5)]
+    model = images[a].copy()
+    model[heavy] = images[light_b[:int(heavy.sum())]]
+    result = missed_digits.attribute_scores(images, labels, {"light": model}, split=0, nets={"pixels": Pixels()})
+    rows = result["scores"]["spaces"]["pixels"]["light"]
+    assert rows["ink"][:3] == [1.0, 1.0, 1.0] and rows["ink"][3] < 0.8
+    first = np.ones(2500, bool)
+    second = result["verdicts"][("pixels", "light")]
+    shown = missed_digits.figure(result["real_a"], first, second, tmp_path / "f.png", count=16)
+    assert shown == int((~second).sum()) > 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "f.png") as im:        # 2 blocks of 2 rows of 8 cells, 34 px, doubled
+        assert im.size == (8 * 34 * 2, (4 * 34 + 12) * 2)
 
 
 def test_bad_arguments_are_named(tmp_path, capsys):
@@ -85,3 +106,5 @@ def test_bad_arguments_are_named(tmp_path, capsys):
         missed_digits.main([f"a={samples}"])
     with pytest.raises(SystemExit, match="cannot read samples"):
         missed_digits.main([f"a={tmp_path / 'none.npz'}"])
+    with pytest.raises(SystemExit, match="two models have the same name"):
+        missed_digits.main([f"a={samples}", f"a={samples}"])

@@ -41,6 +41,10 @@ class Pairs:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device) -> "Pairs":
+        """The same pairs with their tensors on `device` (moved once, not at every generator step)."""
+        return Pairs(self.noise.to(device), self.labels.to(device), self.target.to(device), self.meta, self.digest)
+
 
 def teacher_fingerprint(unet: torch.nn.Module) -> str:
     """A short sha256 of a network's weights (names, shapes, fp32 values): which teacher a pairs file came from."""

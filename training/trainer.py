@@ -128,7 +128,8 @@ class DMD2Trainer:
         if cfg.regression_weight > 0:
             if cfg.student_steps != 1 or cfg.guidance_range is not None:  # also for a config that skipped validate()
                 raise ConfigError("regression_weight > 0 is for 1-step students without guidance_range")
-            self.pairs = load_pairs(cfg.regression_pairs, self.family, teacher=teacher, guidance=cfg.real_guidance)
+            self.pairs = load_pairs(cfg.regression_pairs, self.family, teacher=teacher,
+                                    guidance=cfg.real_guidance).to(self.device)
 
         torch.manual_seed(cfg.seed)  # the GAN head's initialisation
         self.real_unet = teacher.to(self.device).eval().requires_grad_(False)
@@ -284,14 +285,14 @@ class DMD2Trainer:
                                      cfg.backward_simulation, real_x0, cfg.step_weights, guidance_input=w)
         if self.pairs is not None:  # 1-step: the pairs' noise joins the batch, so the generator runs once
             idx = self.pair_sampler.next()
-            x_t = torch.cat([x_t, self.pairs.noise[idx].to(self.device)])
+            x_t = torch.cat([x_t, self.pairs.noise[idx]])
             cond = torch.cat([cond, self.pairs.labels[idx].to(cond.device)])
             t = torch.cat([t, t[:1].expand(len(idx))])
         with self.autocast():
             x = fam.denoise(self.generator, x_t, t, cond, guidance_input=w).float()
         parts = {}
         if self.pairs is not None:
-            parts["regression"] = losses.regression_loss(x[n:], self.pairs.target[idx].to(self.device))
+            parts["regression"] = losses.regression_loss(x[n:], self.pairs.target[idx])
             x, cond, t = x[:n], cond[:n], t[:n]
         k = self.timesteps.index(int(t[0]))  # the student step being trained (one per batch)
         # Frozen: no weight gradients for the critic; no_sync: its DDP wrapper expects none.

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import TINY_UNET, free_port, make_two_class_folder
@@ -31,8 +32,10 @@ def tiny_run_config(tmp_path: Path, **overrides) -> Path:
     return cfg_file
 
 
-def test_two_process_ddp_keeps_ranks_identical(tmp_path):
-    cfg_file = tiny_run_config(tmp_path, iterations=6, ttur=3, checkpoint_every=6, generator_lr=1e-3, critic_lr=1e-3)
+@pytest.mark.parametrize("divergence", ["reverse-kl", "js"])   # js: its weights are normalised over both ranks
+def test_two_process_ddp_keeps_ranks_identical(tmp_path, divergence):
+    cfg_file = tiny_run_config(tmp_path, iterations=6, ttur=3, checkpoint_every=6, generator_lr=1e-3, critic_lr=1e-3,
+                               dm_divergence=divergence)
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
     r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

@@ -14,6 +14,8 @@ import yaml
 from dmd2.families import FAMILIES
 from dmd2.guidance import SAMPLINGS
 
+DIVERGENCES = ("reverse-kl", "forward-kl", "js")   # dm_divergence's values (training.losses.divergence_weights)
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"   # the presets
 UNET_FAMILIES = ("pixel", "sdxl", "sd15")  # guidance-conditioned students and the per-step critic need a UNet
 
@@ -71,6 +73,10 @@ class DistillConfig:
     guidance_embed_dim: int = 256              # width of the w embedding (diffusers' time_cond_proj_dim)
     dm_min_t: float = 0.02                     # t ~ U[dm_min_t * T, dm_max_t * T]
     dm_max_t: float = 0.98
+    dm_divergence: str = "reverse-kl"          # which f-divergence the DM gradient follows: "reverse-kl" (DMD,
+                                               # DMD2), or the less mode-seeking "forward-kl" / "js" (f-distill):
+                                               # each sample's gradient weighted by h(p/q), the density ratio
+                                               # read from the GAN head at the DM noise level (needs the GAN on)
     # GAN on the fake score's bottleneck
     gan_generator_weight: float = 3e-3         # 0 with gan_critic_weight 0 switches the GAN off
     gan_critic_weight: float = 1e-2
@@ -190,6 +196,20 @@ class DistillConfig:
         need(self.gan_critic_weight >= 0, "gan_critic_weight", "must be >= 0")
         need(1 <= self.gan_max_t <= 1000, "gan_max_t", "must be in 1..1000")
         need(self.gan_head in ("small", "official"), "gan_head", "must be 'small' or 'official'")
+        need(self.dm_divergence in DIVERGENCES, "dm_divergence", f"must be one of {', '.join(DIVERGENCES)}")
+        if self.dm_divergence != "reverse-kl":
+            need(self.dm_weight > 0, "dm_divergence", "weights the distribution-matching gradient, which "
+                 "dm_weight 0 switches off")
+            need(self.gan_critic_weight > 0, "dm_divergence", "reads the density ratio from the GAN head, which "
+                 "only a trained discriminator gives: set gan_critic_weight > 0, or dm_divergence: reverse-kl")
+            need(self.batch_size >= 2, "dm_divergence", "weighs each sample against the rest of its batch: "
+                 "batch_size must be at least 2")
+            # the head is asked at the DM's noise levels, so it must have been trained on them (for T = 1000; the
+            # trainer checks again with the teacher's own T)
+            top = min(int(self.dm_max_t * 1000), 999)
+            need(self.gan_max_t > top, "dm_divergence", f"reads the GAN head at the "
+                 f"DM's noise levels up to t = {top}, but it is trained only below "
+                 f"gan_max_t = {self.gan_max_t}: raise gan_max_t or lower dm_max_t")
         need(isinstance(self.regression_weight, (int, float)) and not isinstance(self.regression_weight, bool)
              and math.isfinite(self.regression_weight) and self.regression_weight >= 0, "regression_weight",
              "must be a number >= 0")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from training.config import DIVERGENCES
+
 
 def distribution_matching_grad(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
     """The DMD gradient (eq. 2 of DMD, normalised as in DMD2): (p_real - p_fake) / mean|p_real| per sample.
@@ -18,10 +20,34 @@ def distribution_matching_grad(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: 
     return torch.nan_to_num((p_real - p_fake) / weight)
 
 
-def distribution_matching_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
-    """0.5 * mse(x, (x - grad).detach()): a surrogate whose gradient w.r.t. x is grad / x.numel()."""
+def distribution_matching_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,
+                               weights: torch.Tensor | None = None) -> torch.Tensor:
+    """0.5 * mse(x, (x - grad).detach()): a surrogate whose gradient w.r.t. x is grad / x.numel(); with
+    `weights` (one per sample, see `divergence_weights`) sample i's gradient is scaled by weights[i]."""
     grad = distribution_matching_grad(x.detach().float(), x0_real.float(), x0_fake.float())
+    if weights is not None:
+        grad = grad * weights.detach().float().view(-1, *([1] * (x.ndim - 1)))
     return 0.5 * F.mse_loss(x.float(), (x.detach().float() - grad).detach(), reduction="mean")
+
+
+def divergence_weights(log_ratio: torch.Tensor, divergence: str) -> torch.Tensor:
+    """Per-sample weights that turn the DMD gradient into the gradient of another f-divergence.
+
+    For D_f(p || q) = E_q[f(p / q)] the generator's gradient is the DMD score difference weighted by
+    h(r) = f''(r) r^2, r = p_t(x_t) / q_t(x_t) (Xu, Nie and Vahdat, 2025, "f-distill"). Reverse KL, f = -log r
+    (DMD, DMD2): h = 1. Forward KL, f = r log r (mode covering): h = r. Jensen-Shannon,
+    f = r log r - (1 + r) log((1 + r) / 2): h = r / (1 + r). `log_ratio` is log r per sample, as a GAN
+    discriminator trained with the logistic loss estimates it (its logit). The weights are divided by their
+    batch mean, so the loss keeps DMD's scale and only the balance between samples changes.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; one of {', '.join(DIVERGENCES)}")
+    log_ratio = log_ratio.detach().float()
+    if divergence == "reverse-kl":
+        return torch.ones_like(log_ratio)
+    if divergence == "forward-kl":
+        return len(log_ratio) * torch.softmax(log_ratio, dim=0)   # r / mean(r), without overflow
+    return len(log_ratio) * torch.softmax(F.logsigmoid(log_ratio), dim=0)   # h / mean(h), h = sigmoid(log r)
 
 
 def denoising_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,11 @@ class DMD2Trainer:
             self.family.schedule = FlowSchedule(cfg.flow_shift, self.family.schedule.num_train_timesteps)
         self.timesteps = student_timesteps(cfg.student_steps, self.family.schedule.num_train_timesteps,
                                            first=cfg.first_timestep)
+        T = self.family.schedule.num_train_timesteps
+        if cfg.dm_divergence != "reverse-kl" and cfg.gan_max_t <= min(int(cfg.dm_max_t * T), T - 1):
+            raise ConfigError(f"config dm_divergence={cfg.dm_divergence!r} reads the GAN head at the DM's noise "
+                              f"levels up to t = {min(int(cfg.dm_max_t * T), T - 1)} of this teacher's {T}, but it "
+                              f"is trained only below gan_max_t = {cfg.gan_max_t}: raise gan_max_t or lower dm_max_t")
         # self.images / self.labels: pixel images and class labels, or VAE latents and captions.
         if text:
             with self.acc.main_process_first():  # rank 0 encodes (or checks) the cache, the others then read it
@@ -238,6 +243,18 @@ class DMD2Trainer:
             if not torch.isfinite(value).all():
                 raise NonFiniteLoss(f"step {self.step}: loss {name} is {value.item()}")
 
+    def _divergence_weights(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        """`dm_divergence`'s per-sample weights for this rank's samples, normalised over the whole batch (every
+        rank's), so that a process's few samples are not weighed only against each other."""
+        if not torch.isfinite(log_ratio).all():
+            raise NonFiniteLoss(f"step {self.step}: the GAN head's log density ratio, which dm_divergence="
+                                f"{self.cfg.dm_divergence} weights the DM gradient by, is not finite")
+        if self.acc.num_processes == 1:
+            return losses.divergence_weights(log_ratio, self.cfg.dm_divergence)
+        n, rank = len(log_ratio), self.acc.process_index
+        everyone = self.acc.gather(log_ratio.contiguous())   # equal batches on every rank
+        return losses.divergence_weights(everyone, self.cfg.dm_divergence)[rank * n:(rank + 1) * n]
+
     # --- the two updates ------------------------------------------------------------------
     def critic_step(self, real_x0, cond, real_cond=None) -> dict:
         """One update of the fake score (denoising on detached generator samples) and the GAN head.
@@ -290,7 +307,7 @@ class DMD2Trainer:
             t = torch.cat([t, t[:1].expand(len(idx))])
         with self.autocast():
             x = fam.denoise(self.generator, x_t, t, cond, guidance_input=w).float()
-        parts = {}
+        parts, extra = {}, {}   # extra: diagnostics logged beside the loss terms, not added to them
         if self.pairs is not None:
             parts["regression"] = losses.regression_loss(x[n:], self.pairs.target[idx])
             x, cond, t = x[:n], cond[:n], t[:n]
@@ -300,13 +317,22 @@ class DMD2Trainer:
             if cfg.dm_weight > 0:
                 T = fam.schedule.num_train_timesteps
                 t_dm = self._randint(int(cfg.dm_min_t * T), int(cfg.dm_max_t * T) + 1, n).clamp(max=T - 1)
-                noisy = fam.schedule.add_noise(x.detach(), randn(x.shape, self.rng, self.device), t_dm)
+                eps = randn(x.shape, self.rng, self.device)
+                noisy = fam.schedule.add_noise(x.detach(), eps, t_dm)
+                weights = None
                 with torch.no_grad(), self.autocast():
                     # The real score: the teacher with CFG at each sample's w (guided), or at real_guidance.
                     x0_real = fam.denoise(self.real_unet, noisy, t_dm, cond,
                                           guidance=cfg.real_guidance if w is None else w).float()
                     x0_fake = self.critic(noisy, t_dm, cond, call="fake_x0", step=k, guidance_input=w).float()
-                parts["dm"] = losses.distribution_matching_loss(x, x0_real, x0_fake)
+                    if cfg.dm_divergence != "reverse-kl":
+                        # log p_t / q_t at the same noisy samples, from the GAN head (its logit), for h(r)
+                        log_ratio = self.critic(x.detach(), cond, t_dm, eps, call="realism_logits", step=k,
+                                                guidance_input=w).float()
+                        weights = self._divergence_weights(log_ratio)
+                        extra["dm_log_ratio"] = log_ratio.mean()
+                        extra["dm_weight_max"] = weights.max()
+                parts["dm"] = losses.distribution_matching_loss(x, x0_real, x0_fake, weights)
             if cfg.gan_generator_weight > 0:
                 with self.autocast():
                     logits = self.critic(x, cond, self._randint(0, cfg.gan_max_t, n),
@@ -328,7 +354,7 @@ class DMD2Trainer:
                 for pe, p in zip(self.ema.parameters(), self.generator_module.parameters()):
                     if p.requires_grad:  # a LoRA's frozen base stays as it is
                         pe.lerp_(p, 1 - cfg.ema_decay)
-        stats = {f"generator/{k}": v.item() for k, v in parts.items()}
+        stats = {f"generator/{k}": v.item() for k, v in {**parts, **extra}.items()}
         stats["generator/grad_norm"] = float(grad_norm)
         stats["generator/lr"] = self.sched_g.get_last_lr()[0]
         return stats

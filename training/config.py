@@ -204,12 +204,9 @@ class DistillConfig:
                  "only a trained discriminator gives: set gan_critic_weight > 0, or dm_divergence: reverse-kl")
             need(self.batch_size >= 2, "dm_divergence", "weighs each sample against the rest of its batch: "
                  "batch_size must be at least 2")
-            # the head is asked at the DM's noise levels, so it must have been trained on them (for T = 1000; the
-            # trainer checks again with the teacher's own T)
-            top = min(int(self.dm_max_t * 1000), 999)
-            need(self.gan_max_t > top, "dm_divergence", f"reads the GAN head at the "
-                 f"DM's noise levels up to t = {top}, but it is trained only below "
-                 f"gan_max_t = {self.gan_max_t}: raise gan_max_t or lower dm_max_t")
+            # for T = 1000; the trainer asks again with the teacher's own T
+            uncovered = gan_misses_dm_noise(self, 1000)
+            need(uncovered is None, "dm_divergence", uncovered)
         need(isinstance(self.regression_weight, (int, float)) and not isinstance(self.regression_weight, bool)
              and math.isfinite(self.regression_weight) and self.regression_weight >= 0, "regression_weight",
              "must be a number >= 0")
@@ -250,6 +247,16 @@ class DistillConfig:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         return d
+
+
+def gan_misses_dm_noise(cfg: DistillConfig, T: int, teacher: str = "") -> str | None:
+    """Why a non-reverse-KL `dm_divergence` cannot read the GAN head at the DM's noise levels (the head is trained
+    at t < gan_max_t; the DM draws t up to dm_max_t * T, at most T - 1), or None when it can."""
+    top = min(int(cfg.dm_max_t * T), T - 1)
+    if cfg.gan_max_t > top:
+        return None
+    return (f"reads the GAN head at the DM's noise levels up to t = {top}{teacher}, but it is trained only below "
+            f"gan_max_t = {cfg.gan_max_t}: raise gan_max_t or lower dm_max_t")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}

@@ -20,7 +20,7 @@ from dmd2.guidance import sample_guidance
 from dmd2.sampling import bf16_is_native, renoise_seed, student_sample
 from dmd2.schedule import FlowSchedule, student_timesteps
 from training import losses
-from training.config import ConfigError, DistillConfig
+from training.config import ConfigError, DistillConfig, gan_misses_dm_noise
 from training.critic import Critic
 from training.lora import add_lora
 from training.pairs import load_pairs
@@ -110,10 +110,9 @@ class DMD2Trainer:
         self.timesteps = student_timesteps(cfg.student_steps, self.family.schedule.num_train_timesteps,
                                            first=cfg.first_timestep)
         T = self.family.schedule.num_train_timesteps
-        if cfg.dm_divergence != "reverse-kl" and cfg.gan_max_t <= min(int(cfg.dm_max_t * T), T - 1):
-            raise ConfigError(f"config dm_divergence={cfg.dm_divergence!r} reads the GAN head at the DM's noise "
-                              f"levels up to t = {min(int(cfg.dm_max_t * T), T - 1)} of this teacher's {T}, but it "
-                              f"is trained only below gan_max_t = {cfg.gan_max_t}: raise gan_max_t or lower dm_max_t")
+        uncovered = gan_misses_dm_noise(cfg, T, teacher=f" of this teacher's {T}")
+        if cfg.dm_divergence != "reverse-kl" and uncovered:
+            raise ConfigError(f"config dm_divergence={cfg.dm_divergence!r} {uncovered}")
         # self.images / self.labels: pixel images and class labels, or VAE latents and captions.
         if text:
             with self.acc.main_process_first():  # rank 0 encodes (or checks) the cache, the others then read it

@@ -479,7 +479,7 @@ def test_generator_init_rejects_a_missing_folder_and_a_different_network(setup, 
     with pytest.raises(ConfigError, match="generator_init.*existing student folder"):
         DMD2Trainer(tiny_config(setup, generator_init=str(tmp_path / "nowhere")))
     family.save_student(family.new_unet(**dict(TINY_UNET, block_out_channels=(8, 8))), tmp_path / "other")
-    with pytest.raises(ConfigError, match="generator_init.*differs from the teacher's"):
+    with pytest.raises(ConfigError, match="generator_init.*differs from the generator's"):
         DMD2Trainer(tiny_config(setup, generator_init=str(tmp_path / "other")))
 
 

@@ -22,6 +22,7 @@ from dmd2.schedule import FlowSchedule, student_timesteps
 from training import losses
 from training.config import ConfigError, DistillConfig, gan_misses_dm_noise
 from training.critic import Critic
+from training.deepen import deepen
 from training.lora import add_lora
 from training.pairs import load_pairs
 from training.data import InfiniteSampler, load_dataset
@@ -142,6 +143,13 @@ class DMD2Trainer:
         guidance_dim = cfg.guidance_embed_dim if self.guided else 0
         generator = (self.family.guidance_conditioned(self.real_unet, guidance_dim) if self.guided
                      else copy.deepcopy(self.real_unet)).train().requires_grad_(True)
+        if cfg.generator_layers_per_block is not None:  # more capacity, still the teacher at the start
+            if cfg.family != "pixel" or self.guided:  # also for a config that skipped validate()
+                raise ConfigError("generator_layers_per_block is for unguided pixel students")
+            try:
+                generator = deepen(generator, cfg.generator_layers_per_block, seed=cfg.seed)
+            except ValueError as e:
+                raise ConfigError(f"config generator_layers_per_block={cfg.generator_layers_per_block}: {e}") from None
         if cfg.generator_init:
             init_generator(generator, self.family.load_student(cfg.generator_init), cfg.generator_init)
         critic = Critic(self.family, self.real_unet, use_gan=cfg.use_gan,
@@ -539,8 +547,9 @@ GUIDANCE_WEIGHTS = ("time_embedding.cond_proj.weight",)   # a guidance-condition
 
 
 def init_generator(generator: torch.nn.Module, student: torch.nn.Module, source) -> None:
-    """Copy a saved student's weights into the generator (a copy of the teacher), which must match it exactly;
-    a guidance-conditioned generator may start from a plain student (its guidance projection stays zero)."""
+    """Copy a saved student's weights into the generator (a copy of the teacher, or its deepened copy), which must
+    match it exactly; a guidance-conditioned generator may start from a plain student (its guidance projection
+    stays zero)."""
     ours, theirs = generator.state_dict(), student.state_dict()
     missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
     if missing and set(missing) <= set(GUIDANCE_WEIGHTS):
@@ -549,8 +558,9 @@ def init_generator(generator: torch.nn.Module, student: torch.nn.Module, source)
     shapes = [k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape]
     if missing or extra or shapes:
         first = (missing or extra or shapes)[0]
-        raise ConfigError(f"generator_init {str(source)!r}: its network differs from the teacher's "
-                          f"({len(missing)} missing, {len(extra)} extra, {len(shapes)} reshaped tensors, e.g. {first})")
+        raise ConfigError(f"generator_init {str(source)!r}: its network differs from the generator's (the teacher's, "
+                          f"deepened if generator_layers_per_block is set): {len(missing)} missing, {len(extra)} extra, "
+                          f"{len(shapes)} reshaped tensors, e.g. {first}")
     generator.load_state_dict(theirs)
 
 

@@ -1,0 +1,90 @@
+"""A generator with more capacity than the teacher that still starts as the teacher: more layers per block.
+
+DMD2 starts the generator as a copy of the teacher, so its capacity is the teacher's. `deepen` builds the same
+diffusers UNet2DModel with `layers_per_block` raised and copies the teacher into it so that, at the start, it
+computes what the teacher computes; the added layers are residual blocks whose last layer is zero (identities until
+training moves them). The result is a plain UNet2DModel: it saves, loads and samples like any student.
+
+Where the copies go. A down block with L layers hands L skips (and its downsampler's) to the up block of its level,
+which has L + 1 layers and takes them in reverse. With L' > L layers, the down block's layers L..L'-1 are identities,
+so their skips repeat layer L-1's; the up block's layer 0 is the teacher's layer 0 (it takes the first repeat, the
+value the teacher's layer 0 took); layers 1..L'-L are identities that ignore their skip (their 1x1 shortcut passes
+the hidden half of the concatenation through; the skip half is zero); layers L'-L+1..L' are the teacher's layers
+1..L, each taking the skip the teacher's took. An attention layer follows its resnet.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from diffusers import UNet2DModel
+
+_LAYER = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$")
+
+
+def teacher_key(key: str, teacher_layers: int, layers: int) -> str | None:
+    """The teacher's name for a weight of the deepened network, or None for a weight of an added layer."""
+    m = _LAYER.match(key)
+    if not m:
+        return key
+    blocks, block, kind, j, rest = m.groups()
+    j, added = int(j), layers - teacher_layers
+    if blocks == "down_blocks":
+        source = j if j < teacher_layers else None
+    else:
+        source = 0 if j == 0 else (None if j <= added else j - added)
+    return None if source is None else f"{blocks}.{block}.{kind}.{source}.{rest}"
+
+
+def deepen(teacher: UNet2DModel, layers_per_block: int, seed: int = 0) -> UNet2DModel:
+    """The teacher with `layers_per_block` layers per block, computing what the teacher computes at the start.
+    The added layers' other weights are drawn from diffusers' initialisation under torch seed `seed`."""
+    if type(teacher) is not UNet2DModel:
+        raise ValueError(f"deepening is for a plain UNet2DModel, not {type(teacher).__name__}")
+    config = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
+    teacher_layers = config["layers_per_block"]
+    if not isinstance(teacher_layers, int):
+        raise ValueError(f"the teacher's layers_per_block is {teacher_layers!r}: deepening needs one number for all blocks")
+    if not (isinstance(layers_per_block, int) and layers_per_block >= teacher_layers):
+        raise ValueError(f"layers_per_block={layers_per_block!r}: must be an integer >= the teacher's {teacher_layers}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        deep = UNet2DModel(**{**config, "layers_per_block": layers_per_block})
+    ours, theirs = deep.state_dict(), teacher.state_dict()
+    state, used = {}, set()
+    for key, value in ours.items():
+        source = teacher_key(key, teacher_layers, layers_per_block)
+        if source is None:
+            state[key] = value.clone()
+            continue
+        if source not in theirs or theirs[source].shape != value.shape:
+            raise ValueError(f"deepening: {key} has no teacher weight of its shape ({source})")
+        state[key] = theirs[source].detach().clone().to(value.dtype)
+        used.add(source)
+    if set(theirs) - used:
+        raise ValueError(f"deepening: teacher weights left over, e.g. {sorted(set(theirs) - used)[0]}")
+    deep.load_state_dict(state)
+    _make_added_layers_identities(deep, teacher_layers, layers_per_block)
+    device = next(teacher.parameters()).device
+    return deep.to(device).train(teacher.training).requires_grad_(any(p.requires_grad for p in teacher.parameters()))
+
+
+@torch.no_grad()
+def _make_added_layers_identities(deep: UNet2DModel, teacher_layers: int, layers: int) -> None:
+    added = layers - teacher_layers
+    for blocks, indices in ((deep.down_blocks, range(teacher_layers, layers)), (deep.up_blocks, range(1, added + 1))):
+        for block in blocks:
+            for j in indices:
+                resnet = block.resnets[j]
+                resnet.conv2.weight.zero_()
+                resnet.conv2.bias.zero_()
+                if resnet.conv_shortcut is not None:  # an up layer: [hidden, skip] -> hidden
+                    weight = resnet.conv_shortcut.weight  # (out, in, 1, 1), in = out (hidden) + skip
+                    weight.zero_()
+                    weight[:, :weight.shape[0], 0, 0] = torch.eye(weight.shape[0])
+                    resnet.conv_shortcut.bias.zero_()
+                if getattr(block, "attentions", None) is not None:
+                    out = block.attentions[j].to_out[0]
+                    out.weight.zero_()
+                    out.bias.zero_()

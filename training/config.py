@@ -154,9 +154,9 @@ class DistillConfig:
         need(isinstance(self.channels_last, bool), "channels_last", "must be true or false")
         need(self.generator_init is None or self.lora_rank == 0, "generator_init",
              "a LoRA generator starts from the teacher; drop generator_init or set lora_rank: 0")
-        need(self.generator_layers_per_block is None or (
-                isinstance(self.generator_layers_per_block, int) and not isinstance(self.generator_layers_per_block, bool)
-                and 1 <= self.generator_layers_per_block <= 8), "generator_layers_per_block", "must be null or an integer in 1..8")
+        depth = self.generator_layers_per_block
+        need(depth is None or (isinstance(depth, int) and not isinstance(depth, bool) and 1 <= depth <= 8),
+             "generator_layers_per_block", "must be null or an integer in 1..8")
         need(self.generator_layers_per_block is None or self.family == "pixel", "generator_layers_per_block",
              "deepening is for the pixel family's UNet2DModel; set generator_layers_per_block: null")
         need(self.generator_layers_per_block is None or self.guidance_range is None, "generator_layers_per_block",

@@ -45,7 +45,8 @@ def deepen(teacher: UNet2DModel, layers_per_block: int, seed: int = 0) -> UNet2D
     config = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
     teacher_layers = config["layers_per_block"]
     if not isinstance(teacher_layers, int):
-        raise ValueError(f"the teacher's layers_per_block is {teacher_layers!r}: deepening needs one number for all blocks")
+        raise ValueError(f"the teacher's layers_per_block is {teacher_layers!r}: deepening needs one number "
+                         f"for all blocks")
     if not (isinstance(layers_per_block, int) and layers_per_block >= teacher_layers):
         raise ValueError(f"layers_per_block={layers_per_block!r}: must be an integer >= the teacher's {teacher_layers}")
     with torch.random.fork_rng(devices=[]):

@@ -53,6 +53,11 @@ def write_student_card(run: Run, cfg: DistillConfig, trainer: DMD2Trainer, secon
         f"- weights: {'EMA (decay %s)' % cfg.ema_decay if cfg.ema_decay > 0 else 'raw generator'}",
         f"- command: `{command}`",
     ]
+    if cfg.generator_layers_per_block is not None:
+        count = lambda net: sum(p.numel() for p in net.parameters()) / 1e6  # noqa: E731
+        lines[3:3] = [f"- network: the teacher's with {cfg.generator_layers_per_block} layers per block "
+                      f"({count(trainer.generator):.2f} M parameters; the teacher's {count(trainer.real_unet):.2f} M), "
+                      f"started as the teacher (generator_layers_per_block)"]
     guided = cfg.guidance_range is not None
     if guided:  # a guidance-conditioned student: w is an input, any w in its range
         low, high = cfg.guidance_range
@@ -107,7 +112,8 @@ def load_checkpoint_into(trainer: DMD2Trainer, state: dict, path: Path) -> None:
     except RuntimeError as e:  # torch's strict load: missing / unexpected / reshaped tensors
         first = str(e).strip().splitlines()[0]
         raise RunError(f"checkpoint {path} does not fit the config: {first} (settings that change the networks, "
-                       f"such as critic_per_step, lora_rank or the GAN weights being 0, cannot change on resume)") from None
+                       f"such as critic_per_step, lora_rank, generator_layers_per_block or the GAN weights being 0, "
+                       f"cannot change on resume)") from None
 
 
 def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, accelerator=None,

@@ -1,0 +1,107 @@
+"""A deeper generator than the teacher (generator_layers_per_block): it starts as the teacher, trains its added
+layers, and saves as a plain student folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_UNET, make_two_class_folder, tiny_distill_config
+from dmd2.families.pixel import load_pixel_unet
+from training.config import ConfigError
+from training.deepen import deepen, teacher_key
+from training.distill import distill
+from training.trainer import DMD2Trainer
+
+
+def forward(unet, x, t, c):
+    with torch.no_grad():
+        return unet(x, t, class_labels=c).sample
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_a_deepened_teacher_computes_what_the_teacher_computes(family, layers):
+    torch.manual_seed(0)
+    teacher = family.new_unet(**TINY_UNET)
+    with torch.no_grad():  # make every weight matter: no zero-initialised layer left in the teacher
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    deep = deepen(teacher, layers).eval()
+    assert deep.config.layers_per_block == layers
+    assert sum(p.numel() for p in deep.parameters()) > sum(p.numel() for p in teacher.parameters())
+    x, t, c = torch.randn(6, 1, 8, 8), torch.tensor([0, 100, 400, 700, 900, 999]), torch.tensor([0, 1, 2, 3, 0, 1])
+    want = forward(teacher.eval(), x, t, c)
+    assert want.abs().mean() > 0.1
+    torch.testing.assert_close(forward(deep, x, t, c), want, rtol=0, atol=1e-5)
+
+
+def test_the_added_layers_are_not_dead_after_a_step(family):
+    """Zero last layers are identities, but their gradient is not zero: one optimiser step makes the deepened
+    network compute something the teacher does not."""
+    torch.manual_seed(0)
+    teacher = family.new_unet(**TINY_UNET)
+    deep = deepen(teacher, 2).train().requires_grad_(True)
+    x, t, c = torch.randn(4, 1, 8, 8), torch.tensor([10, 300, 600, 999]), torch.tensor([0, 1, 2, 3])
+    deep(x, t, class_labels=c).sample.square().mean().backward()
+    added = [name for name, p in deep.named_parameters()
+             if teacher_key(name, 1, 2) is None and p.grad is not None and p.grad.abs().sum() > 0]
+    assert any(".conv2." in n for n in added) and any("to_out" in n for n in added)
+
+
+def test_which_teacher_weight_each_layer_starts_from():
+    # down layers keep their index; up layer 0 is the teacher's 0, the next (layers - 1) are new, then the rest
+    assert teacher_key("down_blocks.0.resnets.0.conv1.weight", 1, 3) == "down_blocks.0.resnets.0.conv1.weight"
+    assert teacher_key("down_blocks.0.resnets.2.conv1.weight", 1, 3) is None
+    assert teacher_key("up_blocks.1.attentions.0.to_q.weight", 1, 3) == "up_blocks.1.attentions.0.to_q.weight"
+    assert teacher_key("up_blocks.1.resnets.2.conv1.weight", 1, 3) is None
+    assert teacher_key("up_blocks.1.resnets.3.conv1.weight", 1, 3) == "up_blocks.1.resnets.1.conv1.weight"
+    assert teacher_key("mid_block.resnets.0.conv1.weight", 1, 3) == "mid_block.resnets.0.conv1.weight"
+
+
+def test_bad_depths_are_refused_by_name(family):
+    teacher = family.new_unet(**dict(TINY_UNET, layers_per_block=2))
+    with pytest.raises(ValueError, match="layers_per_block=1.*>= the teacher's 2"):
+        deepen(teacher, 1)
+    with pytest.raises(ValueError, match="plain UNet2DModel"):
+        deepen(family.guidance_conditioned(teacher, 8), 3)
+
+
+@pytest.fixture
+def setup(tmp_path, family):
+    torch.manual_seed(0)
+    family.save_student(family.new_unet(**TINY_UNET), tmp_path / "teacher")
+    return tmp_path / "teacher", make_two_class_folder(tmp_path / "images")
+
+
+def test_a_run_with_a_deeper_generator_trains_exports_and_resumes(setup, tmp_path):
+    cfg = tiny_distill_config(setup, generator_layers_per_block=2, iterations=10)
+    trainer = DMD2Trainer(cfg)
+    assert trainer.generator.config.layers_per_block == 2
+    assert trainer.critic.fake_unet.config.layers_per_block == 1          # the critic keeps the teacher's network
+    distill(cfg, tmp_path / "run")
+    student = load_pixel_unet(tmp_path / "run" / "student")
+    assert student.config.layers_per_block == 2
+    assert "the teacher's with 2 layers per block" in (tmp_path / "run" / "student" / "MODEL_CARD.md").read_text()
+    # a second run may start from it (same depth), and says what differs when the depth does not match
+    distill(tiny_distill_config(setup, generator_layers_per_block=2, iterations=5,
+                                generator_init=str(tmp_path / "run" / "student")), tmp_path / "run2")
+    with pytest.raises(ConfigError, match="generator_init.*differs from the generator's"):
+        DMD2Trainer(tiny_distill_config(setup, generator_init=str(tmp_path / "run" / "student")))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(generator_layers_per_block=0), "generator_layers_per_block=0: must be null or an integer in 1..8"),
+    (dict(generator_layers_per_block=True), "generator_layers_per_block=True"),
+    (dict(generator_layers_per_block=2, guidance_range=[1.0, 3.0]), "not with guidance_range"),
+])
+def test_bad_config_values_name_the_key(setup, bad, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny_distill_config(setup, **bad)
+
+
+def test_a_depth_below_the_teachers_is_a_config_error(tmp_path, family):
+    torch.manual_seed(0)
+    family.save_student(family.new_unet(**dict(TINY_UNET, layers_per_block=2)), tmp_path / "teacher")
+    setup = (tmp_path / "teacher", make_two_class_folder(tmp_path / "images"))
+    with pytest.raises(ConfigError, match="generator_layers_per_block=1.*teacher's 2"):
+        DMD2Trainer(tiny_distill_config(setup, generator_layers_per_block=1))

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_UNET, make_two_class_folder, tiny_distill_config
 from dmd2.families.pixel import load_pixel_unet
 from training.config import ConfigError
-from training.deepen import deepen, teacher_key
+from training.deepen import deepen, teacher_key, without_added_layers
 from training.distill import distill
 from training.trainer import DMD2Trainer
 
@@ -46,6 +46,11 @@ def test_the_added_layers_are_not_dead_after_a_step(family):
     added = [name for name, p in deep.named_parameters()
              if teacher_key(name, 1, 2) is None and p.grad is not None and p.grad.abs().sum() > 0]
     assert any(".conv2." in n for n in added) and any("to_out" in n for n in added)
+    before = forward(deep.eval(), x, t, c)
+    torch.optim.SGD(deep.parameters(), lr=0.1).step()
+    after, plain = forward(deep, x, t, c), forward(without_added_layers(deep, 1), x, t, c)
+    assert (after - before).abs().max() > 1e-4
+    assert (after - plain).abs().max() > 1e-4   # the added layers now contribute
 
 
 def test_which_teacher_weight_each_layer_starts_from():
@@ -105,3 +110,25 @@ def test_a_depth_below_the_teachers_is_a_config_error(tmp_path, family):
     setup = (tmp_path / "teacher", make_two_class_folder(tmp_path / "images"))
     with pytest.raises(ConfigError, match="generator_layers_per_block=1.*teacher's 2"):
         DMD2Trainer(tiny_distill_config(setup, generator_layers_per_block=1))
+
+
+def test_the_added_layers_probe_reads_zero_at_the_start_and_more_after_a_step(family):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from added_layers import contribution
+
+    torch.manual_seed(0)
+    teacher = family.new_unet(**TINY_UNET).eval()
+    deep = deepen(teacher, 2)
+    fresh = contribution(deep, teacher, family, num=8)
+    assert fresh["moved_from_start"] == 0 and fresh["added_layers"] == 0 and fresh["conv2_norm_added"] == 0
+    deep.train().requires_grad_(True)
+    x, t, c = torch.randn(4, 1, 8, 8), torch.tensor([999] * 4), torch.tensor([0, 1, 2, 3])
+    deep(x, t, class_labels=c).sample.square().mean().backward()
+    torch.optim.SGD(deep.parameters(), lr=0.1).step()
+    moved = contribution(deep, teacher, family, num=8)
+    assert 0 < moved["share"] and moved["added_layers"] > 0 and moved["conv2_norm_added"] > 0
+    with pytest.raises(ValueError, match="nothing was added"):
+        contribution(teacher, teacher, family, num=8)

@@ -71,6 +71,16 @@ def deepen(teacher: UNet2DModel, layers_per_block: int, seed: int = 0) -> UNet2D
     return deep.to(device).train(teacher.training).requires_grad_(any(p.requires_grad for p in teacher.parameters()))
 
 
+def without_added_layers(deep: UNet2DModel, teacher_layers: int) -> UNet2DModel:
+    """A copy of a deepened (and maybe trained) network whose added layers are identities again: the network of
+    the teacher's shape inside it, to measure how much the added layers contribute."""
+    import copy
+
+    plain = copy.deepcopy(deep)
+    _make_added_layers_identities(plain, teacher_layers, deep.config.layers_per_block)
+    return plain
+
+
 @torch.no_grad()
 def _make_added_layers_identities(deep: UNet2DModel, teacher_layers: int, layers: int) -> None:
     added = layers - teacher_layers

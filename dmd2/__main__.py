@@ -13,6 +13,9 @@ from dmd2.cli import UsageError, run_cli
 from dmd2.images import save_grid
 from dmd2.sampling import generate_many
 
+# what `evaluate --per-step` reports for each step's x0 estimate: quality, and variety in both feature spaces
+PER_STEP_KEYS = ("fid", "alignment", "diversity_ratio", "classifier_precision", "classifier_recall",
+                 "autoencoder_fid", "autoencoder_precision", "autoencoder_recall")
 GUIDANCE_HELP = ("a teacher's CFG scale (default: the model's), or a guidance-conditioned student's w, inside the "
                  "guidance_range of its dmd2.json (default: its guidance_default); a plain student's was fixed in training "
                  "(sample ignores it, evaluate refuses it so no result claims a w it was not sampled at)")
@@ -78,8 +81,8 @@ def _print_result(result: dict) -> None:
         if k == "per_step":
             print("  per step (x0 estimate after each step):")
             for row in v:
-                print(f"    step {row['step']} (t={row['t']:>3}): fid {row['fid']:.4f}  alignment "
-                      f"{row['alignment']:.4f}  diversity_ratio {row['diversity_ratio']:.4f}")
+                print(f"    step {row['step']} (t={row['t']:>3}): " + "  ".join(
+                    f"{k} {row[k]:.4f}" for k in PER_STEP_KEYS))
             continue
         if k.endswith(("_kid", "_kid_std")) and isinstance(v, float):  # KID's scale varies: 4 significant digits
             print(f"{k:>16}: {v:.4g}")
@@ -136,9 +139,10 @@ def cmd_evaluate(a) -> None:
         result["per_step"] = []
         last = len(step_images)
         for i, (t, x0_images) in enumerate(zip(model.timesteps, step_images), 1):
-            scores = result if i == last else evaluate_images(x0_images, labels)  # the last step is the sample
-            result["per_step"].append({"step": i, "t": int(t), **{k: scores[k] for k in
-                                                                  ("fid", "alignment", "diversity_ratio")}})
+            # the last step is the sample; each step also in the second feature space, so where a multi-step
+            # student loses its variety (recall) can be read step by step
+            scores = result if i == last else {**evaluate_images(x0_images, labels), **evaluate_independent(x0_images)}
+            result["per_step"].append({"step": i, "t": int(t), **{k: scores[k] for k in PER_STEP_KEYS}})
     if a.steps is not None:
         result["steps"] = a.steps
     if guidance is not None:  # the teacher's CFG scale as given, or the w a guided student sampled at

@@ -62,7 +62,8 @@ def main(argv=None) -> None:
     r = contribution(load_pixel_unet(args.student), teacher, family, args.num, args.seed)
     print(f"rms(student - start) = {r['moved_from_start']:.4f}; rms(student - without added layers) = "
           f"{r['added_layers']:.4f}; share = {r['share']:.3f}; rms(without - start) = {r['without_from_start']:.4f}")
-    print(f"mean conv2 weight norm: added layers {r['conv2_norm_added']:.4f}, copied layers {r['conv2_norm_copied']:.4f}")
+    print(f"mean conv2 weight norm: added layers {r['conv2_norm_added']:.4f}, "
+          f"copied layers {r['conv2_norm_copied']:.4f}")
 
 
 if __name__ == "__main__":

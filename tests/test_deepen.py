@@ -19,10 +19,10 @@ def forward(unet, x, t, c):
         return unet(x, t, class_labels=c).sample
 
 
-@pytest.mark.parametrize("layers", [2, 3])
-def test_a_deepened_teacher_computes_what_the_teacher_computes(family, layers):
+@pytest.mark.parametrize("teacher_layers, layers", [(1, 2), (1, 3), (2, 3), (2, 4)])
+def test_a_deepened_teacher_computes_what_the_teacher_computes(family, teacher_layers, layers):
     torch.manual_seed(0)
-    teacher = family.new_unet(**TINY_UNET)
+    teacher = family.new_unet(**dict(TINY_UNET, layers_per_block=teacher_layers))
     with torch.no_grad():  # make every weight matter: no zero-initialised layer left in the teacher
         for p in teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))

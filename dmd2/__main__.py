@@ -81,8 +81,8 @@ def _print_result(result: dict) -> None:
         if k == "per_step":
             print("  per step (x0 estimate after each step):")
             for row in v:
-                print(f"    step {row['step']} (t={row['t']:>3}): " + "  ".join(
-                    f"{k} {row[k]:.4f}" for k in PER_STEP_KEYS))
+                print(f"    step {row['step']} (t={row['t']:>3}): " + "  ".join(  # None: too few samples
+                    f"{k} {'-' if row[k] is None else format(row[k], '.4f')}" for k in PER_STEP_KEYS))
             continue
         if k.endswith(("_kid", "_kid_std")) and isinstance(v, float):  # KID's scale varies: 4 significant digits
             print(f"{k:>16}: {v:.4g}")

@@ -13,9 +13,11 @@ student moved from its start, rms(student - without) / rms(student - start), wit
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
+from dmd2.families.base import read_json_object
 from dmd2.families.pixel import PixelFamily, load_pixel_unet
 from dmd2.sampling import cycled_labels, initial_noise, student_sample
 from training.deepen import teacher_key, without_added_layers
@@ -32,6 +34,7 @@ def contribution(student, teacher, family: PixelFamily, num: int = 500, seed: in
     teacher_layers, layers = teacher.config.layers_per_block, student.config.layers_per_block
     if layers <= teacher_layers:
         raise ValueError(f"the student has {layers} layers per block, the teacher {teacher_layers}: nothing was added")
+    modes = student.training, teacher.training
     cond = family.condition(cycled_labels(num, family.num_classes).tolist())
     noise = initial_noise(family, num, seed)
     out = {name: student_sample(family, net.eval(), cond, noise, [999], seed=seed)
@@ -42,6 +45,7 @@ def contribution(student, teacher, family: PixelFamily, num: int = 500, seed: in
         if name.endswith(".conv2.weight") and ("down_blocks" in name or "up_blocks" in name):
             added = teacher_key(name, teacher_layers, layers) is None
             norms["added" if added else "copied"].append(float(p.norm()))
+    student.train(modes[0]), teacher.train(modes[1])
     moved = rms(out["student"] - out["start"])
     return {"moved_from_start": moved, "added_layers": rms(out["student"] - out["without"]),
             "share": rms(out["student"] - out["without"]) / moved if moved > 0 else 0.0,
@@ -57,6 +61,10 @@ def main(argv=None) -> None:
     ap.add_argument("--num", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    timesteps = read_json_object(Path(args.student) / "dmd2.json").get("timesteps", [999])
+    if list(timesteps) != [999]:  # the probe compares one step at t=999 (a student's start there is the teacher's)
+        raise SystemExit(f"error: {args.student} samples at timesteps {timesteps}; the probe is for 1-step students "
+                         f"at t=999")
     teacher = load_pixel_unet(args.teacher)
     family = PixelFamily.from_unet(teacher, folder=args.teacher)
     r = contribution(load_pixel_unet(args.student), teacher, family, args.num, args.seed)

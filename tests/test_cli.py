@@ -73,11 +73,13 @@ def test_evaluate_per_step_scores_each_step_of_a_multi_step_student(tiny_teacher
     assert [(row["step"], row["t"]) for row in rows] == [(1, 999), (2, 749), (3, 499), (4, 249)]
     assert rows[-1]["fid"] == pytest.approx(result["fid"])           # the last step's estimate is the sample
     assert len({round(row["fid"], 6) for row in rows}) == 4          # each step scored on its own images
-    assert rows[-1]["autoencoder_recall"] == pytest.approx(result["autoencoder_recall"])  # both spaces, each step
-    assert len({round(row["autoencoder_fid"], 6) for row in rows}) == 4
+    assert len({round(row["autoencoder_fid"], 6) for row in rows}) == 4  # the second space, each step its own
     assert all(0 <= row[k] <= 1 for row in rows for k in ("classifier_recall", "autoencoder_precision"))
     r = run("evaluate", "--model", str(tiny_teacher), "--num", "4", "--per-step")
     assert r.returncode != 0 and "--per-step scores each step of a multi-step student" in r.stderr
+    r = run("evaluate", "--model", str(student), "--num", "3", "--per-step")  # too few for recall: "-", no crash
+    assert r.returncode == 0, r.stderr
+    assert "classifier_recall -" in r.stdout
 
 
 @pytest.mark.parametrize("args, message", [

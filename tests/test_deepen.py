@@ -8,9 +8,11 @@ import torch
 
 from conftest import TINY_UNET, make_two_class_folder, tiny_distill_config
 from dmd2.families.pixel import load_pixel_unet
-from training.config import ConfigError
+from training.config import ConfigError, DistillConfig
 from training.deepen import deepen, teacher_key, without_added_layers
 from training.distill import distill
+from training.export import export_checkpoint
+from training.runs import Run, RunError
 from training.trainer import DMD2Trainer
 
 
@@ -54,7 +56,8 @@ def test_the_added_layers_are_not_dead_after_a_step(family):
 
 
 def test_which_teacher_weight_each_layer_starts_from():
-    # down layers keep their index; up layer 0 is the teacher's 0, the next (layers - 1) are new, then the rest
+    # down layers keep their index; up layer 0 is the teacher's 0, the next (layers - teacher_layers) are new,
+    # then the teacher's 1.. in order
     assert teacher_key("down_blocks.0.resnets.0.conv1.weight", 1, 3) == "down_blocks.0.resnets.0.conv1.weight"
     assert teacher_key("down_blocks.0.resnets.2.conv1.weight", 1, 3) is None
     assert teacher_key("up_blocks.1.attentions.0.to_q.weight", 1, 3) == "up_blocks.1.attentions.0.to_q.weight"
@@ -63,12 +66,27 @@ def test_which_teacher_weight_each_layer_starts_from():
     assert teacher_key("mid_block.resnets.0.conv1.weight", 1, 3) == "mid_block.resnets.0.conv1.weight"
 
 
-def test_bad_depths_are_refused_by_name(family):
+def test_bad_depths_and_networks_are_refused_by_name(family):
     teacher = family.new_unet(**dict(TINY_UNET, layers_per_block=2))
-    with pytest.raises(ValueError, match="layers_per_block=1.*>= the teacher's 2"):
+    with pytest.raises(ValueError, match="layers_per_block=1.*above the teacher's 2"):
         deepen(teacher, 1)
+    with pytest.raises(ValueError, match="layers_per_block=2.*above the teacher's 2"):
+        deepen(teacher, 2)
     with pytest.raises(ValueError, match="plain UNet2DModel"):
         deepen(family.guidance_conditioned(teacher, 8), 3)
+    # diffusers' Skip blocks scale their layers by 1/sqrt(2): an added layer would not start as an identity
+    skip = family.new_unet(**dict(TINY_UNET, down_block_types=("DownBlock2D", "SkipDownBlock2D")))
+    with pytest.raises(ValueError, match="SkipDownBlock2D blocks; deepening supports"):
+        deepen(skip, 2)
+
+
+def test_a_network_that_would_not_start_as_the_teacher_is_refused(family, monkeypatch):
+    """The function check inside deepen: break the identity of the added layers and it must refuse."""
+    import training.deepen as deepen_module
+
+    monkeypatch.setattr(deepen_module, "_make_added_layers_identities", lambda *args: None)
+    with pytest.raises(ValueError, match="does not start as the teacher"):
+        deepen(family.new_unet(**TINY_UNET), 2)
 
 
 @pytest.fixture
@@ -86,12 +104,38 @@ def test_a_run_with_a_deeper_generator_trains_exports_and_resumes(setup, tmp_pat
     distill(cfg, tmp_path / "run")
     student = load_pixel_unet(tmp_path / "run" / "student")
     assert student.config.layers_per_block == 2
-    assert "the teacher's with 2 layers per block" in (tmp_path / "run" / "student" / "MODEL_CARD.md").read_text()
+    card = (tmp_path / "run" / "student" / "MODEL_CARD.md").read_text()
+    assert "the teacher's with 2 layers per block" in card and "started as the teacher" in card
+    # resume to 15 iterations; export step 0 (the start: the teacher's function) and the mean of two checkpoints
+    distill(tiny_distill_config(setup, generator_layers_per_block=2, iterations=15), tmp_path / "run", resume=True)
+    assert Run(tmp_path / "run").status()["step"] == 15
+    export_checkpoint(tmp_path / "run", tmp_path / "start", step=0)
+    teacher = load_pixel_unet(setup[0])
+    x, t, c = torch.randn(3, 1, 8, 8), torch.tensor([999, 500, 20]), torch.tensor([0, 1, 2])
+    torch.testing.assert_close(forward(load_pixel_unet(tmp_path / "start"), x, t, c), forward(teacher, x, t, c),
+                               rtol=0, atol=1e-5)
+    export_checkpoint(tmp_path / "run", tmp_path / "mean", step=[10, 15])
+    assert load_pixel_unet(tmp_path / "mean").config.layers_per_block == 2
+    with pytest.raises(RunError, match="generator_layers_per_block"):   # the depth cannot change on resume
+        distill(tiny_distill_config(setup, generator_layers_per_block=3, iterations=20), tmp_path / "run", resume=True)
     # a second run may start from it (same depth), and says what differs when the depth does not match
     distill(tiny_distill_config(setup, generator_layers_per_block=2, iterations=5,
                                 generator_init=str(tmp_path / "run" / "student")), tmp_path / "run2")
     with pytest.raises(ConfigError, match="generator_init.*differs from the generator's"):
         DMD2Trainer(tiny_distill_config(setup, generator_init=str(tmp_path / "run" / "student")))
+
+
+def test_under_fsdp_the_saved_student_has_the_generators_depth(setup, monkeypatch):
+    """Under FSDP the student is rebuilt on rank 0 from gathered weights: it must be the deepened network."""
+    from training import sharding
+
+    trainer = DMD2Trainer(tiny_distill_config(setup, generator_layers_per_block=2))
+    monkeypatch.setattr(trainer, "sharded", True)
+    monkeypatch.setattr(sharding, "full_model_state", lambda module: module.state_dict())
+    student = trainer.full_student()
+    assert student.config.layers_per_block == 2
+    for key, value in trainer.generator.state_dict().items():
+        assert torch.equal(student.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -102,6 +146,11 @@ def test_a_run_with_a_deeper_generator_trains_exports_and_resumes(setup, tmp_pat
 def test_bad_config_values_name_the_key(setup, bad, match):
     with pytest.raises(ConfigError, match=match):
         tiny_distill_config(setup, **bad)
+
+
+def test_a_deeper_generator_is_for_the_pixel_family():
+    with pytest.raises(ConfigError, match="generator_layers_per_block=2: deepening is for the pixel family"):
+        DistillConfig(family="sd15", data="captions", eval_every=0, generator_layers_per_block=2).validate()
 
 
 def test_a_depth_below_the_teachers_is_a_config_error(tmp_path, family):

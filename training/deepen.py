@@ -20,6 +20,10 @@ import re
 import torch
 from diffusers import UNet2DModel
 
+# The blocks whose layers add to their input with scale 1 and have one attention per resnet (diffusers' Skip blocks
+# divide by sqrt(2) and share one attention, so an added layer there would not start as an identity).
+BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D",
+          "UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
 _LAYER = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$")
 
 
@@ -47,8 +51,12 @@ def deepen(teacher: UNet2DModel, layers_per_block: int, seed: int = 0) -> UNet2D
     if not isinstance(teacher_layers, int):
         raise ValueError(f"the teacher's layers_per_block is {teacher_layers!r}: deepening needs one number "
                          f"for all blocks")
-    if not (isinstance(layers_per_block, int) and layers_per_block >= teacher_layers):
-        raise ValueError(f"layers_per_block={layers_per_block!r}: must be an integer >= the teacher's {teacher_layers}")
+    if not (isinstance(layers_per_block, int) and layers_per_block > teacher_layers):
+        raise ValueError(f"layers_per_block={layers_per_block!r}: must be an integer above the teacher's "
+                         f"{teacher_layers} (null keeps the teacher's network)")
+    others = [b for b in (*config["down_block_types"], *config["up_block_types"]) if b not in BLOCKS]
+    if others:
+        raise ValueError(f"the teacher has {others[0]} blocks; deepening supports {', '.join(BLOCKS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         deep = UNet2DModel(**{**config, "layers_per_block": layers_per_block})
@@ -61,14 +69,38 @@ def deepen(teacher: UNet2DModel, layers_per_block: int, seed: int = 0) -> UNet2D
             continue
         if source not in theirs or theirs[source].shape != value.shape:
             raise ValueError(f"deepening: {key} has no teacher weight of its shape ({source})")
-        state[key] = theirs[source].detach().clone().to(value.dtype)
+        state[key] = theirs[source].detach().clone()
         used.add(source)
     if set(theirs) - used:
         raise ValueError(f"deepening: teacher weights left over, e.g. {sorted(set(theirs) - used)[0]}")
-    deep.load_state_dict(state)
+    first = next(teacher.parameters())
+    deep.to(first.dtype).load_state_dict(state)
     _make_added_layers_identities(deep, teacher_layers, layers_per_block)
-    device = next(teacher.parameters()).device
-    return deep.to(device).train(teacher.training).requires_grad_(any(p.requires_grad for p in teacher.parameters()))
+    _check_same_function(teacher, deep)
+    trainable = any(p.requires_grad for p in teacher.parameters())
+    return deep.to(first.device).train(teacher.training).requires_grad_(trainable)
+
+
+@torch.no_grad()
+def _check_same_function(teacher: UNet2DModel, deep: UNet2DModel) -> None:
+    """The deepened network must compute what the teacher computes; a block this module does not know would
+    break that silently, so it is checked on a small random input."""
+    first = next(teacher.parameters())
+    config = teacher.config
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, config.in_channels, config.sample_size, config.sample_size, generator=gen)
+    kwargs = {}
+    if config.num_class_embeds:
+        kwargs["class_labels"] = torch.tensor([0, config.num_class_embeds - 1])
+    x, t = x.to(first.device, first.dtype), torch.tensor([10, 900], device=first.device)
+    modes = teacher.training, deep.training
+    teacher.eval(), deep.to(first.device).eval()
+    want, got = teacher(x, t, **kwargs).sample, deep(x, t, **kwargs).sample
+    teacher.train(modes[0]), deep.train(modes[1])
+    tolerance = 1e-4 if first.dtype == torch.float32 else 1e-2
+    if not torch.allclose(got, want, rtol=0, atol=tolerance * (1 + float(want.abs().max()))):
+        raise ValueError(f"the deepened network does not start as the teacher (max difference "
+                         f"{float((got - want).abs().max()):.3g}); its blocks are not ones deepening supports")
 
 
 def without_added_layers(deep: UNet2DModel, teacher_layers: int) -> UNet2DModel:

@@ -57,7 +57,8 @@ def write_student_card(run: Run, cfg: DistillConfig, trainer: DMD2Trainer, secon
         count = lambda net: sum(p.numel() for p in net.parameters()) / 1e6  # noqa: E731
         lines[3:3] = [f"- network: the teacher's with {cfg.generator_layers_per_block} layers per block "
                       f"({count(trainer.generator):.2f} M parameters; the teacher's {count(trainer.real_unet):.2f} M), "
-                      f"started as the teacher (generator_layers_per_block)"]
+                      + ("started from generator_init" if cfg.generator_init else "started as the teacher") +
+                      " (generator_layers_per_block)"]
     guided = cfg.guidance_range is not None
     if guided:  # a guidance-conditioned student: w is an input, any w in its range
         low, high = cfg.guidance_range

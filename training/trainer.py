@@ -400,6 +400,8 @@ class DMD2Trainer:
         if not self.acc.is_main_process:
             return None
         unet = copy.deepcopy(self.real_unet).to("cpu", torch.float32)
+        if self.cfg.generator_layers_per_block is not None:  # the generator's network, not the teacher's
+            unet = deepen(unet, self.cfg.generator_layers_per_block)
         if self.cfg.lora_rank:
             add_lora(unet, self.cfg.lora_rank, self.cfg.lora_alpha,
                      self.cfg.lora_target_modules or self.family.lora_target_modules)
@@ -558,9 +560,9 @@ def init_generator(generator: torch.nn.Module, student: torch.nn.Module, source)
     shapes = [k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape]
     if missing or extra or shapes:
         first = (missing or extra or shapes)[0]
-        raise ConfigError(f"generator_init {str(source)!r}: its network differs from the generator's (the teacher's, "
-                          f"deepened if generator_layers_per_block is set): {len(missing)} missing, {len(extra)} extra, "
-                          f"{len(shapes)} reshaped tensors, e.g. {first}")
+        raise ConfigError(f"generator_init {str(source)!r}: its network differs from the generator's (the "
+                          f"teacher's, deepened if generator_layers_per_block is set): {len(missing)} missing, "
+                          f"{len(extra)} extra, {len(shapes)} reshaped tensors, e.g. {first}")
     generator.load_state_dict(theirs)
 
 

@@ -116,13 +116,30 @@ def test_a_run_with_a_deeper_generator_trains_exports_and_resumes(setup, tmp_pat
                                rtol=0, atol=1e-5)
     export_checkpoint(tmp_path / "run", tmp_path / "mean", step=[10, 15])
     assert load_pixel_unet(tmp_path / "mean").config.layers_per_block == 2
-    with pytest.raises(RunError, match="generator_layers_per_block"):   # the depth cannot change on resume
+    with pytest.raises(RunError, match="layers_per_block"):   # the depth cannot change on resume
         distill(tiny_distill_config(setup, generator_layers_per_block=3, iterations=20), tmp_path / "run", resume=True)
     # a second run may start from it (same depth), and says what differs when the depth does not match
     distill(tiny_distill_config(setup, generator_layers_per_block=2, iterations=5,
                                 generator_init=str(tmp_path / "run" / "student")), tmp_path / "run2")
     with pytest.raises(ConfigError, match="generator_init.*differs from the generator's"):
         DMD2Trainer(tiny_distill_config(setup, generator_init=str(tmp_path / "run" / "student")))
+
+
+def test_a_deeper_fake_score_starts_as_the_teacher_and_trains(setup, tmp_path):
+    cfg = tiny_distill_config(setup, critic_layers_per_block=2, iterations=10)
+    trainer = DMD2Trainer(cfg)
+    fake, teacher = trainer.critic.fake_unet, trainer.real_unet
+    assert (fake.config.layers_per_block, trainer.generator.config.layers_per_block) == (2, 1)
+    x, t, c = torch.randn(3, 1, 8, 8), torch.tensor([999, 500, 20]), torch.tensor([0, 1, 2])
+    torch.testing.assert_close(forward(fake.eval(), x, t, c), forward(teacher, x, t, c), rtol=0, atol=1e-5)
+    assert all(p.requires_grad for p in fake.parameters())
+    distill(cfg, tmp_path / "run")
+    assert load_pixel_unet(tmp_path / "run" / "student").config.layers_per_block == 1   # the student: unchanged
+    assert "the fake score had 2 layers per block" in (tmp_path / "run" / "student" / "MODEL_CARD.md").read_text()
+    state = torch.load(next((tmp_path / "run" / "checkpoints").glob("*/state.pt")), weights_only=False)
+    assert "fake_unet.down_blocks.0.resnets.1.conv2.weight" in state["critic"]   # checkpointed, so it resumes
+    distill(tiny_distill_config(setup, critic_layers_per_block=2, iterations=15), tmp_path / "run", resume=True)
+    assert Run(tmp_path / "run").status()["step"] == 15
 
 
 def test_under_fsdp_the_saved_student_has_the_generators_depth(setup, monkeypatch):
@@ -142,6 +159,8 @@ def test_under_fsdp_the_saved_student_has_the_generators_depth(setup, monkeypatc
     (dict(generator_layers_per_block=0), "generator_layers_per_block=0: must be null or an integer in 1..8"),
     (dict(generator_layers_per_block=True), "generator_layers_per_block=True"),
     (dict(generator_layers_per_block=2, guidance_range=[1.0, 3.0]), "not with guidance_range"),
+    (dict(critic_layers_per_block=9), "critic_layers_per_block=9: must be null or an integer in 1..8"),
+    (dict(critic_layers_per_block=2, guidance_range=[1.0, 3.0]), "critic_layers_per_block.*not with guidance_range"),
 ])
 def test_bad_config_values_name_the_key(setup, bad, match):
     with pytest.raises(ConfigError, match=match):

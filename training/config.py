@@ -50,6 +50,7 @@ class DistillConfig:
                                                # (e.g. a 1-step student for a 4-step run); None: the teacher
     generator_layers_per_block: int | None = None  # pixel: a deeper generator than the teacher (training/deepen.py),
                                                # still the teacher at the start; None: the teacher's network
+    critic_layers_per_block: int | None = None  # pixel: the same for the fake score (the critic)
     # the student
     student_steps: int = 1                     # 1 -> [999]; 4 -> [999, 749, 499, 249]
     first_timestep: int | None = None          # 1-step only: condition on this t (SDXL official: 399)
@@ -154,13 +155,14 @@ class DistillConfig:
         need(isinstance(self.channels_last, bool), "channels_last", "must be true or false")
         need(self.generator_init is None or self.lora_rank == 0, "generator_init",
              "a LoRA generator starts from the teacher; drop generator_init or set lora_rank: 0")
-        depth = self.generator_layers_per_block
-        need(depth is None or (isinstance(depth, int) and not isinstance(depth, bool) and 1 <= depth <= 8),
-             "generator_layers_per_block", "must be null or an integer in 1..8")
-        need(self.generator_layers_per_block is None or self.family == "pixel", "generator_layers_per_block",
-             "deepening is for the pixel family's UNet2DModel; set generator_layers_per_block: null")
-        need(self.generator_layers_per_block is None or self.guidance_range is None, "generator_layers_per_block",
-             "not with guidance_range (a guidance-conditioned network is not deepened); set one of them to null")
+        for key in ("generator_layers_per_block", "critic_layers_per_block"):
+            depth = getattr(self, key)
+            need(depth is None or (isinstance(depth, int) and not isinstance(depth, bool) and 1 <= depth <= 8),
+                 key, "must be null or an integer in 1..8")
+            need(depth is None or self.family == "pixel", key,
+                 f"deepening is for the pixel family's UNet2DModel; set {key}: null")
+            need(depth is None or self.guidance_range is None, key,
+                 "not with guidance_range (a guidance-conditioned network is not deepened); set one of them to null")
         need(isinstance(self.student_steps, int) and 1 <= self.student_steps <= 1000, "student_steps", "must be an integer in 1..1000")
         need(self.flow_shift is None or (isinstance(self.flow_shift, (int, float)) and not isinstance(self.flow_shift, bool)
                                          and math.isfinite(self.flow_shift) and self.flow_shift > 0),

@@ -96,12 +96,14 @@ class Critic(nn.Module):
     """
 
     def __init__(self, family: Family, teacher: nn.Module, use_gan: bool = True, num_steps: int = 0,
-                 head: str = "small", guidance_dim: int = 0):
+                 head: str = "small", guidance_dim: int = 0, fake: nn.Module | None = None):
         super().__init__()
         self.family = family
         # guidance_dim > 0: the fake score takes the guidance scale w as an input (a guidance-conditioned
         # student's outputs differ with w; without it the fake score would model their mixture over w).
-        fake = family.guidance_conditioned(teacher, guidance_dim) if guidance_dim else copy.deepcopy(teacher)
+        # `fake`: a fake-score network to train instead of the teacher's copy (a deeper one that starts as it).
+        if fake is None:
+            fake = family.guidance_conditioned(teacher, guidance_dim) if guidance_dim else copy.deepcopy(teacher)
         self.fake_unet = fake.train().requires_grad_(True)
         self.gan_head = gan_head(head, family, teacher) if use_gan else None
         # Per-step critic (num_steps > 0): one embedding per student step, added to the fake score's time

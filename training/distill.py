@@ -59,6 +59,9 @@ def write_student_card(run: Run, cfg: DistillConfig, trainer: DMD2Trainer, secon
                       f"({count(trainer.generator):.2f} M parameters; the teacher's {count(trainer.real_unet):.2f} M), "
                       + ("started from generator_init" if cfg.generator_init else "started as the teacher") +
                       " (generator_layers_per_block)"]
+    if cfg.critic_layers_per_block is not None:
+        lines[3:3] = [f"- critic: the fake score had {cfg.critic_layers_per_block} layers per block "
+                      f"(critic_layers_per_block); the student's network is unchanged by it"]
     guided = cfg.guidance_range is not None
     if guided:  # a guidance-conditioned student: w is an input, any w in its range
         low, high = cfg.guidance_range
@@ -113,7 +116,7 @@ def load_checkpoint_into(trainer: DMD2Trainer, state: dict, path: Path) -> None:
     except RuntimeError as e:  # torch's strict load: missing / unexpected / reshaped tensors
         first = str(e).strip().splitlines()[0]
         raise RunError(f"checkpoint {path} does not fit the config: {first} (settings that change the networks, "
-                       f"such as critic_per_step, lora_rank, generator_layers_per_block or the GAN weights being 0, "
+                       f"such as critic_per_step, lora_rank, the *_layers_per_block or the GAN weights being 0, "
                        f"cannot change on resume)") from None
 
 

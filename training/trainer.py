@@ -143,18 +143,26 @@ class DMD2Trainer:
         guidance_dim = cfg.guidance_embed_dim if self.guided else 0
         generator = (self.family.guidance_conditioned(self.real_unet, guidance_dim) if self.guided
                      else copy.deepcopy(self.real_unet)).train().requires_grad_(True)
-        if cfg.generator_layers_per_block is not None:  # more capacity, still the teacher at the start
-            if cfg.family != "pixel" or self.guided:  # also for a config that skipped validate()
-                raise ConfigError("generator_layers_per_block is for unguided pixel students")
+        # More capacity than the teacher (generator_layers_per_block, critic_layers_per_block): still the teacher
+        # at the start (training/deepen.py).
+        for key in ("generator_layers_per_block", "critic_layers_per_block"):
+            if getattr(cfg, key) is not None and (cfg.family != "pixel" or self.guided):  # skipped validate()
+                raise ConfigError(f"{key} is for unguided pixel students")
+
+        def deeper(network, key):
             try:
-                generator = deepen(generator, cfg.generator_layers_per_block, seed=cfg.seed)
+                return deepen(network, getattr(cfg, key), seed=cfg.seed)
             except ValueError as e:
-                raise ConfigError(f"config generator_layers_per_block={cfg.generator_layers_per_block}: {e}") from None
+                raise ConfigError(f"config {key}={getattr(cfg, key)}: {e}") from None
+
+        if cfg.generator_layers_per_block is not None:
+            generator = deeper(generator, "generator_layers_per_block")
         if cfg.generator_init:
             init_generator(generator, self.family.load_student(cfg.generator_init), cfg.generator_init)
+        fake = None if cfg.critic_layers_per_block is None else deeper(self.real_unet, "critic_layers_per_block")
         critic = Critic(self.family, self.real_unet, use_gan=cfg.use_gan,
                         num_steps=cfg.student_steps if cfg.critic_per_step else 0, head=cfg.gan_head,
-                        guidance_dim=guidance_dim).to(self.device)
+                        guidance_dim=guidance_dim, fake=fake).to(self.device)
         if cfg.lora_rank:
             add_lora(generator, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules or self.family.lora_target_modules,
                      base_dtype=frozen_dtype)

@@ -20,6 +20,7 @@ import torch
 
 from dmd2 import registry
 from dmd2.images import to_uint8
+from dmd2.metrics.independent import evaluate_independent
 from dmd2.metrics.mnist import evaluate_images
 from dmd2.sampling import cycled_labels, initial_noise, renoise_seed
 
@@ -69,10 +70,10 @@ def main(argv=None) -> None:
     p.add_argument("--json", help="also write the scores to this file")
     a = p.parse_args(argv)
     images, labels = sample(a.model, a.first, a.timesteps, a.num, a.seed)
-    scores = evaluate_images(images, labels)
+    scores = {**evaluate_images(images, labels), **evaluate_independent(images)}  # every measure of `evaluate`
     row = {"model": a.model, "first": a.first or a.model, "timesteps": a.timesteps, "num": a.num, "seed": a.seed,
            "nfe": 1 + (len(registry.load(a.model).timesteps) - 1 if a.timesteps is None else len(a.timesteps)),
-           **{k: scores[k] for k in ("fid", "alignment", "diversity_ratio")}}
+           **{k: v for k, v in scores.items() if not isinstance(v, (list, dict))}}
     print(json.dumps(row))
     if a.json:
         with open(a.json, "w") as f:

@@ -147,6 +147,7 @@ def test_mixed_steps_reproduces_the_evaluators_samples_and_swaps_the_first_step(
     mod.main(["--model", "mnist-dmd2-4step", "--timesteps", "249", "--num", "20", "--json", str(out)])
     row = json.loads(out.read_text())
     assert row["nfe"] == 2 and row["timesteps"] == [249] and row["fid"] > 0
+    assert row["autoencoder_fid"] > 0 and 0 <= row["classifier_recall"] <= 1   # every measure of evaluate
 
 
 def test_the_guided_student_trades_diversity_for_alignment_as_w_rises():

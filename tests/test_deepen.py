@@ -136,7 +136,7 @@ def test_a_deeper_fake_score_starts_as_the_teacher_and_trains(setup, tmp_path):
     distill(cfg, tmp_path / "run")
     assert load_pixel_unet(tmp_path / "run" / "student").config.layers_per_block == 1   # the student: unchanged
     assert "the fake score had 2 layers per block" in (tmp_path / "run" / "student" / "MODEL_CARD.md").read_text()
-    state = torch.load(next((tmp_path / "run" / "checkpoints").glob("*/state.pt")), weights_only=False)
+    state = Run(tmp_path / "run").load_checkpoint()   # the latest, read as a resume reads it
     assert "fake_unet.down_blocks.0.resnets.1.conv2.weight" in state["critic"]   # checkpointed, so it resumes
     distill(tiny_distill_config(setup, critic_layers_per_block=2, iterations=15), tmp_path / "run", resume=True)
     assert Run(tmp_path / "run").status()["step"] == 15

@@ -15,6 +15,7 @@ the hidden half of the concatenation through; the skip half is zero); layers L'-
 
 from __future__ import annotations
 
+import copy
 import re
 
 import torch
@@ -64,12 +65,12 @@ def deepen(teacher: UNet2DModel, layers_per_block: int, seed: int = 0) -> UNet2D
     state, used = {}, set()
     for key, value in ours.items():
         source = teacher_key(key, teacher_layers, layers_per_block)
-        if source is None:
-            state[key] = value.clone()
+        if source is None:  # an added layer: its own initialisation (made an identity below)
+            state[key] = value
             continue
         if source not in theirs or theirs[source].shape != value.shape:
             raise ValueError(f"deepening: {key} has no teacher weight of its shape ({source})")
-        state[key] = theirs[source].detach().clone()
+        state[key] = theirs[source]
         used.add(source)
     if set(theirs) - used:
         raise ValueError(f"deepening: teacher weights left over, e.g. {sorted(set(theirs) - used)[0]}")
@@ -106,8 +107,6 @@ def _check_same_function(teacher: UNet2DModel, deep: UNet2DModel) -> None:
 def without_added_layers(deep: UNet2DModel, teacher_layers: int) -> UNet2DModel:
     """A copy of a deepened (and maybe trained) network whose added layers are identities again: the network of
     the teacher's shape inside it, to measure how much the added layers contribute."""
-    import copy
-
     plain = copy.deepcopy(deep)
     _make_added_layers_identities(plain, teacher_layers, deep.config.layers_per_block)
     return plain

@@ -141,8 +141,6 @@ class DMD2Trainer:
         # A guidance-conditioned student (guidance_range): the generator and the fake score take w as an input.
         self.guided = cfg.guidance_range is not None
         guidance_dim = cfg.guidance_embed_dim if self.guided else 0
-        generator = (self.family.guidance_conditioned(self.real_unet, guidance_dim) if self.guided
-                     else copy.deepcopy(self.real_unet)).train().requires_grad_(True)
         # More capacity than the teacher (generator_layers_per_block, critic_layers_per_block): still the teacher
         # at the start (training/deepen.py).
         for key in ("generator_layers_per_block", "critic_layers_per_block"):
@@ -155,8 +153,13 @@ class DMD2Trainer:
             except ValueError as e:
                 raise ConfigError(f"config {key}={getattr(cfg, key)}: {e}") from None
 
-        if cfg.generator_layers_per_block is not None:
-            generator = deeper(generator, "generator_layers_per_block")
+        if self.guided:
+            generator = self.family.guidance_conditioned(self.real_unet, guidance_dim)
+        elif cfg.generator_layers_per_block is not None:
+            generator = deeper(self.real_unet, "generator_layers_per_block")
+        else:
+            generator = copy.deepcopy(self.real_unet)
+        generator.train().requires_grad_(True)
         if cfg.generator_init:
             init_generator(generator, self.family.load_student(cfg.generator_init), cfg.generator_init)
         fake = None if cfg.critic_layers_per_block is None else deeper(self.real_unet, "critic_layers_per_block")
@@ -407,9 +410,9 @@ class DMD2Trainer:
         state = sharding.full_model_state(self.generator)
         if not self.acc.is_main_process:
             return None
-        unet = copy.deepcopy(self.real_unet).to("cpu", torch.float32)
-        if self.cfg.generator_layers_per_block is not None:  # the generator's network, not the teacher's
-            unet = deepen(unet, self.cfg.generator_layers_per_block)
+        depth = self.cfg.generator_layers_per_block  # the generator's network, not the teacher's
+        unet = copy.deepcopy(self.real_unet) if depth is None else deepen(self.real_unet, depth)
+        unet = unet.to("cpu", torch.float32)
         if self.cfg.lora_rank:
             add_lora(unet, self.cfg.lora_rank, self.cfg.lora_alpha,
                      self.cfg.lora_target_modules or self.family.lora_target_modules)

@@ -145,6 +145,45 @@ def test_step_weights_choose_which_steps_are_trained(setup, family):
             tiny_config(setup, student_steps=4, step_weights=bad)
 
 
+def test_student_timesteps_set_where_each_step_starts_in_training_sampling_and_the_card(setup, family, tmp_path):
+    """A 2-step student at t = 999, 749 (not the even 999, 499): training draws its inputs there, backward simulation
+    re-noises to 749, and the saved student samples, and its card reads, at those timesteps."""
+    from dmd2 import registry
+
+    cfg = tiny_config(setup, student_steps=2, student_timesteps=[999, 749], iterations=5, checkpoint_every=5)
+    run = distill(cfg, tmp_path / "run")
+    assert run.trainer.timesteps == [999, 749]
+    fam, gen_net = run.trainer.family, run.trainer.generator_module
+    cond = fam.condition([0, 1])
+    seen = {int(generator_input(fam, gen_net, cond, 2, run.trainer.timesteps, torch.Generator().manual_seed(s),
+                                "cpu")[1][0]) for s in range(20)}
+    assert seen == {999, 749}
+    student = tmp_path / "run" / "student"
+    assert json.loads((student / "dmd2.json").read_text())["timesteps"] == [999, 749]
+    assert "timesteps: [999, 749]" in (student / "MODEL_CARD.md").read_text()
+    model = registry.LoadedModel(registry.spec_for(str(student)))
+    assert model.timesteps == (999, 749)
+    # The sample itself: the same as sampling by hand at 999 then 749 (and not at the default 999, 499).
+    from dmd2.sampling import student_sample
+    noise = torch.randn(fam.latent_shape(1), generator=torch.Generator().manual_seed(3))
+    c = fam.condition([1])
+    with torch.no_grad():
+        at_749 = student_sample(model.family, model.unet, c, noise, list(model.timesteps), seed=5)
+        at_499 = student_sample(model.family, model.unet, c, noise, [999, 499], seed=5)
+    assert not torch.allclose(at_749, at_499)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([999, 999], "strictly decreasing"), ([749, 999], "strictly decreasing"), ([999, 1000], "in 0..999"),
+    ([999, -1], "in 0..999"), (999, "list of integers"), ([999.0, 749], "list of integers"), ([999, 749, 499], "gives 3 timesteps"),
+])
+def test_student_timesteps_bad_values_are_refused_by_name(setup, bad, message):
+    with pytest.raises(ConfigError, match=r"student_timesteps.*" + message):
+        tiny_config(setup, student_steps=2, student_timesteps=bad)
+    with pytest.raises(ConfigError, match="keep one of them"):
+        tiny_config(setup, student_steps=1, student_timesteps=[499], first_timestep=399)
+
+
 def test_per_step_critic_starts_as_the_teacher_and_learns_each_steps_outputs_apart(setup, family, tmp_path):
     tr = DMD2Trainer(tiny_config(setup, student_steps=4, critic_per_step=True))
     fam, critic = tr.family, tr.critic_module

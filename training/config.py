@@ -54,6 +54,8 @@ class DistillConfig:
     # the student
     student_steps: int = 1                     # 1 -> [999]; 4 -> [999, 749, 499, 249]
     first_timestep: int | None = None          # 1-step only: condition on this t (SDXL official: 399)
+    student_timesteps: list | None = None      # the student's timesteps, noisiest first, one per step (e.g. a
+                                               # 2-step student at [999, 749]); None: evenly spaced from 999
     flow_shift: float | None = None            # flow teachers: the timestep shift s = shift u / (1 + (shift-1) u)
                                                # that maps student timesteps, DMD noise levels and the GAN's to
                                                # sigmas; None: the teacher's (its scheduler_config.json); recorded
@@ -169,6 +171,17 @@ class DistillConfig:
              "flow_shift", "must be null or a positive number")
         need(self.first_timestep is None or (self.student_steps == 1 and 0 <= self.first_timestep < 1000),
              "first_timestep", "only for 1-step students, in 0..999")
+        ts = self.student_timesteps
+        need(ts is None or (isinstance(ts, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ts)),
+             "student_timesteps", "must be null or a list of integers, one per student step (e.g. [999, 749])")
+        need(ts is None or all(0 <= t < 1000 for t in ts), "student_timesteps", "each must be in 0..999")
+        need(ts is None or all(a > b for a, b in zip(ts, ts[1:])), "student_timesteps",
+             "must be strictly decreasing (noisiest first, as the student samples)")
+        need(ts is None or len(ts) == self.student_steps, "student_timesteps",
+             f"gives {len(ts or [])} timesteps for a {self.student_steps}-step student; give one per step "
+             f"(or set student_steps: {len(ts or [])})")
+        need(ts is None or self.first_timestep is None, "student_timesteps",
+             "and first_timestep both set the timesteps; keep one of them")
         need(self.step_weights is None or (
                 isinstance(self.step_weights, list) and len(self.step_weights) == self.student_steps
                 and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in self.step_weights)

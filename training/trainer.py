@@ -108,9 +108,14 @@ class DMD2Trainer:
                 raise ConfigError(f"config flow_shift={cfg.flow_shift}: the teacher {cfg.teacher} is not a flow model "
                                   f"(its schedule is {self.family.schedule.kind}); set flow_shift: null")
             self.family.schedule = FlowSchedule(cfg.flow_shift, self.family.schedule.num_train_timesteps)
-        self.timesteps = student_timesteps(cfg.student_steps, self.family.schedule.num_train_timesteps,
-                                           first=cfg.first_timestep)
         T = self.family.schedule.num_train_timesteps
+        if cfg.student_timesteps is not None:
+            if max(cfg.student_timesteps) >= T:
+                raise ConfigError(f"config student_timesteps={cfg.student_timesteps}: this teacher has timesteps "
+                                  f"0..{T - 1}")
+            self.timesteps = [int(t) for t in cfg.student_timesteps]
+        else:
+            self.timesteps = student_timesteps(cfg.student_steps, T, first=cfg.first_timestep)
         uncovered = gan_misses_dm_noise(cfg, T, teacher=f" of this teacher's {T}")
         if cfg.dm_divergence != "reverse-kl" and uncovered:
             raise ConfigError(f"config dm_divergence={cfg.dm_divergence!r} {uncovered}")

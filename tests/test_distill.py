@@ -145,43 +145,71 @@ def test_step_weights_choose_which_steps_are_trained(setup, family):
             tiny_config(setup, student_steps=4, step_weights=bad)
 
 
-def test_student_timesteps_set_where_each_step_starts_in_training_sampling_and_the_card(setup, family, tmp_path):
-    """A 2-step student at t = 999, 749 (not the even 999, 499): training draws its inputs there, backward simulation
-    re-noises to 749, and the saved student samples, and its card reads, at those timesteps."""
+def test_student_timesteps_set_where_each_step_starts_in_training_sampling_and_the_card(setup, family, tmp_path,
+                                                                                       monkeypatch):
+    """A 2-step student at t = 999, 749 (not the even 999, 499): training draws its inputs there, and the saved
+    student samples, and its card reads, at those timesteps."""
+    import training.trainer as trainer_module
     from dmd2 import registry
+    from dmd2.images import to_uint8
+    from dmd2.sampling import initial_noise, renoise_seed, student_sample
 
-    cfg = tiny_config(setup, student_steps=2, student_timesteps=[999, 749], iterations=5, checkpoint_every=5)
+    drawn = []  # (the timesteps the trainer passed, the t each generator input was made at)
+    real_input = trainer_module.generator_input
+    def recording(fam, net, cond, n, timesteps, *args, **kwargs):
+        x_t, t = real_input(fam, net, cond, n, timesteps, *args, **kwargs)
+        drawn.append((list(timesteps), int(t[0])))
+        return x_t, t
+    monkeypatch.setattr(trainer_module, "generator_input", recording)
+    cfg = tiny_config(setup, student_steps=2, student_timesteps=[999, 749], iterations=40, checkpoint_every=20)
     run = distill(cfg, tmp_path / "run")
     assert run.trainer.timesteps == [999, 749]
-    fam, gen_net = run.trainer.family, run.trainer.generator_module
-    cond = fam.condition([0, 1])
-    seen = {int(generator_input(fam, gen_net, cond, 2, run.trainer.timesteps, torch.Generator().manual_seed(s),
-                                "cpu")[1][0]) for s in range(20)}
-    assert seen == {999, 749}
+    assert len(drawn) == 40 + 8 and all(ts == [999, 749] for ts, _ in drawn)  # each critic and generator update
+    assert {t for _, t in drawn} == {999, 749}  # both steps trained
+
     student = tmp_path / "run" / "student"
     assert json.loads((student / "dmd2.json").read_text())["timesteps"] == [999, 749]
     assert "timesteps: [999, 749]" in (student / "MODEL_CARD.md").read_text()
     model = registry.LoadedModel(registry.spec_for(str(student)))
-    assert model.timesteps == (999, 749)
-    # The sample itself: the same as sampling by hand at 999 then 749 (and not at the default 999, 499).
-    from dmd2.sampling import student_sample
-    noise = torch.randn(fam.latent_shape(1), generator=torch.Generator().manual_seed(3))
-    c = fam.condition([1])
-    with torch.no_grad():
-        at_749 = student_sample(model.family, model.unet, c, noise, list(model.timesteps), seed=5)
-        at_499 = student_sample(model.family, model.unet, c, noise, [999, 499], seed=5)
-    assert not torch.allclose(at_749, at_499)
+    got = model.generate([1, 0], seed=3)
+    assert model.timesteps == (999, 749) and got.extra["timesteps"] == [999, 749]
+    # The app's sample is the one drawn by hand at 999 then 749, not the one at the default 999, 499.
+    def by_hand(timesteps):
+        noise = initial_noise(model.family, 2, 3)
+        with torch.no_grad():
+            x = student_sample(model.family, model.unet, model.family.condition([1, 0]), noise, timesteps,
+                               seed=renoise_seed(3))
+        return to_uint8(model.family.decode(x))
+    assert (got.images == by_hand([999, 749])).all()
+    assert not (got.images == by_hand([999, 499])).all()
 
 
 @pytest.mark.parametrize("bad, message", [
-    ([999, 999], "strictly decreasing"), ([749, 999], "strictly decreasing"), ([999, 1000], "in 0..999"),
-    ([999, -1], "in 0..999"), (999, "list of integers"), ([999.0, 749], "list of integers"), ([999, 749, 499], "gives 3 timesteps"),
+    ([999, 999], "strictly decreasing"), ([999, 1000], "in 0..999"), ([999, -1], "in 0..999"),
+    ([749, 499], "first step starts from pure noise"), (999, "list of integers"), ([999.0, 749], "list of integers"),
+    ([True, 749], "list of integers"), ([], "at least one timestep"), ([999, 749, 499], "gives 3 timesteps"),
 ])
 def test_student_timesteps_bad_values_are_refused_by_name(setup, bad, message):
     with pytest.raises(ConfigError, match=r"student_timesteps.*" + message):
         tiny_config(setup, student_steps=2, student_timesteps=bad)
+
+
+def test_student_timesteps_and_first_timestep_are_not_both_set(setup):
     with pytest.raises(ConfigError, match="keep one of them"):
         tiny_config(setup, student_steps=1, student_timesteps=[499], first_timestep=399)
+    assert DMD2Trainer(tiny_config(setup, student_timesteps=[499])).timesteps == [499]  # 1 step: any t
+
+
+def test_checkpoints_at_different_student_timesteps_are_not_averaged(setup, tmp_path):
+    from training.export import export_checkpoint
+
+    run = distill(tiny_config(setup, student_steps=2, iterations=10, checkpoint_every=5), tmp_path / "run")
+    distill(tiny_config(setup, student_steps=2, student_timesteps=[999, 749], iterations=15, checkpoint_every=5),
+            run.path, resume=True)
+    with pytest.raises(RunError, match="different student_timesteps"):
+        export_checkpoint(run.path, tmp_path / "mixed", step=[10, 15])
+    assert json.loads((export_checkpoint(run.path, tmp_path / "s15", step=[15]) / "dmd2.json").read_text()
+                      )["timesteps"] == [999, 749]
 
 
 def test_per_step_critic_starts_as_the_teacher_and_learns_each_steps_outputs_apart(setup, family, tmp_path):

@@ -55,7 +55,8 @@ class DistillConfig:
     student_steps: int = 1                     # 1 -> [999]; 4 -> [999, 749, 499, 249]
     first_timestep: int | None = None          # 1-step only: condition on this t (SDXL official: 399)
     student_timesteps: list | None = None      # the student's timesteps, noisiest first, one per step (e.g. a
-                                               # 2-step student at [999, 749]); None: evenly spaced from 999
+                                               # 2-step student at [999, 749]; several steps start at 999, where
+                                               # the first takes pure noise); None: evenly spaced from 999
     flow_shift: float | None = None            # flow teachers: the timestep shift s = shift u / (1 + (shift-1) u)
                                                # that maps student timesteps, DMD noise levels and the GAN's to
                                                # sigmas; None: the teacher's (its scheduler_config.json); recorded
@@ -174,7 +175,11 @@ class DistillConfig:
         ts = self.student_timesteps
         need(ts is None or (isinstance(ts, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ts)),
              "student_timesteps", "must be null or a list of integers, one per student step (e.g. [999, 749])")
+        need(ts is None or len(ts) > 0, "student_timesteps", "must name at least one timestep (or be null)")
         need(ts is None or all(0 <= t < 1000 for t in ts), "student_timesteps", "each must be in 0..999")
+        need(ts is None or len(ts) == 1 or ts[0] == 999, "student_timesteps",
+             "a multi-step student's first step starts from pure noise, so it must be at t = 999 (a 1-step student "
+             "may name another t, as first_timestep does)")
         need(ts is None or all(a > b for a, b in zip(ts, ts[1:])), "student_timesteps",
              "must be strictly decreasing (noisiest first, as the student samples)")
         need(ts is None or len(ts) == self.student_steps, "student_timesteps",

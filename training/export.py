@@ -84,9 +84,9 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | list[int
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise RunError(f"{out} already exists and is not an empty folder; choose a new --out (nothing was overwritten)")
     configs = {n: load_config(run.config_in_force(n)) for n in chosen}
-    for what in ("family", "teacher", "lora_rank", "ema"):
+    for what in ("family", "teacher", "lora_rank", "ema", "student_steps", "first_timestep", "student_timesteps"):
         values = {n: (c.ema_decay > 0 if what == "ema" else getattr(c, what)) for n, c in configs.items()}
-        if len(set(values.values())) > 1:
+        if len({repr(v) for v in values.values()}) > 1:  # repr: student_timesteps is a list
             raise RunError(f"the chosen checkpoints were trained with different {what} ({values}, a resume changed "
                            "it); average only steps trained with one setting")
     last = chosen[-1]

@@ -256,8 +256,13 @@ def main(argv=None) -> None:
     if not per_seed:
         print("no results yet" + (" (dry run)" if a.dry_run else ""))
         return
+    text = table(name, per_seed, references, minutes)
     print()
-    print(table(name, per_seed, references, minutes))
+    print(text)
+    if not a.dry_run:  # beside the JSONs it tables (a dry run's table would be of what is there, not of this run)
+        a.results.mkdir(parents=True, exist_ok=True)
+        (a.results / f"{name}-table.md").write_text(text + "\n")
+        print(f"\n(written to {_rel(a.results / f'{name}-table.md')})")
 
 
 if __name__ == "__main__":

@@ -58,9 +58,12 @@ def test_trains_each_seed_scores_each_sample_set_and_skips_what_exists(tmp_path,
             result = json.loads((tmp_path / "results" / f"tiny-seed{seed}-set{k}.json").read_text())
             assert result["seed"] == k and result["num"] == 20 and "autoencoder_fid" in result
     assert "Every seed beats teacher on 2 of 3 measures; not on: FID (autoencoder)." in out
+    written = (tmp_path / "results" / "tiny-table.md").read_text()
+    assert written.startswith("| measure | seed 0 | seed 1 |") and written.strip() in out
     seeds.main(argv)                       # everything exists: nothing runs again, the table is the same
     again = capsys.readouterr().out
-    assert "$ " not in again and again.strip().splitlines()[-1] == out.strip().splitlines()[-1]
+    assert "$ " not in again and again.strip().splitlines()[-3] == out.strip().splitlines()[-3]
+    assert (tmp_path / "results" / "tiny-table.md").read_text() == written
 
 
 def test_bad_arguments_are_named(tmp_path, capsys):

@@ -200,6 +200,15 @@ def test_student_timesteps_and_first_timestep_are_not_both_set(setup):
     assert DMD2Trainer(tiny_config(setup, student_timesteps=[499])).timesteps == [499]  # 1 step: any t
 
 
+def test_student_timesteps_beyond_the_teachers_schedule_are_refused_by_name(setup):
+    """validate() knows only 0..999; a teacher trained with fewer timesteps is checked when the trainer reads it."""
+    config = setup[0] / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_train_timesteps": 500}))
+    with pytest.raises(ConfigError, match=r"student_timesteps=\[749\]: this teacher has timesteps 0..499"):
+        DMD2Trainer(tiny_config(setup, student_timesteps=[749]))
+    assert DMD2Trainer(tiny_config(setup, student_timesteps=[499])).timesteps == [499]
+
+
 def test_checkpoints_at_different_student_timesteps_are_not_averaged(setup, tmp_path):
     from training.export import export_checkpoint
 

@@ -176,13 +176,20 @@ class FlowSchedule(Schedule):
         return [T * (1 - i / steps) - 1 for i in range(steps)]
 
 
-def student_timesteps(num_steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, first: int | None = None) -> list[int]:
+def student_timesteps(num_steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, first: int | None = None,
+                      chosen: list[int] | None = None) -> list[int]:
     """Timesteps of a few-step student: 1 -> [999]; 4 -> [999, 749, 499, 249].
 
-    `first` overrides the single timestep of a 1-step student (SDXL's official one uses 399).
+    `first` overrides the single timestep of a 1-step student (SDXL's official one uses 399); `chosen` gives all
+    of them (a config's student_timesteps), which must be `num_steps` timesteps of this schedule.
     """
     if num_steps < 1:
         raise ValueError(f"a student needs at least 1 step, got {num_steps}")
+    if chosen is not None:
+        if len(chosen) != num_steps or not all(0 <= t < num_train_timesteps for t in chosen):
+            raise ValueError(f"timesteps {list(chosen)}: a {num_steps}-step student needs {num_steps} in "
+                             f"0..{num_train_timesteps - 1}")
+        return [int(t) for t in chosen]
     if num_steps == 1 and first is not None:
         return [int(first)]
     stride = num_train_timesteps // num_steps

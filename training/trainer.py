@@ -109,13 +109,12 @@ class DMD2Trainer:
                                   f"(its schedule is {self.family.schedule.kind}); set flow_shift: null")
             self.family.schedule = FlowSchedule(cfg.flow_shift, self.family.schedule.num_train_timesteps)
         T = self.family.schedule.num_train_timesteps
-        if cfg.student_timesteps is not None:
-            if max(cfg.student_timesteps) >= T:
-                raise ConfigError(f"config student_timesteps={cfg.student_timesteps}: this teacher has timesteps "
-                                  f"0..{T - 1}")
-            self.timesteps = [int(t) for t in cfg.student_timesteps]
-        else:
-            self.timesteps = student_timesteps(cfg.student_steps, T, first=cfg.first_timestep)
+        try:
+            self.timesteps = student_timesteps(cfg.student_steps, T, first=cfg.first_timestep,
+                                               chosen=cfg.student_timesteps)
+        except ValueError as e:  # validate() checked 0..999; the teacher's T is known only here
+            raise ConfigError(f"config student_timesteps={cfg.student_timesteps}: this teacher has timesteps "
+                              f"0..{T - 1} ({e})") from None
         uncovered = gan_misses_dm_noise(cfg, T, teacher=f" of this teacher's {T}")
         if cfg.dm_divergence != "reverse-kl" and uncovered:
             raise ConfigError(f"config dm_divergence={cfg.dm_divergence!r} {uncovered}")

@@ -74,6 +74,8 @@ BUILTIN = {
                                description="MNIST teacher, DDIM 50 steps with CFG"),
     "mnist-dmd2-1step": ModelSpec("mnist-dmd2-1step", ASSETS / "mnist" / "dmd2-1step", "student",
                                   description="DMD2 1-step student of the MNIST teacher"),
+    "mnist-dmd2-2step": ModelSpec("mnist-dmd2-2step", ASSETS / "mnist" / "dmd2-2step", "student",
+                                  description="DMD2 2-step student of the MNIST teacher (t = 999, 749)"),
     "mnist-dmd2-4step": ModelSpec("mnist-dmd2-4step", ASSETS / "mnist" / "dmd2-4step", "student",
                                   description="DMD2 4-step student of the MNIST teacher"),
     "mnist-dmd2-1step-guided": ModelSpec("mnist-dmd2-1step-guided", ASSETS / "mnist" / "dmd2-1step-guided", "student",

@@ -39,10 +39,11 @@ COLUMNS = [  # (heading, files per seed)
     ("DMD2 1-step student", sample_sets("dmd2-1step-independent-seed0.json", "dmd2-1step-independent-seed1.json")),
     ("DMD2 2-step student", sample_sets("seeds/mnist-2step-t749-last-seed0-set0.json",
                                         "seeds/mnist-2step-t749-last-seed0-set1.json")),
-    ("DMD2 4-step student", sample_sets("dmd2-4step-renoise-fix.json", "dmd2-4step-renoise-fix-seed1.json")),
+    ("DMD2 4-step student", sample_sets("seeds/mnist-4step-last-only-seed0-set0.json",
+                                        "seeds/mnist-4step-last-only-seed0-set1.json")),
     ("1-step preset, 3 seeds", preset("mnist-1step")),
     ("2-step preset, 3 seeds", preset("mnist-2step-t749-last")),
-    ("4-step preset, 3 seeds", preset("mnist-4step")),
+    ("4-step preset, 3 seeds", preset("mnist-4step-last-only")),
 ]
 
 ROWS = [  # (label, measures in the cell)

@@ -3,7 +3,7 @@
 Four distillation stages chained by generator_init, stages 2-4 each exported as a checkpoint mean
 (`make rebuild-4step`; about 100 minutes on one CPU thread):
 
-    OUT/stage1         configs/mnist-4step.yaml, from assets/mnist/dmd2-1step        (2,600 iterations)
+    OUT/stage1         configs/mnist-4step-stage1.yaml, from assets/mnist/dmd2-1step        (2,600 iterations)
     OUT/stage2         configs/mnist-4step-stage2.yaml, from OUT/stage1/student       (1,500)
     OUT/stage2-export  mean of stage 2's start and its kept checkpoints               (steps 0 250 ... 1500)
     OUT/stage3         configs/mnist-4step-stage3.yaml, from OUT/stage2-export        (1,500, stopped after 500)
@@ -32,7 +32,7 @@ from training.runs import Run  # noqa: E402
 
 # (run, preset, start, threads, stop after, the card's export steps or None for stage 1)
 STAGES = [
-    ("stage1", "configs/mnist-4step.yaml", "assets/mnist/dmd2-1step", 1, None, None),
+    ("stage1", "configs/mnist-4step-stage1.yaml", "assets/mnist/dmd2-1step", 1, None, None),
     ("stage2", "configs/mnist-4step-stage2.yaml", "{out}/stage1/student", 1, None, "0 250 500 750 1000 1250 1500"),
     ("stage3", "configs/mnist-4step-stage3.yaml", "{out}/stage2-export", 1, 500, "0 125 250 375 500"),
     ("stage4", "configs/mnist-4step-stage4.yaml", "{out}/stage3-export", 2, 500, "0 125 250 375 500"),

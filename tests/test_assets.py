@@ -170,3 +170,19 @@ def test_the_2step_preset_is_the_committed_2step_students_recorded_run():
     assert preset == research
     assert (preset["student_timesteps"], preset["step_weights"], preset["seed"]) == ([999, 749], [0, 1], 0)
     assert registry.load("mnist-dmd2-2step").timesteps == (999, 749)
+
+
+def test_the_4step_preset_is_the_committed_4step_students_recorded_run():
+    """configs/mnist-4step.yaml holds, key for key, what the run that made assets/mnist/dmd2-4step-last recorded, and
+    is the research config it was run as (configs/steps/mnist-4step-last-only.yaml) under the app's preset name; the
+    four-stage student's stage 1 (configs/mnist-4step-stage1.yaml) differs from it only in the step weights."""
+    preset = load_config(ROOT / "configs/mnist-4step.yaml").to_dict()
+    recorded = load_config(ROOT / "assets/mnist/dmd2-4step-last/distill_config.yaml").to_dict()
+    research = load_config(ROOT / "configs/steps/mnist-4step-last-only.yaml").to_dict()
+    stage1 = load_config(ROOT / "configs/mnist-4step-stage1.yaml").to_dict()
+    assert {k for k in preset if preset[k] != recorded[k]} == set()
+    assert preset == research
+    assert {k for k in preset if preset[k] != stage1[k]} == {"step_weights"}
+    assert (preset["student_timesteps"], preset["step_weights"], preset["seed"]) == (None, [0, 0, 0, 1], 0)
+    assert registry.load("mnist-dmd2-4step-last").timesteps == (999, 749, 499, 249)
+    assert registry.BUILTIN["mnist-dmd2-4step-last"].demo and not registry.BUILTIN["mnist-dmd2-4step"].demo

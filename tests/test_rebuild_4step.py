@@ -18,7 +18,7 @@ from training.config import load_config, read_config_file
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSET = ROOT / "assets/mnist/dmd2-4step"
-PRESETS = [ROOT / "configs/mnist-4step.yaml"] + [ROOT / f"configs/mnist-4step-stage{n}.yaml" for n in (2, 3, 4)]
+PRESETS = [ROOT / "configs/mnist-4step-stage1.yaml"] + [ROOT / f"configs/mnist-4step-stage{n}.yaml" for n in (2, 3, 4)]
 RECORDED = [ASSET / f"distill_config.stage{n}.yaml" for n in (1, 2, 3)] + [ASSET / "distill_config.yaml"]
 # What each stage changes from the one before, as the card's commands name it (--set ...).
 CARD_CHANGES = [

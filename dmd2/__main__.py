@@ -57,13 +57,39 @@ def _check_writable(path: str) -> Path:
     return out
 
 
+HANDOVER_HELP = ("multi-step students: the student's own teacher samples first, along its DDIM grid from the starting "
+                 "noise down to this timestep (one of the student's later ones, e.g. 749), then the student finishes "
+                 "from there; NFE counts both")
+
+
+def _handover(a, model) -> dict:
+    """generate()'s teacher_until / teacher_steps from --teacher-until / --teacher-steps, checked before sampling."""
+    if a.teacher_until is None:
+        if a.teacher_steps is not None:
+            raise UsageError("--teacher-steps: only with --teacher-until (the teacher's grid on its way down to it)")
+        return {}
+    try:
+        model._check_handover(a.teacher_until)
+        model.handover_teacher()
+    except ValueError as e:
+        raise UsageError(f"--teacher-until: {str(e).removeprefix('teacher_until: ')}") from None
+    return {"teacher_until": a.teacher_until, "teacher_steps": a.teacher_steps}
+
+
+def _add_handover(parser) -> None:
+    parser.add_argument("--teacher-until", type=_non_negative("--teacher-until"), default=None, metavar="T",
+                        help=HANDOVER_HELP)
+    parser.add_argument("--teacher-steps", type=_positive("--teacher-steps"), default=None, metavar="N",
+                        help="with --teacher-until: the teacher's DDIM grid (default: its usual steps, 50 for MNIST)")
+
+
 def cmd_sample(a) -> None:
     from dmd2 import registry
 
     out = _check_writable(a.out)
     model = registry.load(a.model)
     images, labels, _, _ = generate_many(model, a.num, a.seed, a.steps, a.guidance, labels=_labels(a, model),
-                                         autocast=a.bf16)
+                                         autocast=a.bf16, **_handover(a, model))
     np.savez(out, images=images, labels=labels)
     print(f"wrote {len(images)} images from {a.model} to {out}")
 
@@ -103,6 +129,14 @@ def _guidance_used(a, model):
     return a.guidance
 
 
+def _handover_record(model, handover: dict) -> dict:
+    """What a JSON records of a teacher-then-student sample: the handover timestep and the teacher's grid."""
+    if not handover:
+        return {}
+    grid = handover["teacher_steps"] or model.handover_teacher().spec.steps
+    return {"teacher_until": handover["teacher_until"], "teacher_grid": grid}
+
+
 def cmd_evaluate(a) -> None:
     from dmd2 import registry
 
@@ -128,11 +162,14 @@ def cmd_evaluate(a) -> None:
         raise UsageError(f"--per-step scores each step of a multi-step student; {a.model} "
                          + ("is a teacher" if model.spec.kind == "teacher" else "takes one step"))
     guidance = _guidance_used(a, model)
+    handover = _handover(a, model)
+    if handover and a.per_step:
+        raise UsageError("--per-step: not with --teacher-until (the teacher's part has no student steps to score)")
     step_images = [] if a.per_step else None
     images, labels, sec_per_image, nfe = generate_many(model, num, a.seed, a.steps, guidance, autocast=a.bf16,
-                                                       step_images=step_images)
+                                                       step_images=step_images, **handover)
     result = {"model": a.model, "num": num, "seed": a.seed, "nfe": nfe, "ms_per_image": 1000 * sec_per_image,
-              "precision": "bf16" if a.bf16 else "fp32"}
+              "precision": "bf16" if a.bf16 else "fp32", **_handover_record(model, handover)}
     result.update(evaluate_images(images, labels))
     result.update(evaluate_independent(images))  # second feature space; KID, precision/recall, density/coverage
     if a.per_step:  # the x0 estimate after each step (the last one is the sample scored above)
@@ -185,11 +222,12 @@ def _evaluate_text(a, out) -> None:
         clip = load_clip_scorer(a.clip_weights, device=device)
     model = registry.load(a.model)
     guidance = _guidance_used(a, model)
+    handover = _handover(a, model)
     metrics = TextToImageMetrics(inception, clip, device=device)
     result = {"model": a.model, "prompts": str(a.prompts), "num": num, "seed": a.seed,
-              "precision": "bf16" if a.bf16 else "fp32"}
+              "precision": "bf16" if a.bf16 else "fp32", **_handover_record(model, handover)}
     result.update(evaluate_text_model(model, prompts, metrics, reference, a.seed, a.steps, a.guidance,
-                                      a.batch_size, a.bf16))
+                                      a.batch_size, a.bf16, handover=handover))
     if reference is not None:
         result.update(ref_images=str(a.ref_images), ref_num=reference["n"], fid_network="pt_inception-2015-12-05")
     if clip is not None:
@@ -217,7 +255,8 @@ def cmd_grid(a) -> None:
 
     out = _check_writable(a.out)
     model = registry.load(a.model)
-    images, _, _, nfe = generate_many(model, a.rows * model.num_classes, a.seed, a.steps, a.guidance)
+    images, _, _, nfe = generate_many(model, a.rows * model.num_classes, a.seed, a.steps, a.guidance,
+                                      **_handover(a, model))
     save_grid(images, out, cols=model.num_classes)
     print(f"wrote a {a.rows} x {model.num_classes} grid from {a.model} (NFE {nfe}) to {out}")
 
@@ -235,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP)
     s.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (default fp32)")
     s.add_argument("--label", type=int, default=None, help="one class for every sample (default: cycle 0..9)")
+    _add_handover(s)
     s.set_defaults(fn=cmd_sample)
 
     e = sub.add_parser("evaluate", help="class models: FID, class alignment, diversity; text models: FID, patch FID, "
@@ -247,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP + " (recorded in --json)")
     e.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (default fp32)")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    _add_handover(e)
     e.add_argument("--per-step", action="store_true",
                    help="multi-step class students: also score the x0 estimate after each step")
     t = e.add_argument_group("text-to-image models (SDXL, SD1.5)")
@@ -266,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=_positive("--steps"), default=None)
     g.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP)
     g.add_argument("--out", required=True)
+    _add_handover(g)
     g.set_defaults(fn=cmd_grid)
     u = sub.add_parser("push", help="upload a finished run's student (weights, dmd2.json, model card) to the Hub")
     u.add_argument("--run", required=True, help="run folder, e.g. runs/sdxl-4step")

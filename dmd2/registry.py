@@ -30,7 +30,7 @@ from dmd2.guidance import check_guidance
 from dmd2.hub import cached_file, hub_reachable, is_repo_id
 from dmd2.images import to_uint8
 from dmd2.prompts import check_prompt
-from dmd2.sampling import ddim_sample, initial_noise, renoise_seed, student_sample
+from dmd2.sampling import ddim_sample, ddim_until, handover_timesteps, initial_noise, renoise_seed, student_sample
 from dmd2.schedule import FlowSchedule
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -144,6 +144,9 @@ class LoadedModel:
                 raise ModelLoadError(f"student {spec.name!r} has no {meta_path} naming its timesteps")
             timesteps = tuple(meta["timesteps"])
         self.timesteps = tuple(int(t) for t in timesteps)
+        self._teacher_name = meta.get("teacher") if spec.family == "pixel" else None
+        self._folder = folder
+        self._handover_teacher: LoadedModel | None = None
         self.family = _with_flow_shift(self.family, meta.get("flow_shift"), meta_path)
         # A guidance-conditioned student: the range of w it was trained on, and the w it samples at by default.
         self.guidance_range, self.guidance_default = _guidance_meta(meta, meta_path)
@@ -173,14 +176,72 @@ class LoadedModel:
         """Does this student take the guidance scale as an input (a guidance-conditioned student)?"""
         return self.guidance_range is not None
 
+    def teacher_guidance(self, guidance: float | None = None) -> float:
+        """A teacher's CFG scale: `guidance`, else its spec's, else its family's default."""
+        g = self.spec.guidance if guidance is None else guidance
+        return self.family.default_guidance if g is None else float(g)
+
+    def teacher_nfe(self, steps: int, guidance: float) -> int:
+        """Network evaluations of `steps` teacher steps: CFG doubles them, unless guidance is a network input (FLUX)."""
+        return steps * (1 if guidance == 1.0 or getattr(self.family, "guidance_in_network", False) else 2)
+
+    def handover_teacher(self) -> "LoadedModel":
+        """The teacher a hybrid sample (`generate(teacher_until=...)`) starts with: this student's own, i.e. the
+        folder its dmd2.json names (pixel students) or its base pipeline's UNet (text students). Loaded once."""
+        if self._handover_teacher is None:
+            if self.spec.family == "pixel":
+                if not self._teacher_name:
+                    raise ModelLoadError(f"student {self.spec.name!r}: its dmd2.json names no 'teacher' to hand over from")
+                path = _resolve_base(str(self._teacher_name), self._folder)
+                if not Path(path).exists() and (ASSETS.parent / path).exists():   # a repo-relative path, from elsewhere
+                    path = str(ASSETS.parent / path)
+                teacher = load(path)
+            else:
+                teacher = LoadedModel(ModelSpec(f"{self.spec.base} (teacher)", None, "teacher", self.spec.family,
+                                                base=self.spec.base, description="handover teacher"))
+            if teacher.spec.kind != "teacher":
+                raise ModelLoadError(f"student {self.spec.name!r}: its teacher {teacher.spec.name!r} is not a teacher")
+            mine, theirs = self.family.schedule, teacher.family.schedule
+            probe = torch.tensor(self.timesteps[1:] if len(self.timesteps) > 1 else self.timesteps)
+            if type(mine) is not type(theirs) or not all(torch.allclose(a, b) for a, b in
+                                                         zip(mine.alpha_sigma(probe), theirs.alpha_sigma(probe))):
+                raise ModelLoadError(f"student {self.spec.name!r} samples on another noise schedule than its teacher "
+                                     f"{teacher.spec.name!r}: a handover needs both on one schedule")
+            self._handover_teacher = teacher
+        return self._handover_teacher
+
+    def _check_handover(self, teacher_until) -> int:
+        """The index of the student timestep `teacher_until` hands over to (ValueError naming the problem)."""
+        if self.spec.kind != "student":
+            raise ValueError(f"teacher_until: {self.spec.name!r} is a teacher; a handover is teacher first, then a student")
+        if len(self.timesteps) < 2:
+            raise ValueError(f"teacher_until: {self.spec.name!r} is a 1-step student, so no later step can take over "
+                             f"from the teacher")
+        later = list(self.timesteps[1:])
+        if teacher_until not in later:
+            raise ValueError(f"teacher_until must be one of {self.spec.name!r}'s later timesteps "
+                             f"({', '.join(map(str, later))}), got {teacher_until}")
+        return list(self.timesteps).index(teacher_until)
+
     def generate(self, labels=None, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                 autocast: bool = False, callback=None, prompts=None, step_images: bool = False) -> Generated:
+                 autocast: bool = False, callback=None, prompts=None, step_images: bool = False,
+                 teacher_until: int | None = None, teacher_steps: int | None = None) -> Generated:
         """Sample one image per label (class models) or per prompt (text models) from `seed`
         (same seed, same starting noise for every model of a family). For text models the prompts
         may come as `prompts=` or in place of the labels. `step_images` (students): also return each
         step's decoded x0 estimate in `extra["step_images"]` (the last one is `images`). `guidance`: the
         teacher's CFG scale, or a guidance-conditioned student's w (within its range; default: its own);
-        plain students ignore it."""
+        plain students ignore it. `teacher_until` (multi-step students): a hybrid sample; the student's teacher
+        (`handover_teacher`) runs its own DDIM trajectory, on its `teacher_steps`-step grid (default: its usual
+        steps) at its own guidance, from the starting noise down to that timestep, one of the student's later ones,
+        and the student finishes from there with its remaining steps."""
+        handover = None
+        if teacher_until is not None:
+            handover = self._check_handover(teacher_until)
+            if step_images:
+                raise ValueError("step_images: not with teacher_until (the teacher's part has no student steps)")
+            if teacher_steps is not None and int(teacher_steps) < 1:
+                raise ValueError(f"teacher_steps must be at least 1, got {teacher_steps}")
         if self.conditioning == "text":
             prompts = labels if prompts is None else prompts
             prompts = [prompts] if isinstance(prompts, str) else list(prompts if prompts is not None else [])
@@ -202,11 +263,9 @@ class LoadedModel:
             steps = self.spec.steps if steps is None else int(steps)
             if steps < 1:
                 raise ValueError(f"steps must be at least 1, got {steps}")
-            g = self.spec.guidance if guidance is None else guidance
-            g = self.family.default_guidance if g is None else float(g)
+            g = self.teacher_guidance(guidance)
             x = ddim_sample(self.family, self.unet, cond, noise, steps, g, autocast, callback)
-            # CFG doubles the forwards; a family whose guidance is a network input (FLUX) runs one per step.
-            nfe = steps * (1 if g == 1.0 or getattr(self.family, "guidance_in_network", False) else 2)
+            nfe = self.teacher_nfe(steps, g)
             extra = {"guidance": g, "steps": steps}
         else:
             steps_x0 = []
@@ -214,12 +273,24 @@ class LoadedModel:
             if self.guided:
                 w = check_guidance(self.guidance_default if guidance is None else guidance, self.guidance_range,
                                    f"student {self.spec.name!r}")
-            x = student_sample(self.family, self.unet, cond, noise, list(self.timesteps), seed=renoise_seed(seed),
+            timesteps, extra = list(self.timesteps), {}
+            if handover is not None:
+                teacher = self.handover_teacher()
+                grid = teacher.spec.steps if teacher_steps is None else int(teacher_steps)
+                g = teacher.teacher_guidance()
+                t_cond = cond if teacher.family is self.family else teacher.family.condition(
+                    prompts if self.conditioning == "text" else labels)
+                noise = ddim_until(teacher.family, teacher.unet, t_cond, noise, teacher_until, grid, g, autocast)
+                evals = len(handover_timesteps(teacher.family.schedule, teacher_until, grid))
+                timesteps = timesteps[handover:]
+                extra = {"teacher_until": teacher_until, "teacher_steps": evals, "teacher_grid": grid,
+                         "teacher_nfe": teacher.teacher_nfe(evals, g)}
+            x = student_sample(self.family, self.unet, cond, noise, timesteps, seed=renoise_seed(seed),
                                autocast=autocast,
                                on_step=(lambda i, t, x0: steps_x0.append(x0)) if step_images else None,
                                guidance_input=w)
-            nfe = len(self.timesteps)
-            extra = {"timesteps": list(self.timesteps), "steps": nfe}
+            nfe = len(timesteps) + extra.get("teacher_nfe", 0)
+            extra = {"timesteps": timesteps, "steps": len(timesteps), **extra}
             if w is not None:
                 extra["guidance"] = w
             if step_images:

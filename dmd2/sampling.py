@@ -38,6 +38,13 @@ def renoise_seed(seed: int) -> int:
     return int(np.random.SeedSequence([int(seed), 0x5EED]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def _ddim_move(schedule, x: torch.Tensor, x0: torch.Tensor, t, t_next) -> torch.Tensor:
+    """One deterministic DDIM move from x_t to x_{t_next}, given the network's x0 estimate at t."""
+    eps = schedule.x0_to_eps(x, x0, torch.tensor([t]))
+    a_next, s_next = schedule.alpha_sigma(torch.tensor(t_next))
+    return a_next * x0 + s_next * eps
+
+
 @torch.no_grad()
 def ddim_sample(family: Family, unet, cond: Any, noise: torch.Tensor, steps: int = 50,
                 guidance: float | None = None, autocast: bool = False,
@@ -46,20 +53,39 @@ def ddim_sample(family: Family, unet, cond: Any, noise: torch.Tensor, steps: int
     UNet space. x_next = alpha_next x0 + sigma_next eps: for a flow schedule this is exactly the Euler step
     x_next = x + (s_next - s) u of diffusers' FlowMatchEulerDiscreteScheduler."""
     guidance = family.default_guidance if guidance is None else guidance
-    schedule = family.schedule
-    ts = schedule.sampling_timesteps(steps)
+    ts = family.schedule.sampling_timesteps(steps)
     x = noise
     for i, t in enumerate(ts):
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
             x0 = family.denoise(unet, x, t, cond, guidance).float()
-        if i + 1 == len(ts):
-            x = x0
-        else:
-            eps = schedule.x0_to_eps(x, x0, torch.tensor([t]))
-            a_next, s_next = schedule.alpha_sigma(torch.tensor(ts[i + 1]))
-            x = a_next * x0 + s_next * eps
+        x = x0 if i + 1 == len(ts) else _ddim_move(family.schedule, x, x0, t, ts[i + 1])
         if callback is not None:
             callback(i + 1, len(ts))
+    return x
+
+
+def handover_timesteps(schedule, until, steps: int = 50) -> list:
+    """The timesteps the teacher evaluates on its way from pure noise down to `until`: those of its `steps`-step
+    sampling grid above `until` (the last move then lands on `until` itself)."""
+    ts = [t for t in schedule.sampling_timesteps(steps) if t > until]
+    if not ts:
+        raise ValueError(f"no timestep of the teacher's {steps}-step grid lies above {until}: nothing to hand over")
+    return ts
+
+
+@torch.no_grad()
+def ddim_until(family: Family, unet, cond: Any, noise: torch.Tensor, until, steps: int = 50,
+               guidance: float | None = None, autocast: bool = False) -> torch.Tensor:
+    """The teacher's own DDIM trajectory from `noise` (pure noise) down to timestep `until`, stopped there: x_until,
+    not x0. It follows the teacher's `steps`-step grid (`handover_timesteps`), so where `until` is on that grid it is
+    exactly the state `ddim_sample` passes through. A student can finish from it (`student_sample` from `until`)."""
+    guidance = family.default_guidance if guidance is None else guidance
+    ts = handover_timesteps(family.schedule, until, steps)
+    x = noise
+    for i, t in enumerate(ts):
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            x0 = family.denoise(unet, x, t, cond, guidance).float()
+        x = _ddim_move(family.schedule, x, x0, t, ts[i + 1] if i + 1 < len(ts) else until)
     return x
 
 
@@ -99,15 +125,19 @@ def cycled_labels(n: int, num_classes: int) -> np.ndarray:
 
 
 def generate_many(model, n: int, seed: int, steps=None, guidance=None, batch_size: int = 250,
-                  labels: np.ndarray | None = None, autocast: bool = False, step_images: list | None = None):
+                  labels: np.ndarray | None = None, autocast: bool = False, step_images: list | None = None,
+                  teacher_until: int | None = None, teacher_steps: int | None = None):
     """n samples in batches (batch b uses seed+b); returns images, labels, seconds per image.
 
-    `step_images`: a list that receives, per student step, the x0 estimates of all n samples."""
+    `step_images`: a list that receives, per student step, the x0 estimates of all n samples.
+    `teacher_until` (multi-step students): the teacher's trajectory down to that timestep, then the student
+    (`LoadedModel.generate`); `teacher_steps`: the teacher's grid for it."""
+    handover = {} if teacher_until is None else {"teacher_until": teacher_until, "teacher_steps": teacher_steps}
     labels = cycled_labels(n, model.num_classes) if labels is None else labels
     images, seconds, nfe, steps_seen = [], 0.0, None, []
     for b, start in enumerate(range(0, n, batch_size)):
         out = model.generate(labels[start:start + batch_size], seed=seed + b, steps=steps, guidance=guidance,
-                             autocast=autocast, step_images=step_images is not None)
+                             autocast=autocast, step_images=step_images is not None, **handover)
         images.append(out.images)
         if step_images is not None:
             steps_seen.append(out.extra["step_images"])

@@ -156,13 +156,15 @@ def reference_stats(folder, feature_net, limit: int | None = None, patch_size: i
 
 def evaluate_text_model(model, prompts: list[str], metrics: TextToImageMetrics, reference: dict | None = None,
                         seed: int = 0, steps=None, guidance=None, batch_size: int = 8, autocast: bool = False,
-                        progress=None) -> dict:
+                        progress=None, handover: dict | None = None) -> dict:
     """Sample one image per prompt (batch b from seed + b), feed each batch to `metrics`, return the scores
-    with NFE and ms per image. `model` is a registry text model (anything with `generate(prompts=...)`)."""
+    with NFE and ms per image. `model` is a registry text model (anything with `generate(prompts=...)`);
+    `handover`: {"teacher_until": T, "teacher_steps": N} for a teacher-then-student sample."""
     seconds, nfe = 0.0, None
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         batch = prompts[start:start + batch_size]
-        out = model.generate(prompts=batch, seed=seed + b, steps=steps, guidance=guidance, autocast=autocast)
+        out = model.generate(prompts=batch, seed=seed + b, steps=steps, guidance=guidance, autocast=autocast,
+                             **(handover or {}))
         metrics.add(out.images, batch)
         seconds += out.seconds
         nfe = out.nfe

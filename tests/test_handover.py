@@ -1,0 +1,180 @@
+"""Teacher-then-student samples (`teacher_until`): the student's own teacher runs its DDIM trajectory from the
+starting noise down to one of the student's later timesteps, and the student finishes from there."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_sd
+from dmd2 import registry
+from dmd2.__main__ import main
+from dmd2.families.base import ModelLoadError
+from dmd2.families.sdxl import SDXLFamily
+from dmd2.images import to_uint8
+from dmd2.registry import ASSETS
+from dmd2.sampling import (_ddim_move, ddim_sample, ddim_until, handover_timesteps, initial_noise, renoise_seed,
+                           student_sample)
+
+LABELS = np.arange(6) % 10
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry(monkeypatch):
+    monkeypatch.setattr(registry, "_cache", {})
+    monkeypatch.setattr(registry, "_families", {})
+
+
+def test_handover_timesteps_are_the_teachers_grid_above_the_handover(family):
+    sched = family.schedule
+    assert handover_timesteps(sched, 749, 50) == list(range(999, 758, -20))       # 999, 979, ..., 759: 13
+    assert handover_timesteps(sched, 759, 50) == list(range(999, 778, -20))       # 759 itself is the landing
+    assert handover_timesteps(sched, 749, 4) == [999]
+    assert handover_timesteps(sched, 249, 4) == [999, 749, 499]
+    with pytest.raises(ValueError, match="above 999"):
+        handover_timesteps(sched, 999, 50)
+
+
+def test_ddim_until_is_the_teachers_own_trajectory(family, make_unet):
+    """On the grid, the handover state is the state DDIM passes through; off it, the last move lands on `until`."""
+    unet, cond = make_unet(0), family.condition(np.array([0, 1, 2]))
+    z = initial_noise(family, 3, 0)
+    grid = family.schedule.sampling_timesteps(10)                                 # 999, 899, ..., 99
+    by_hand = z
+    for t, t_next in zip(grid[:3], grid[1:4]):                                    # 999 -> 899 -> 799 -> 699
+        by_hand = _ddim_move(family.schedule, by_hand, family.denoise(unet, by_hand, t, cond, 1.5).float(), t, t_next)
+    assert torch.allclose(ddim_until(family, unet, cond, z, 699, 10, 1.5), by_hand)
+    # off the grid: 999, 899, 799 evaluated, the move from 799 lands on 749
+    x = z
+    for t, t_next in ((999, 899), (899, 799), (799, 749)):
+        x = _ddim_move(family.schedule, x, family.denoise(unet, x, t, cond, 1.5).float(), t, t_next)
+    assert torch.allclose(ddim_until(family, unet, cond, z, 749, 10, 1.5), x)
+    # the guidance reaches the teacher's passes
+    assert not torch.allclose(ddim_until(family, unet, cond, z, 749, 10, 1.0), x)
+    # handing over at the grid's last point and taking DDIM's last step is the full DDIM sample
+    x99 = ddim_until(family, unet, cond, z, 99, 10, 1.5)
+    assert torch.allclose(family.denoise(unet, x99, 99, cond, 1.5).float(), ddim_sample(family, unet, cond, z, 10, 1.5),
+                          atol=1e-5)
+
+
+def test_mnist_student_finishes_from_its_teachers_state():
+    student = registry.load("mnist-dmd2-4step-last")
+    out = student.generate(LABELS, seed=5, teacher_until=749)
+    assert out.nfe == 13 + 3                          # teacher 999..759 (its w = 1: one pass each), student 749..249
+    assert out.extra == {"timesteps": [749, 499, 249], "steps": 3, "teacher_until": 749, "teacher_steps": 13,
+                         "teacher_grid": 50, "teacher_nfe": 13}
+    teacher = student.handover_teacher()
+    assert teacher.spec.kind == "teacher" and teacher.spec.path.resolve() == (ASSETS / "mnist" / "teacher").resolve()
+    z = initial_noise(student.family, len(LABELS), 5)          # by hand: the same noise, the teacher, the student
+    x749 = ddim_until(teacher.family, teacher.unet, teacher.family.condition(LABELS), z, 749, 50, 1.0)
+    x = student_sample(student.family, student.unet, student.family.condition(LABELS), x749, [749, 499, 249],
+                       seed=renoise_seed(5))
+    assert np.array_equal(out.images, to_uint8(student.family.decode(x)))
+    assert not np.array_equal(out.images, student.generate(LABELS, seed=5).images)
+    assert np.array_equal(out.images, student.generate(LABELS, seed=5, teacher_until=749).images)   # deterministic
+
+    late = student.generate(LABELS, seed=5, teacher_until=249, teacher_steps=4)   # teacher 999, 749, 499; student 249
+    assert late.nfe == 3 + 1 and late.extra["timesteps"] == [249] and late.extra["teacher_grid"] == 4
+
+
+def test_bad_handovers_are_refused_by_name():
+    student = registry.load("mnist-dmd2-4step-last")
+    for bad in (999, 500, 0):
+        with pytest.raises(ValueError, match=rf"later timesteps \(749, 499, 249\), got {bad}"):
+            student.generate(LABELS, teacher_until=bad)
+    with pytest.raises(ValueError, match="1-step student"):
+        registry.load("mnist-dmd2-1step").generate(LABELS, teacher_until=749)
+    with pytest.raises(ValueError, match="is a teacher"):
+        registry.load("mnist-teacher").generate(LABELS, teacher_until=749)
+    with pytest.raises(ValueError, match="teacher_steps must be at least 1"):
+        student.generate(LABELS, teacher_until=749, teacher_steps=0)
+    with pytest.raises(ValueError, match="step_images"):
+        student.generate(LABELS, teacher_until=749, step_images=True)
+
+
+def _student_copy(tmp_path, teacher):
+    """The committed 2-step student in a folder of its own, its dmd2.json naming `teacher`."""
+    folder = tmp_path / "student"
+    shutil.copytree(ASSETS / "mnist" / "dmd2-2step", folder)
+    meta = json.loads((folder / "dmd2.json").read_text())
+    if teacher is None:
+        meta.pop("teacher")
+    else:
+        meta["teacher"] = teacher
+    (folder / "dmd2.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_the_handover_teacher_is_the_one_dmd2_json_names(tmp_path, monkeypatch):
+    other = tmp_path / "other-teacher"                  # the MNIST teacher with other weights: other samples
+    shutil.copytree(ASSETS / "mnist" / "teacher", other)
+    from safetensors.torch import load_file, save_file
+    weights = next(other.glob("*.safetensors"))
+    state = load_file(str(weights))
+    save_file({k: v * 0.9 if v.ndim > 1 else v for k, v in state.items()}, str(weights))
+    ours = registry.load(str(_student_copy(tmp_path / "a", str(ASSETS / "mnist" / "teacher"))))
+    theirs = registry.load(str(_student_copy(tmp_path / "b", str(other))))
+    assert theirs.handover_teacher().spec.path == other
+    a, b = (m.generate(LABELS, seed=1, teacher_until=749).images for m in (ours, theirs))
+    assert not np.array_equal(a, b)
+    assert np.array_equal(ours.generate(LABELS, seed=1).images, theirs.generate(LABELS, seed=1).images)
+
+    monkeypatch.chdir(tmp_path)                         # a repo-relative teacher path works from any folder
+    rel = registry.load(str(_student_copy(tmp_path / "c", "assets/mnist/teacher")))
+    assert np.array_equal(rel.generate(LABELS, seed=1, teacher_until=749).images, a)
+
+    with pytest.raises(ModelLoadError, match="names no 'teacher'"):
+        registry.load(str(_student_copy(tmp_path / "d", None))).handover_teacher()
+    with pytest.raises(ModelLoadError, match="unknown model"):
+        registry.load(str(_student_copy(tmp_path / "e", str(tmp_path / "missing")))).handover_teacher()
+
+
+def test_evaluate_records_the_handover(tmp_path, capsys):
+    out = tmp_path / "h.json"
+    main(["evaluate", "--model", "mnist-dmd2-2step", "--teacher-until", "749", "--teacher-steps", "10",
+          "--num", "20", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["teacher_until"] == 749 and result["teacher_grid"] == 10
+    assert result["nfe"] == 3 + 1                                        # 999, 899, 799, then the student at 749
+    main(["sample", "--model", "mnist-dmd2-2step", "--teacher-until", "749", "--num", "4", "--out",
+          str(tmp_path / "s.npz")])
+    student = registry.load("mnist-dmd2-2step")
+    want = student.generate(np.arange(4) % 10, seed=0, teacher_until=749).images
+    assert np.array_equal(np.load(tmp_path / "s.npz")["images"], want)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "mnist-dmd2-1step", "--teacher-until", "749"], "1-step student"),
+    (["--model", "mnist-teacher", "--teacher-until", "749"], "is a teacher"),
+    (["--model", "mnist-dmd2-4step-last", "--teacher-until", "750"], "later timesteps (749, 499, 249), got 750"),
+    (["--model", "mnist-dmd2-4step-last", "--teacher-steps", "5"], "only with --teacher-until"),
+    (["--model", "mnist-dmd2-4step-last", "--teacher-until", "749", "--per-step"], "--per-step: not with"),
+])
+def test_evaluate_refuses_bad_handovers(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--num", "20", "--json", str(tmp_path / "x.json"), *args])
+    assert e.value.code != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()                          # refused before any sampling or file
+
+
+def test_text_student_hands_over_from_its_base_pipeline(tmp_path):
+    sdxl = tiny_sd.make_tiny_sdxl(tmp_path / "tiny-sdxl")
+    fam = SDXLFamily.from_pretrained(sdxl)
+    torch.manual_seed(1)
+    fam.save_student(fam.unet_from_state_dict(tiny_sd.tiny_unet(sdxl=True).state_dict()), tmp_path / "student",
+                     timesteps=[999, 499])
+    student = registry.load(str(tmp_path / "student"))
+    prompts = ["a photo of a cat", "a red dog"]
+    out = student.generate(prompts=prompts, seed=3, teacher_until=499, teacher_steps=4)
+    assert out.nfe == 2 * 2 + 1                          # teacher at 999 and 749 with CFG 5 (two passes), student at 499
+    teacher = student.handover_teacher()
+    assert teacher.spec.kind == "teacher" and teacher.family is student.family      # encoders and VAE loaded once
+    cond = fam_cond = student.family.condition(prompts)
+    x = ddim_until(teacher.family, teacher.unet, fam_cond, initial_noise(student.family, 2, 3), 499, 4, 5.0)
+    x = student_sample(student.family, student.unet, cond, x, [499], seed=renoise_seed(3))
+    assert np.array_equal(out.images, to_uint8(student.family.decode(x)))

@@ -178,3 +178,29 @@ def test_text_student_hands_over_from_its_base_pipeline(tmp_path):
     x = ddim_until(teacher.family, teacher.unet, fam_cond, initial_noise(student.family, 2, 3), 499, 4, 5.0)
     x = student_sample(student.family, student.unet, cond, x, [499], seed=renoise_seed(3))
     assert np.array_equal(out.images, to_uint8(student.family.decode(x)))
+
+
+def test_handover_table_gap_and_wins(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import handover_table
+
+    assert handover_table.gap_closed(0.86, 0.84, 0.88) == pytest.approx(0.5)
+    assert handover_table.gap_closed(0.83, 0.84, 0.88) == pytest.approx(-0.25)     # lost more than it won back
+    with pytest.raises(ValueError, match="no gap"):
+        handover_table.gap_closed(0.9, 0.8, 0.8)
+    base = {"fid": 5.0, "classifier_recall": 0.84, "autoencoder_recall": 0.80, "classifier_precision": 0.85}
+    files = {}
+    for name, change in (("h0", {"fid": 4.0, "classifier_recall": 0.87}), ("h1", {"fid": 6.0, "classifier_recall": 0.85}),
+                         ("s", {}), ("t", {"fid": 8.0, "classifier_recall": 0.88, "autoencoder_recall": 0.86,
+                                           "classifier_precision": 0.78})):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps({**base, **change}))
+    handover_table.main(["--hybrid", f"{files['h0']},{files['h1']}", "--student", str(files["s"]),
+                         "--teacher", str(files["t"])])
+    out = capsys.readouterr().out
+    assert "| FID (classifier; selection) | 5.00 | 5.00 | 8.00 |" in out      # the mean of 4 and 6
+    assert "g (classifier recall) = 0.50" in out and "g (autoencoder recall) = 0.00" in out
+    assert "beats the student on 1 of 4 measures; not on: FID" in out       # only the classifier recall
+    assert "beats the teacher on 2 of 4 measures" in out                   # FID and precision

@@ -133,8 +133,9 @@ def _handover_record(model, handover: dict) -> dict:
     """What a JSON records of a teacher-then-student sample: the handover timestep and the teacher's grid."""
     if not handover:
         return {}
-    grid = handover["teacher_steps"] or model.handover_teacher().spec.steps
-    return {"teacher_until": handover["teacher_until"], "teacher_grid": grid}
+    teacher = model.handover_teacher()
+    return {"teacher_until": handover["teacher_until"], "teacher_grid": handover["teacher_steps"] or teacher.spec.steps,
+            "teacher": teacher.spec.name, "teacher_guidance": teacher.teacher_guidance()}
 
 
 def cmd_evaluate(a) -> None:
@@ -162,9 +163,9 @@ def cmd_evaluate(a) -> None:
         raise UsageError(f"--per-step scores each step of a multi-step student; {a.model} "
                          + ("is a teacher" if model.spec.kind == "teacher" else "takes one step"))
     guidance = _guidance_used(a, model)
-    handover = _handover(a, model)
-    if handover and a.per_step:
+    if a.teacher_until is not None and a.per_step:
         raise UsageError("--per-step: not with --teacher-until (the teacher's part has no student steps to score)")
+    handover = _handover(a, model)
     step_images = [] if a.per_step else None
     images, labels, sec_per_image, nfe = generate_many(model, num, a.seed, a.steps, guidance, autocast=a.bf16,
                                                        step_images=step_images, **handover)

@@ -195,10 +195,16 @@ class LoadedModel:
                 path = _resolve_base(str(self._teacher_name), self._folder)
                 if not Path(path).exists() and (ASSETS.parent / path).exists():   # a repo-relative path, from elsewhere
                     path = str(ASSETS.parent / path)
-                teacher = load(path)
-            else:
+                try:
+                    teacher = load(path)
+                except Exception as e:
+                    raise ModelLoadError(f"student {self.spec.name!r}: the teacher its dmd2.json names "
+                                         f"({self._teacher_name!r}) does not load: {e}") from None
+            else:   # the base pipeline's UNet, with a built-in teacher's steps where one has this base (SD3: 28)
+                steps = next((b.steps for b in BUILTIN.values() if b.kind == "teacher" and b.family == self.spec.family
+                              and b.base == self.spec.base), 50)
                 teacher = LoadedModel(ModelSpec(f"{self.spec.base} (teacher)", None, "teacher", self.spec.family,
-                                                base=self.spec.base, description="handover teacher"))
+                                                steps=steps, base=self.spec.base, description="handover teacher"))
             if teacher.spec.kind != "teacher":
                 raise ModelLoadError(f"student {self.spec.name!r}: its teacher {teacher.spec.name!r} is not a teacher")
             mine, theirs = self.family.schedule, teacher.family.schedule
@@ -236,6 +242,8 @@ class LoadedModel:
         steps) at its own guidance, from the starting noise down to that timestep, one of the student's later ones,
         and the student finishes from there with its remaining steps."""
         handover = None
+        if teacher_until is None and teacher_steps is not None:
+            raise ValueError("teacher_steps: only with teacher_until (the teacher's grid on its way down to it)")
         if teacher_until is not None:
             handover = self._check_handover(teacher_until)
             if step_images:
@@ -283,8 +291,8 @@ class LoadedModel:
                 noise = ddim_until(teacher.family, teacher.unet, t_cond, noise, teacher_until, grid, g, autocast)
                 evals = len(handover_timesteps(teacher.family.schedule, teacher_until, grid))
                 timesteps = timesteps[handover:]
-                extra = {"teacher_until": teacher_until, "teacher_steps": evals, "teacher_grid": grid,
-                         "teacher_nfe": teacher.teacher_nfe(evals, g)}
+                extra = {"teacher_until": teacher_until, "teacher_evals": evals, "teacher_grid": grid,
+                         "teacher_guidance": g, "teacher_nfe": teacher.teacher_nfe(evals, g)}
             x = student_sample(self.family, self.unet, cond, noise, timesteps, seed=renoise_seed(seed),
                                autocast=autocast,
                                on_step=(lambda i, t, x0: steps_x0.append(x0)) if step_images else None,

@@ -65,8 +65,8 @@ def test_mnist_student_finishes_from_its_teachers_state():
     student = registry.load("mnist-dmd2-4step-last")
     out = student.generate(LABELS, seed=5, teacher_until=749)
     assert out.nfe == 13 + 3                          # teacher 999..759 (its w = 1: one pass each), student 749..249
-    assert out.extra == {"timesteps": [749, 499, 249], "steps": 3, "teacher_until": 749, "teacher_steps": 13,
-                         "teacher_grid": 50, "teacher_nfe": 13}
+    assert out.extra == {"timesteps": [749, 499, 249], "steps": 3, "teacher_until": 749, "teacher_evals": 13,
+                         "teacher_grid": 50, "teacher_guidance": 1.0, "teacher_nfe": 13}
     teacher = student.handover_teacher()
     assert teacher.spec.kind == "teacher" and teacher.spec.path.resolve() == (ASSETS / "mnist" / "teacher").resolve()
     z = initial_noise(student.family, len(LABELS), 5)          # by hand: the same noise, the teacher, the student
@@ -94,6 +94,8 @@ def test_bad_handovers_are_refused_by_name():
         student.generate(LABELS, teacher_until=749, teacher_steps=0)
     with pytest.raises(ValueError, match="step_images"):
         student.generate(LABELS, teacher_until=749, step_images=True)
+    with pytest.raises(ValueError, match="teacher_steps: only with teacher_until"):
+        student.generate(LABELS, teacher_steps=10)
 
 
 def _student_copy(tmp_path, teacher):
@@ -129,8 +131,26 @@ def test_the_handover_teacher_is_the_one_dmd2_json_names(tmp_path, monkeypatch):
 
     with pytest.raises(ModelLoadError, match="names no 'teacher'"):
         registry.load(str(_student_copy(tmp_path / "d", None))).handover_teacher()
-    with pytest.raises(ModelLoadError, match="unknown model"):
+    with pytest.raises(ModelLoadError, match=r"the teacher its dmd2.json names \('.*missing'\) does not load"):
         registry.load(str(_student_copy(tmp_path / "e", str(tmp_path / "missing")))).handover_teacher()
+    with pytest.raises(ModelLoadError, match="is not a teacher"):          # a student named as the teacher
+        registry.load(str(_student_copy(tmp_path / "f", str(ASSETS / "mnist" / "dmd2-1step")))).handover_teacher()
+    with pytest.raises(ModelLoadError, match="another noise schedule"):    # the flow teacher for a DDPM student
+        registry.load(str(_student_copy(tmp_path / "g", str(ASSETS / "mnist" / "flow-teacher")))).handover_teacher()
+
+
+def test_flow_student_hands_over_on_the_flow_schedule():
+    student = registry.load("mnist-flow-dmd2-4step")
+    teacher = student.handover_teacher()
+    assert teacher.spec.path.resolve() == (ASSETS / "mnist" / "flow-teacher").resolve()
+    out = student.generate(LABELS, seed=2, teacher_until=499, teacher_steps=8)
+    grid = teacher.family.schedule.sampling_timesteps(8)
+    assert out.extra["teacher_evals"] == len([t for t in grid if t > 499]) == 4
+    z = initial_noise(student.family, len(LABELS), 2)
+    x = ddim_until(teacher.family, teacher.unet, teacher.family.condition(LABELS), z, 499, 8, teacher.teacher_guidance())
+    x = student_sample(student.family, student.unet, student.family.condition(LABELS), x, [499, 249],
+                       seed=renoise_seed(2))
+    assert np.array_equal(out.images, to_uint8(student.family.decode(x)))
 
 
 def test_evaluate_records_the_handover(tmp_path, capsys):
@@ -138,13 +158,17 @@ def test_evaluate_records_the_handover(tmp_path, capsys):
     main(["evaluate", "--model", "mnist-dmd2-2step", "--teacher-until", "749", "--teacher-steps", "10",
           "--num", "20", "--json", str(out)])
     result = json.loads(out.read_text())
-    assert result["teacher_until"] == 749 and result["teacher_grid"] == 10
+    assert result["teacher_until"] == 749 and result["teacher_grid"] == 10 and result["teacher_guidance"] == 1.0
+    assert result["teacher"].endswith("mnist/teacher")
     assert result["nfe"] == 3 + 1                                        # 999, 899, 799, then the student at 749
     main(["sample", "--model", "mnist-dmd2-2step", "--teacher-until", "749", "--num", "4", "--out",
           str(tmp_path / "s.npz")])
     student = registry.load("mnist-dmd2-2step")
     want = student.generate(np.arange(4) % 10, seed=0, teacher_until=749).images
     assert np.array_equal(np.load(tmp_path / "s.npz")["images"], want)
+    main(["grid", "--model", "mnist-dmd2-2step", "--teacher-until", "749", "--teacher-steps", "4", "--rows", "1",
+          "--out", str(tmp_path / "g.png")])
+    assert "NFE 2" in capsys.readouterr().out and (tmp_path / "g.png").is_file()     # teacher at 999, student at 749
 
 
 @pytest.mark.parametrize("args, message", [
@@ -154,12 +178,17 @@ def test_evaluate_records_the_handover(tmp_path, capsys):
     (["--model", "mnist-dmd2-4step-last", "--teacher-steps", "5"], "only with --teacher-until"),
     (["--model", "mnist-dmd2-4step-last", "--teacher-until", "749", "--per-step"], "--per-step: not with"),
 ])
-def test_evaluate_refuses_bad_handovers(args, message, tmp_path, capsys):
+def test_evaluate_refuses_bad_handovers(args, message, tmp_path, capsys, monkeypatch):
+    import dmd2.__main__ as cli
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before refusing")
+    monkeypatch.setattr(cli, "generate_many", no_sampling)
     with pytest.raises(SystemExit) as e:
         main(["evaluate", "--num", "20", "--json", str(tmp_path / "x.json"), *args])
     assert e.value.code != 0
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "x.json").exists()                          # refused before any sampling or file
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_text_student_hands_over_from_its_base_pipeline(tmp_path):
@@ -204,3 +233,27 @@ def test_handover_table_gap_and_wins(tmp_path, capsys):
     assert "g (classifier recall) = 0.50" in out and "g (autoencoder recall) = 0.00" in out
     assert "beats the student on 1 of 4 measures; not on: FID" in out       # only the classifier recall
     assert "beats the teacher on 2 of 4 measures" in out                   # FID and precision
+
+
+def test_text_evaluation_passes_the_handover_to_every_batch():
+    from types import SimpleNamespace
+
+    from dmd2.metrics.text_to_image import evaluate_text_model
+
+    seen = []
+
+    class Model:
+        def generate(self, prompts, seed, steps, guidance, autocast, **handover):
+            seen.append(handover)
+            return SimpleNamespace(images=np.zeros((len(prompts), 4, 4, 3), np.uint8), seconds=0.1, nfe=5)
+
+    class Metrics:
+        def add(self, images, prompts):
+            pass
+
+        def result(self, reference):
+            return {}
+
+    result = evaluate_text_model(Model(), ["a", "b", "c"], Metrics(), batch_size=2,
+                                 handover={"teacher_until": 499, "teacher_steps": 4})
+    assert seen == [{"teacher_until": 499, "teacher_steps": 4}] * 2 and result["nfe"] == 5

@@ -69,7 +69,7 @@ def _handover(a, model) -> dict:
             raise UsageError("--teacher-steps: only with --teacher-until (the teacher's grid on its way down to it)")
         return {}
     try:
-        model._check_handover(a.teacher_until)
+        model.check_handover(a.teacher_until)
         model.handover_teacher()
     except ValueError as e:
         raise UsageError(f"--teacher-until: {str(e).removeprefix('teacher_until: ')}") from None

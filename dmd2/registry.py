@@ -216,7 +216,7 @@ class LoadedModel:
             self._handover_teacher = teacher
         return self._handover_teacher
 
-    def _check_handover(self, teacher_until) -> int:
+    def check_handover(self, teacher_until) -> int:
         """The index of the student timestep `teacher_until` hands over to (ValueError naming the problem)."""
         if self.spec.kind != "student":
             raise ValueError(f"teacher_until: {self.spec.name!r} is a teacher; a handover is teacher first, then a student")
@@ -245,7 +245,7 @@ class LoadedModel:
         if teacher_until is None and teacher_steps is not None:
             raise ValueError("teacher_steps: only with teacher_until (the teacher's grid on its way down to it)")
         if teacher_until is not None:
-            handover = self._check_handover(teacher_until)
+            handover = self.check_handover(teacher_until)
             if step_images:
                 raise ValueError("step_images: not with teacher_until (the teacher's part has no student steps)")
             if teacher_steps is not None and int(teacher_steps) < 1:

@@ -45,6 +45,21 @@ def _ddim_move(schedule, x: torch.Tensor, x0: torch.Tensor, t, t_next) -> torch.
     return a_next * x0 + s_next * eps
 
 
+def _ddim_walk(family: Family, unet, cond: Any, x: torch.Tensor, ts: list, land, guidance: float | None,
+               autocast: bool, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """DDIM over the timesteps `ts` from x at ts[0]: the last move lands on timestep `land`, or with `land` None the
+    result is the last x0 estimate (a finished sample)."""
+    guidance = family.default_guidance if guidance is None else guidance
+    for i, t in enumerate(ts):
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            x0 = family.denoise(unet, x, t, cond, guidance).float()
+        t_next = ts[i + 1] if i + 1 < len(ts) else land
+        x = x0 if t_next is None else _ddim_move(family.schedule, x, x0, t, t_next)
+        if callback is not None:
+            callback(i + 1, len(ts))
+    return x
+
+
 @torch.no_grad()
 def ddim_sample(family: Family, unet, cond: Any, noise: torch.Tensor, steps: int = 50,
                 guidance: float | None = None, autocast: bool = False,
@@ -52,16 +67,8 @@ def ddim_sample(family: Family, unet, cond: Any, noise: torch.Tensor, steps: int
     """Deterministic DDIM (eta=0) from `noise` over the schedule's `steps` sampling timesteps; returns x0 in
     UNet space. x_next = alpha_next x0 + sigma_next eps: for a flow schedule this is exactly the Euler step
     x_next = x + (s_next - s) u of diffusers' FlowMatchEulerDiscreteScheduler."""
-    guidance = family.default_guidance if guidance is None else guidance
-    ts = family.schedule.sampling_timesteps(steps)
-    x = noise
-    for i, t in enumerate(ts):
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            x0 = family.denoise(unet, x, t, cond, guidance).float()
-        x = x0 if i + 1 == len(ts) else _ddim_move(family.schedule, x, x0, t, ts[i + 1])
-        if callback is not None:
-            callback(i + 1, len(ts))
-    return x
+    return _ddim_walk(family, unet, cond, noise, family.schedule.sampling_timesteps(steps), None, guidance, autocast,
+                      callback)
 
 
 def handover_timesteps(schedule, until, steps: int = 50) -> list:
@@ -79,14 +86,8 @@ def ddim_until(family: Family, unet, cond: Any, noise: torch.Tensor, until, step
     """The teacher's own DDIM trajectory from `noise` (pure noise) down to timestep `until`, stopped there: x_until,
     not x0. It follows the teacher's `steps`-step grid (`handover_timesteps`), so where `until` is on that grid it is
     exactly the state `ddim_sample` passes through. A student can finish from it (`student_sample` from `until`)."""
-    guidance = family.default_guidance if guidance is None else guidance
-    ts = handover_timesteps(family.schedule, until, steps)
-    x = noise
-    for i, t in enumerate(ts):
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            x0 = family.denoise(unet, x, t, cond, guidance).float()
-        x = _ddim_move(family.schedule, x, x0, t, ts[i + 1] if i + 1 < len(ts) else until)
-    return x
+    return _ddim_walk(family, unet, cond, noise, handover_timesteps(family.schedule, until, steps), until, guidance,
+                      autocast)
 
 
 @torch.no_grad()

@@ -171,7 +171,7 @@ def test_a_guided_finished_run_brings_the_slider_and_takes_w(models, tmp_path):
     make_tiny_guided_student(run / "student", seed=3, guidance_range=[1.5, 2.5], guidance_default=2.0)
     # The run finished while the app ran: Refresh list (or opening the tab) brings the slider, at its range.
     [refresh] = [f.fn for f in before.fns.values() if f.name == "choices"]
-    dropdown, update = refresh(None)
+    dropdown, update, _ = refresh(None)
     assert dropdown.choices == [("guided-run", "guided-run")]
     assert (update.visible, update.minimum, update.maximum, update.value) == (True, 1.5, 2.5, 2.0)
     assert refresh(2.25)[1].value == 2.25 and refresh(3.0)[1].value == 2.0     # a w it still admits stays

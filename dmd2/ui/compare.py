@@ -61,20 +61,24 @@ def random_seed() -> int:
 
 def compare(models: list[str], label, seed, num_images=4, steps=None, guidance=None,
             scale: int = 1, progress: Progress | None = None,
-            guided_w=None) -> list[tuple[np.ndarray | None, str]]:
+            guided_w=None, teacher_until=None) -> list[tuple[np.ndarray | None, str]]:
     """Sample `num_images` images of class `label` (class models) or of the prompt `label` (text
     models) from `seed` with each model.
 
     Returns one (grid, caption) per model, in the order of `models`, caption "name: NFE n, steps s, x ms"
     ("name: NFE n, steps s, w=2.0, x ms" for a guidance-conditioned student); `steps` and `guidance` apply to
     teachers (students use their own timesteps), `guided_w` to guidance-conditioned students only (None: each
-    its own default; it must lie inside every one's range). Bad input raises
+    its own default; it must lie inside every one's range). `teacher_until` (a timestep, or None / "off"):
+    every multi-step student that has it among its later timesteps samples teacher-then-student (its own
+    teacher's trajectory down to it, on the tab's `steps` grid, then its remaining steps; `LoadedModel.generate`),
+    the others as usual, their caption saying why. Bad input raises
     ValueError naming the field; a model that fails to load or to sample gives (None, "name: could not
     load: ..." or "name: failed: ...") and the others still run. `compare_steps` gives the same results
     model by model.
     """
     return [(img, cap) for img, cap in _last(compare_steps(models, label, seed, num_images, steps, guidance,
-                                                              scale=scale, progress=progress, guided_w=guided_w))]
+                                                              scale=scale, progress=progress, guided_w=guided_w,
+                                                              teacher_until=teacher_until))]
 
 
 def _last(iterator):
@@ -86,7 +90,7 @@ def _last(iterator):
 
 def compare_steps(models: list[str], label, seed, num_images=4, steps=None, guidance=None, scale: int = 1,
                   progress: Progress | None = None, max_steps: int = MAX_STEPS,
-                  guidance_range: tuple[float, float] = (0.0, math.inf), guided_w=None):
+                  guidance_range: tuple[float, float] = (0.0, math.inf), guided_w=None, teacher_until=None):
     """`compare`, one model at a time: yields the list of (grid, caption) per model (in the order of `models`)
     after checking the input and loading the models, then after each model; a caption is None while that
     model has not run yet. Students run first and the teachers (many steps) last, so the students' grids
@@ -101,6 +105,7 @@ def compare_steps(models: list[str], label, seed, num_images=4, steps=None, guid
     num_images = _as_int(num_images, "number of images", 1, MAX_IMAGES)
     steps = None if steps is None else _as_int(steps, "teacher steps", 1, max_steps)
     guidance = None if guidance is None else _as_float(guidance, "teacher guidance", *guidance_range)
+    teacher_until = _as_handover(teacher_until)
 
     loaded: list[registry.LoadedModel | str] = []
     for name in models:
@@ -144,20 +149,71 @@ def compare_steps(models: list[str], label, seed, num_images=4, steps=None, guid
         try:
             if is_teacher(m):
                 out = m.generate(labels, seed, steps=steps, guidance=guidance, callback=callback)
-            elif m.guided:
-                out = m.generate(labels, seed, guidance=guided_w)
             else:
-                out = m.generate(labels, seed)
+                hybrid, note = _handover_for(m, teacher_until)
+                out = m.generate(labels, seed, guidance=guided_w if m.guided else None,
+                                 **(dict(teacher_until=teacher_until, teacher_steps=steps) if hybrid else {}))
         except Exception as e:      # one model failing to sample must not take the others down
             results[i] = (None, f"{title}: failed: {public_message(e)}")
         else:
             w = f"{format_w(out.extra['guidance'])}, " if not is_teacher(m) and m.guided else ""
-            caption = f"{title}: NFE {out.nfe}, steps {out.extra['steps']}, {w}{out.seconds * 1000:.0f} ms"
+            first = ""
+            if "teacher_until" in out.extra:
+                first = f"teacher {out.extra['teacher_evals']} steps down to t={out.extra['teacher_until']}, then the student: "
+            caption = f"{title}: {first}NFE {out.nfe}, steps {out.extra['steps']}, {w}{out.seconds * 1000:.0f} ms"
+            if not is_teacher(m) and teacher_until is not None and not first:
+                caption += f" ({note})"
             results[i] = (make_grid(out.images, scale=scale), caption)
         done += cost(m)
         yield list(results)
     if progress is not None:
         progress(1.0, "done")
+
+
+def _as_handover(value) -> int | None:
+    """The Compare tab's "teacher first, down to t" value: None for off ("off", "", None), else a timestep."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off")):
+        return None
+    return _as_int(value, "teacher first, down to t", 1, MAX_STEPS - 1)
+
+
+def _handover_for(m: registry.LoadedModel, teacher_until: int | None) -> tuple[bool, str]:
+    """(does student `m` sample teacher-then-student at `teacher_until`, and if not, why in a few words)."""
+    if teacher_until is None:
+        return False, ""
+    later = list(m.timesteps[1:])
+    if not later:
+        return False, "1-step: sampled as usual"
+    if teacher_until not in later:
+        return False, f"t={teacher_until} is not one of its later timesteps ({', '.join(map(str, later))}): sampled as usual"
+    return True, ""
+
+
+def handover_choices(models: list[str]) -> list[int]:
+    """The timesteps the Compare tab offers to hand over at: every later timestep of a multi-step student among
+    `models` that loads, highest first (empty: no student can take a teacher's state)."""
+    found = set()
+    for name in models:
+        try:
+            m = registry.load(name)
+        except Exception:
+            continue
+        if m.spec.kind == "student":
+            found.update(int(t) for t in m.timesteps[1:])
+    return sorted(found, reverse=True)
+
+
+HANDOVER_LABEL = "Teacher first, down to t"
+HANDOVER_INFO = ("off: students sample as usual. t: each student with t among its later timesteps continues the "
+                 "teacher's trajectory (same noise, the steps above) from t, so you see what its own first steps decide")
+
+
+def _handover_control(models: list[str], value=None) -> dict:
+    """The handover dropdown's settings: "off" and the timesteps `handover_choices` finds; hidden without any;
+    `value` stays if still offered."""
+    offered = [str(t) for t in handover_choices(models)]
+    value = str(value) if value is not None and str(value) in offered else "off"
+    return dict(choices=["off", *offered], value=value, visible=bool(offered))
 
 
 def _defaults(models: list[str]) -> dict:
@@ -211,6 +267,10 @@ def build_compare_tab(models: list[str], wrap: Callable = lambda f: f, mode: str
             # compared at the same w; limited to the range they all share. Teachers keep the CFG slider.
             guided_w = gr.Slider(step=GUIDED_W_STEP, label=GUIDED_W_LABEL, elem_id="compare-guided-w",
                                  **guided_w_control(guided_students(_offered(models, more_models))))
+            # Teacher first: each multi-step student whose later timesteps hold t starts from its own teacher's
+            # state at t (the teacher's trajectory from the same noise, on the steps above), not from its first step.
+            teacher_until = gr.Dropdown(**_handover_control(_offered(models, more_models)), elem_id="compare-handover",
+                                        label=HANDOVER_LABEL, info=HANDOVER_INFO)
         button = gr.Button("Generate", variant="primary")
         if text:
             gr.Examples([[p] for p in examples], inputs=[label], label="Example prompts")
@@ -229,7 +289,7 @@ def build_compare_tab(models: list[str], wrap: Callable = lambda f: f, mode: str
                                            interactive=False, buttons=["download", "fullscreen"]))
                     captions.append(gr.Markdown())
 
-        def run(label, seed, num_images, steps, guidance, guided_w=None, progress=gr.Progress()):
+        def run(label, seed, num_images, steps, guidance, guided_w=None, teacher_until=None, progress=gr.Progress()):
             # Raw values (preprocess=False): our checks name the field of a bad one, where the components'
             # own checks answered a string in a slider with a bare "Error" and refused the class "3".
             warned = set()
@@ -237,6 +297,7 @@ def build_compare_tab(models: list[str], wrap: Callable = lambda f: f, mode: str
                 for results in compare_steps(models, label, seed, num_images, steps, guidance,
                                              scale=1 if text else DISPLAY_SCALE, max_steps=UI_STEPS[1],
                                              guidance_range=UI_GUIDANCE, guided_w=guided_w,
+                                             teacher_until=teacher_until,
                                              progress=lambda f, desc: progress(f, desc=desc)):
                     failed = [cap for img, cap in results if img is None and cap is not None]
                     if failed and len(failed) == len(results):
@@ -254,16 +315,16 @@ def build_compare_tab(models: list[str], wrap: Callable = lambda f: f, mode: str
         # last output (what gradio_client's predict returns) has every panel. The teacher's steps show
         # as progress on the teacher's panels only, so the students' images stay visible meanwhile.
         teachers = [img for name, img in zip(models, images) if _kind(name) == "teacher"]
-        # guided_w comes last: gradio_client fills a missing trailing input with the slider's value (a raw HTTP
-        # call must send it; null means each guided student's own default).
-        inputs = [label, seed, num_images, steps, guidance, guided_w]
+        # guided_w and teacher_until come last: gradio_client fills a missing trailing input with the control's
+        # value (a raw HTTP call must send them; null means each guided student's own default, and no handover).
+        inputs = [label, seed, num_images, steps, guidance, guided_w, teacher_until]
         button.click(wrap(run), inputs, outputs, api_name="compare",
                      preprocess=False, show_progress_on=teachers or None)
         dice.click(random_seed, None, seed, api_visibility="private")
         extra = _build_more_models(models, more_models, button, inputs, tab, wrap,
                                    scale=1 if text else DISPLAY_SCALE) if more_models is not None else {}
     return dict(label=label, seed=seed, num_images=num_images, steps=steps, guidance=guidance, guided_w=guided_w,
-                images=images, captions=captions, generate=button, mode=mode, **extra)
+                teacher_until=teacher_until, images=images, captions=captions, generate=button, mode=mode, **extra)
 
 
 def _offered(models: list[str], more_models: Callable[[], list[str]] | None) -> list[str]:
@@ -307,9 +368,9 @@ def _build_more_models(models: list[str], more_models: Callable[[], list[str]], 
     gallery = gr.Gallery(label="Training runs", columns=4, fit_columns=False, height=360, object_fit="contain",
                          preview=False, format="png", interactive=False, elem_id="compare-more-gallery")
 
-    def choices(w):
-        """The runs to pick, and the w slider for the guided students among all the tab may sample now (a w
-        the new limits still admit stays)."""
+    def choices(w, until=None):
+        """The runs to pick, the w slider for the guided students among all the tab may sample now (a w the new
+        limits still admit stays), and the handover timesteps they offer (a pick still offered stays)."""
         control = guided_w_control(guided_students(_offered(models, more_models)))
         if control["visible"] and w is not None:
             try:
@@ -317,9 +378,10 @@ def _build_more_models(models: list[str], more_models: Callable[[], list[str]], 
                     control["value"] = float(w)
             except (TypeError, ValueError):
                 pass
-        return gr.Dropdown(choices=list(current())), gr.Slider(**control)
+        return (gr.Dropdown(choices=list(current())), gr.Slider(**control),
+                gr.Dropdown(**_handover_control(_offered(models, more_models), until)))
 
-    def run_more(picked, label, seed, num_images, steps, guidance, guided_w=None):
+    def run_more(picked, label, seed, num_images, steps, guidance, guided_w=None, teacher_until=None):
         if picked is None or picked == []:
             return []
         if isinstance(picked, str):
@@ -334,7 +396,7 @@ def _build_more_models(models: list[str], more_models: Callable[[], list[str]], 
         try:
             results = _last(compare_steps([known[p] for p in picked], label, seed, num_images, steps, guidance,
                                           scale=scale, max_steps=UI_STEPS[1], guidance_range=UI_GUIDANCE,
-                                          guided_w=guided_w))
+                                          guided_w=guided_w, teacher_until=teacher_until))
         except ValueError as e:
             raise gr.Error(str(e)) from None
         for img, cap in results:
@@ -347,7 +409,7 @@ def _build_more_models(models: list[str], more_models: Callable[[], list[str]], 
         return list(current())
 
     button.click(wrap(run_more), [picked, *inputs], gallery, api_name="compare_more", preprocess=False)
-    guided_w = inputs[-1]
-    gr.on([refresh.click, tab.select], choices, guided_w, [picked, guided_w], api_visibility="private")
+    guided_w, until = inputs[-2:]
+    gr.on([refresh.click, tab.select], choices, [guided_w, until], [picked, guided_w, until], api_visibility="private")
     gr.api(names, api_name="compare_more_models")
     return dict(more=picked, more_gallery=gallery, more_refresh=refresh)

@@ -210,3 +210,31 @@ def test_weights_are_normalised_over_every_ranks_samples(setup):
     got = trainer._divergence_weights(mine)
     assert torch.allclose(got, losses.divergence_weights(torch.cat([other, mine]), "forward-kl")[4:])
     assert got.mean() < 0.1                   # against the whole batch this rank's samples weigh little
+
+
+def test_the_second_pass_benchmark_runs_and_refuses_reverse_kl(setup, tmp_path, monkeypatch, capsys):
+    """benchmarks/divergence_pass.py (what the divergence's extra bottleneck pass costs) on a tiny js config."""
+    import dataclasses
+    import runpy
+    import sys
+
+    import yaml
+
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+
+    def write(name, **overrides):
+        cfg = dataclasses.asdict(tiny_distill_config(setup, **overrides))
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}))
+        return str(path)
+
+    script = str(root / "benchmarks" / "divergence_pass.py")
+    monkeypatch.setattr(sys, "argv", [script, "--config", write("js.yaml", dm_divergence="js"), "--repeats", "1"])
+    runpy.run_path(script, run_name="__main__")
+    out = capsys.readouterr().out
+    assert "batch 4, js" in out and "second bottleneck pass" in out and "% of training time" in out
+    monkeypatch.setattr(sys, "argv", [script, "--config", write("rkl.yaml")])
+    with pytest.raises(SystemExit, match="reverse-kl, which has no second pass"):
+        runpy.run_path(script, run_name="__main__")

@@ -208,3 +208,69 @@ def test_log_uniform_needs_a_positive_minimum_and_lora_is_refused():
     with pytest.raises(ConfigError, match="lora_rank: 0"):
         DistillConfig(family="sdxl", data="x", eval_every=0, lora_rank=4, guidance_range=[2, 8],
                       real_guidance=8.0).validate()
+
+
+# --- real_guidance_above: another real-score w at the high DM noise levels only ------------------------------
+
+
+def test_real_guidance_above_sets_the_scale_by_each_samples_noise_level(setup, monkeypatch):
+    tr = DMD2Trainer(guided_config(setup, ttur=1, batch_size=16, guidance_range=None, real_guidance=1.0,
+                                   real_guidance_above=[500, 0.5]))
+    seen = {}
+    denoise = type(tr.family).denoise
+
+    def spy(self, unet, x_t, t, cond, guidance=1.0, guidance_input=None):
+        if unet is tr.real_unet:
+            seen["w"], seen["t"] = guidance, t
+        return denoise(self, unet, x_t, t, cond, guidance, guidance_input)
+
+    monkeypatch.setattr(type(tr.family), "denoise", spy)
+    tr.train_step()
+    w, t = seen["w"], seen["t"]
+    assert isinstance(w, torch.Tensor) and w.shape == (16,) and t.shape == (16,)
+    assert torch.equal(w, torch.where(t >= 500, 0.5, 1.0))
+    assert (t >= 500).any() and (t < 500).any()            # both kinds drawn in this batch (seeded)
+
+
+def test_real_guidance_above_at_the_same_w_changes_nothing(setup):
+    """[t, real_guidance] is the plain real score: the same update, bit for bit (w = 1 everywhere takes no CFG pass)."""
+    states = []
+    for extra in ({}, {"real_guidance_above": [500, 1.0]}):
+        tr = DMD2Trainer(guided_config(setup, ttur=1, guidance_range=None, real_guidance=1.0, **extra))
+        for _ in range(3):
+            tr.train_step()
+        states.append(torch.cat([p.detach().flatten() for p in tr.generator_module.parameters()]))
+    assert torch.equal(*states)
+
+
+def test_real_guidance_above_moves_the_update(setup):
+    states = []
+    for above in ([500, 1.0], [500, 0.2]):
+        tr = DMD2Trainer(guided_config(setup, ttur=1, guidance_range=None, real_guidance=1.0, real_guidance_above=above))
+        for _ in range(3):
+            tr.train_step()
+        states.append(torch.cat([p.detach().flatten() for p in tr.generator_module.parameters()]))
+    assert not torch.allclose(*states)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("real_guidance_above=[500]", r"real_guidance_above=\[500\].*\[t, w\]"),
+    ("real_guidance_above=[0, 0.8]", r"real_guidance_above.*t an integer timestep in 1..999"),
+    ("real_guidance_above=[1000, 0.8]", r"real_guidance_above.*1..999"),
+    ("real_guidance_above=[500.5, 0.8]", r"real_guidance_above.*integer"),
+    ("real_guidance_above=[500, -1]", r"real_guidance_above.*w >= 0"),
+    ("real_guidance_above=[500, .nan]", r"real_guidance_above"),
+    ("real_guidance_above=high", r"real_guidance_above"),
+])
+def test_bad_real_guidance_above_is_refused_with_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_real_guidance_above_is_refused_where_it_cannot_act(setup):
+    with pytest.raises(ConfigError, match="real_guidance_above.*guidance-conditioned"):
+        load_config(None, ["guidance_range=[1, 3]", "real_guidance_above=[500, 0.8]"])
+    with pytest.raises(ConfigError, match="real_guidance_above.*dm_weight 0"):
+        load_config(None, ["dm_weight=0", "real_guidance_above=[500, 0.8]"])
+    with pytest.raises(ConfigError, match=r"real_guidance_above=\[990, 0.8\].*split the DM term's noise levels 20..980"):
+        DMD2Trainer(guided_config(setup, guidance_range=None, real_guidance_above=[990, 0.8]))

@@ -75,6 +75,9 @@ class DistillConfig:
                                                # sample draws its own w there; the real score uses CFG at that w,
                                                # and the generator and the fake score take w as an input (a zero-
                                                # initialised guidance embedding); null: the fixed real_guidance
+    real_guidance_above: list | None = None    # [t, w]: the real score's CFG scale is w at DM noise levels >= t
+                                               # (real_guidance below): a target broadened or sharpened where the
+                                               # layout is decided only; null: real_guidance at every t
     guidance_sampling: str = "uniform"         # how w is drawn: "uniform" or "log_uniform" (uniform in log w)
     guidance_embed_dim: int = 256              # width of the w embedding (diffusers' time_cond_proj_dim)
     dm_min_t: float = 0.02                     # t ~ U[dm_min_t * T, dm_max_t * T]
@@ -221,6 +224,17 @@ class DistillConfig:
             need(isinstance(self.guidance_embed_dim, int) and 2 <= self.guidance_embed_dim <= 4096,
                  "guidance_embed_dim", "must be an integer in 2..4096")
         need(0 <= self.dm_min_t < self.dm_max_t <= 1, "dm_min_t", "need 0 <= dm_min_t < dm_max_t <= 1")
+        if self.real_guidance_above is not None:
+            pair = self.real_guidance_above
+            need(isinstance(pair, list) and len(pair) == 2 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
+                 and float(pair[0]).is_integer() and 1 <= pair[0] <= 999 and pair[1] >= 0,
+                 "real_guidance_above", f"must be null or [t, w] with t an integer timestep in 1..999 and w >= 0, "
+                 f"got {pair!r}")
+            need(self.guidance_range is None, "real_guidance_above", "a guidance-conditioned student (guidance_range) "
+                 "draws the real score's w per sample; set real_guidance_above: null")
+            need(self.dm_weight > 0, "real_guidance_above", "sets the real score of the DM term, which dm_weight 0 "
+                 "switches off")
         need(self.gan_generator_weight >= 0, "gan_generator_weight", "must be >= 0")
         need(self.gan_critic_weight >= 0, "gan_critic_weight", "must be >= 0")
         need(1 <= self.gan_max_t <= 1000, "gan_max_t", "must be in 1..1000")

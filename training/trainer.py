@@ -115,6 +115,12 @@ class DMD2Trainer:
         except ValueError as e:  # validate() checked 0..999; the teacher's T is known only here
             raise ConfigError(f"config student_timesteps={cfg.student_timesteps}: this teacher has timesteps "
                               f"0..{T - 1} ({e})") from None
+        if cfg.real_guidance_above is not None:
+            low, high = int(cfg.dm_min_t * T), min(int(cfg.dm_max_t * T), T - 1)   # the DM term's noise levels
+            if not low < int(cfg.real_guidance_above[0]) <= high:
+                raise ConfigError(f"config real_guidance_above={cfg.real_guidance_above}: its t must split the DM "
+                                  f"term's noise levels {low}..{high} (dm_min_t, dm_max_t of this teacher's {T}), or "
+                                  f"one scale covers them all: use real_guidance")
         uncovered = gan_misses_dm_noise(cfg, T, teacher=f" of this teacher's {T}")
         if cfg.dm_divergence != "reverse-kl" and uncovered:
             raise ConfigError(f"config dm_divergence={cfg.dm_divergence!r} {uncovered}")
@@ -265,6 +271,16 @@ class DMD2Trainer:
             if not torch.isfinite(value).all():
                 raise NonFiniteLoss(f"step {self.step}: loss {name} is {value.item()}")
 
+    def _real_guidance(self, t_dm: torch.Tensor, w: torch.Tensor | None):
+        """The real score's CFG scale for DM noise levels `t_dm`: the guided student's per-sample w, else
+        real_guidance, with real_guidance_above's w at and above its t (one scale per sample)."""
+        if w is not None:
+            return w
+        if self.cfg.real_guidance_above is None:
+            return self.cfg.real_guidance
+        t_from, w_high = self.cfg.real_guidance_above
+        return torch.where(t_dm >= int(t_from), float(w_high), float(self.cfg.real_guidance)).to(torch.float32)
+
     def _divergence_weights(self, log_ratio: torch.Tensor) -> torch.Tensor:
         """`dm_divergence`'s per-sample weights for this rank's samples, normalised over the whole batch (every
         rank's), so that a process's few samples are not weighed only against each other."""
@@ -343,9 +359,9 @@ class DMD2Trainer:
                 noisy = fam.schedule.add_noise(x.detach(), eps, t_dm)
                 weights = None
                 with torch.no_grad(), self.autocast():
-                    # The real score: the teacher with CFG at each sample's w (guided), or at real_guidance.
-                    x0_real = fam.denoise(self.real_unet, noisy, t_dm, cond,
-                                          guidance=cfg.real_guidance if w is None else w).float()
+                    # The real score: the teacher with CFG at each sample's w (guided), or at real_guidance
+                    # (with real_guidance_above [t, w']: w' for the samples noised to t or more).
+                    x0_real = fam.denoise(self.real_unet, noisy, t_dm, cond, guidance=self._real_guidance(t_dm, w)).float()
                     x0_fake = self.critic(noisy, t_dm, cond, call="fake_x0", step=k, guidance_input=w).float()
                     if cfg.dm_divergence != "reverse-kl":
                         # log p_t / q_t at the same noisy samples, from the GAN head (its logit), for h(r)

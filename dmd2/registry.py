@@ -200,11 +200,11 @@ class LoadedModel:
                 except Exception as e:
                     raise ModelLoadError(f"student {self.spec.name!r}: the teacher its dmd2.json names "
                                          f"({self._teacher_name!r}) does not load: {e}") from None
-            else:   # the base pipeline's UNet, with a built-in teacher's steps where one has this base (SD3: 28)
-                steps = next((b.steps for b in BUILTIN.values() if b.kind == "teacher" and b.family == self.spec.family
-                              and b.base == self.spec.base), 50)
-                teacher = LoadedModel(ModelSpec(f"{self.spec.base} (teacher)", None, "teacher", self.spec.family,
-                                                steps=steps, base=self.spec.base, description="handover teacher"))
+            else:   # the base pipeline's UNet: the built-in teacher of this base where there is one (SD3: its 28
+                # steps), else one per base; either way loaded once, shared by every student of that base
+                builtin = next((name for name, b in BUILTIN.items() if b.kind == "teacher"
+                                and b.family == self.spec.family and b.base == self.spec.base), None)
+                teacher = load(builtin) if builtin else _base_teacher(self.spec.family, self.spec.base)
             if teacher.spec.kind != "teacher":
                 raise ModelLoadError(f"student {self.spec.name!r}: its teacher {teacher.spec.name!r} is not a teacher")
             mine, theirs = self.family.schedule, teacher.family.schedule
@@ -231,7 +231,8 @@ class LoadedModel:
 
     def generate(self, labels=None, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                  autocast: bool = False, callback=None, prompts=None, step_images: bool = False,
-                 teacher_until: int | None = None, teacher_steps: int | None = None) -> Generated:
+                 teacher_until: int | None = None, teacher_steps: int | None = None,
+                 teacher_guidance: float | None = None) -> Generated:
         """Sample one image per label (class models) or per prompt (text models) from `seed`
         (same seed, same starting noise for every model of a family). For text models the prompts
         may come as `prompts=` or in place of the labels. `step_images` (students): also return each
@@ -239,11 +240,13 @@ class LoadedModel:
         teacher's CFG scale, or a guidance-conditioned student's w (within its range; default: its own);
         plain students ignore it. `teacher_until` (multi-step students): a hybrid sample; the student's teacher
         (`handover_teacher`) runs its own DDIM trajectory, on its `teacher_steps`-step grid (default: its usual
-        steps) at its own guidance, from the starting noise down to that timestep, one of the student's later ones,
-        and the student finishes from there with its remaining steps."""
+        steps) at its own guidance (or `teacher_guidance`), from the starting noise down to that timestep, one of
+        the student's later ones, and the student finishes from there with its remaining steps."""
         handover = None
         if teacher_until is None and teacher_steps is not None:
             raise ValueError("teacher_steps: only with teacher_until (the teacher's grid on its way down to it)")
+        if teacher_until is None and teacher_guidance is not None:
+            raise ValueError("teacher_guidance: only with teacher_until (the teacher's CFG scale on its way down to it)")
         if teacher_until is not None:
             handover = self.check_handover(teacher_until)
             if step_images:
@@ -285,7 +288,7 @@ class LoadedModel:
             if handover is not None:
                 teacher = self.handover_teacher()
                 grid = teacher.spec.steps if teacher_steps is None else int(teacher_steps)
-                g = teacher.teacher_guidance()
+                g = teacher.teacher_guidance(teacher_guidance)
                 t_cond = cond if teacher.family is self.family else teacher.family.condition(
                     prompts if self.conditioning == "text" else labels)
                 noise = ddim_until(teacher.family, teacher.unet, t_cond, noise, teacher_until, grid, g, autocast)
@@ -308,10 +311,23 @@ class LoadedModel:
 
 
 _cache: dict[str, LoadedModel] = {}
+_base_teachers: dict[tuple[str, str], LoadedModel] = {}   # (family, base) -> a text student's handover teacher
+_base_teacher_lock = threading.Lock()
 _failures: dict[str, str] = {}       # name -> why it did not load
 _lock = threading.Lock()
 _families: dict[tuple[str, str], Family] = {}
 _family_lock = threading.Lock()
+
+
+def _base_teacher(family: str, base: str) -> LoadedModel:
+    """The teacher of a text student whose base pipeline no built-in teacher names: that pipeline's UNet at 50
+    steps, loaded once per base (the students of one base share it)."""
+    with _base_teacher_lock:
+        key = (family, str(base))
+        if key not in _base_teachers:
+            _base_teachers[key] = LoadedModel(ModelSpec(f"{base} (teacher)", None, "teacher", family, steps=50,
+                                                        base=base, description="handover teacher"))
+        return _base_teachers[key]
 
 
 def text_family(family: str, base: str) -> Family:

@@ -44,7 +44,7 @@ def main() -> None:
             page.locator("#compare-class input").click()
             page.get_by_role("option", name="3", exact=True).click()
             for until, name, student in ((None, "app-compare.png", r"NFE 4, steps 4"),
-                                         ("749", "app-compare-handover.png", r"teacher 13 steps down to t=749")):
+                                         ("749", "app-compare-handover.png", r"NFE 16, steps 3, \d+ ms \(teacher first: 13 steps")):
                 if until:
                     page.locator("#compare-handover input").click()
                     page.get_by_role("option", name=until, exact=True).click()

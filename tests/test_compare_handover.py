@@ -35,14 +35,18 @@ def generated(name, **kw):
     return make_grid(registry.load(name).generate([3, 3], 11, **kw).images)
 
 
-def test_students_with_the_timestep_continue_the_teachers_trajectory():
+def test_students_with_the_timestep_sample_teacher_then_student():
+    """Each hybrid panel is `generate(teacher_until=...)` at the tab's teacher steps (that its handover state is the
+    teacher's own DDIM state is tests/test_handover.py's)."""
     (t_img, t_cap), (one_img, one_cap), (two_img, two_cap), (four_img, four_cap) = run(MNIST, 749)
     # the hybrids: the student's own teacher on the tab's grid down to 749, then the student's remaining steps
     assert np.array_equal(two_img, generated("mnist-dmd2-2step", teacher_until=749, teacher_steps=STEPS))
     assert np.array_equal(four_img, generated("mnist-dmd2-4step-last", teacher_until=749, teacher_steps=STEPS))
     assert not np.array_equal(two_img, generated("mnist-dmd2-2step"))
-    assert two_cap.startswith("mnist-dmd2-2step: teacher 3 steps down to t=749, then the student: NFE 4, steps 1, ")
-    assert four_cap.startswith("mnist-dmd2-4step-last: teacher 3 steps down to t=749, then the student: NFE 6, steps 3, ")
+    assert re.fullmatch(r"mnist-dmd2-2step: NFE 4, steps 1, \d+ ms \(teacher first: 3 steps at w=1 down to t=749, "
+                        r"NFE 3; then 1 student step\)", two_cap)
+    assert re.fullmatch(r"mnist-dmd2-4step-last: NFE 6, steps 3, \d+ ms \(teacher first: 3 steps at w=1 down to "
+                        r"t=749, NFE 3; then 3 student steps\)", four_cap)
     # the teacher and the 1-step student are as without the control; the student says why
     assert np.array_equal(t_img, generated("mnist-teacher", steps=STEPS))
     assert t_cap.startswith("mnist-teacher: NFE 10, steps 10, ") and t_cap.endswith(" ms")
@@ -55,7 +59,19 @@ def test_a_timestep_only_some_students_have():
     assert np.array_equal(two_img, generated("mnist-dmd2-2step"))
     assert two_cap.endswith("(t=249 is not one of its later timesteps (749): sampled as usual)")
     assert np.array_equal(four_img, generated("mnist-dmd2-4step-last", teacher_until=249, teacher_steps=STEPS))
-    assert "teacher 8 steps down to t=249, then the student: NFE 9, steps 1" in four_cap     # 999 ... 299, then 249
+    assert four_cap.startswith("mnist-dmd2-4step-last: NFE 9, steps 1, ")                  # 999 ... 299, then 249
+    assert four_cap.endswith("(teacher first: 8 steps at w=1 down to t=249, NFE 8; then 1 student step)")
+
+
+def test_the_hybrids_teacher_takes_the_tabs_guidance():
+    """The teacher panel and the hybrids' teacher part both at the tab's CFG scale (two passes a step)."""
+    (t_img, t_cap), (two_img, two_cap) = run([MNIST[0], MNIST[2]], 749, guidance=2.0)
+    assert t_cap.startswith("mnist-teacher: NFE 20, steps 10, ")
+    assert two_cap.startswith("mnist-dmd2-2step: NFE 7, steps 1, ")                        # 3 x 2 + 1
+    assert two_cap.endswith("(teacher first: 3 steps at w=2 down to t=749, NFE 6; then 1 student step)")
+    assert np.array_equal(two_img, generated("mnist-dmd2-2step", teacher_until=749, teacher_steps=STEPS,
+                                             teacher_guidance=2.0))
+    assert not np.array_equal(two_img, run([MNIST[2]], 749)[0][0])
 
 
 @pytest.mark.parametrize("off", [None, "off", "Off", "", " "])
@@ -76,14 +92,14 @@ def test_off_is_the_plain_comparison(off):
     (True, "teacher first, down to t must be an integer, got True"),
 ])
 def test_bad_values_are_refused_by_name_before_sampling(bad, message, monkeypatch):
-    def no_sampling(*a, **k):
-        raise AssertionError("sampled before refusing")
-    monkeypatch.setattr(registry.LoadedModel, "generate", no_sampling)
+    sampled = []      # (compare turns a model's exception into its caption: record the calls instead)
+    monkeypatch.setattr(registry.LoadedModel, "generate", lambda *a, **k: sampled.append(a))
     with pytest.raises(ValueError, match=re.escape(message)):
         run(MNIST, bad)
+    assert sampled == []
 
 
-def test_a_student_whose_teacher_does_not_load_fails_alone(tmp_path):
+def test_a_student_whose_teacher_does_not_load_samples_as_usual_and_says_why(tmp_path):
     import json
     import shutil
 
@@ -92,8 +108,10 @@ def test_a_student_whose_teacher_does_not_load_fails_alone(tmp_path):
     meta = json.loads((lost / "dmd2.json").read_text())
     (lost / "dmd2.json").write_text(json.dumps({**meta, "teacher": str(tmp_path / "gone")}))
     (img, cap), (ok_img, ok_cap) = run([str(lost), "mnist-dmd2-4step-last"], 749)
-    assert img is None and cap.startswith("lost-teacher-student: failed: ") and "does not load" in cap
-    assert ok_img is not None and "teacher 3 steps down to t=749" in ok_cap
+    assert np.array_equal(img, make_grid(registry.load(str(lost)).generate([3, 3], 11).images))
+    assert cap.startswith("lost-teacher-student: NFE 2, steps 2, ")
+    assert "(no teacher to start from: " in cap and "does not load" in cap and cap.endswith("; sampled as usual)")
+    assert ok_cap.endswith("(teacher first: 3 steps at w=1 down to t=749, NFE 3; then 3 student steps)")
 
 
 def test_the_control_offers_the_students_later_timesteps():
@@ -130,10 +148,12 @@ def test_app_compare_endpoint_takes_the_handover(tiny_app, tmp_path):
 
     client = Client(tiny_app["url"], verbose=False, download_files=str(tmp_path))
     out = client.predict(2, 5, 1, 4, 1.0, None, "499", api_name="/compare")
-    assert out[3].startswith("tiny-2step: teacher 2 steps down to t=499, then the student: NFE 3, steps 1, ")
+    assert out[3].startswith("tiny-2step: NFE 3, steps 1, ")
+    assert out[3].endswith("(teacher first: 2 steps at w=1 down to t=499, NFE 2; then 1 student step)")
     assert out[5].endswith("(1-step: sampled as usual)")
-    plain = client.predict(2, 5, 1, 4, 1.0, api_name="/compare")      # the trailing inputs left out: off
-    assert plain[3].startswith("tiny-2step: NFE 2, steps 2, ")
+    for plain in (client.predict(2, 5, 1, 4, 1.0, api_name="/compare"),        # the trailing inputs left out: off
+                  client.predict(2, 5, 1, 4, 1.0, None, api_name="/compare")):
+        assert plain[3].startswith("tiny-2step: NFE 2, steps 2, ") and plain[3].endswith(" ms")
     with pytest.raises(AppError, match="teacher first, down to t must be between 1 and 999, got 1000"):
         client.predict(2, 5, 1, 4, 1.0, None, 1000, api_name="/compare")
 
@@ -149,8 +169,8 @@ def test_browser_dropdown_hands_the_2step_student_over(tiny_app, tmp_path):
         page.locator("#compare-handover input").click()
         page.get_by_role("option", name="499", exact=True).click()
         page.get_by_role("button", name="Generate", exact=True).click()
-        expect(page.get_by_text(re.compile(r"^tiny-2step: teacher 25 steps down to t=499, then the student: NFE 26, "
-                                           r"steps 1, \d+ ms$"))).to_be_visible()
+        expect(page.get_by_text(re.compile(r"^tiny-2step: NFE 26, steps 1, \d+ ms \(teacher first: 25 steps at w=1 "
+                                           r"down to t=499, NFE 25; then 1 student step\)$"))).to_be_visible()
         expect(page.get_by_text(re.compile(r"^tiny-1step: NFE 1, steps 1, \d+ ms \(1-step: sampled as usual\)$"))
                ).to_be_visible()
         page.screenshot(path=str(ARTIFACTS / "compare-handover.png"), full_page=True)
@@ -179,4 +199,6 @@ def test_a_finished_multistep_run_brings_the_control(tiny_app, tmp_path):
     with served(demo) as url:
         client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
         [hybrid] = client.predict(["two-run"], 3, 5, 1, 4, 1.0, None, "499", api_name="/compare_more")
-        assert hybrid["caption"].startswith("two-run: teacher 2 steps down to t=499, then the student: NFE 3, ")
+        assert hybrid["caption"].startswith("two-run: NFE 3, steps 1, ") and "(teacher first: 2 steps" in hybrid["caption"]
+        [plain] = client.predict(["two-run"], 3, 5, 1, 4, 1.0, api_name="/compare_more")    # w and t left out
+        assert plain["caption"].startswith("two-run: NFE 2, steps 2, ")

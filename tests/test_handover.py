@@ -27,6 +27,7 @@ LABELS = np.arange(6) % 10
 def fresh_registry(monkeypatch):
     monkeypatch.setattr(registry, "_cache", {})
     monkeypatch.setattr(registry, "_families", {})
+    monkeypatch.setattr(registry, "_base_teachers", {})
 
 
 def test_handover_timesteps_are_the_teachers_grid_above_the_handover(family):
@@ -79,6 +80,11 @@ def test_mnist_student_finishes_from_its_teachers_state():
 
     late = student.generate(LABELS, seed=5, teacher_until=249, teacher_steps=4)   # teacher 999, 749, 499; student 249
     assert late.nfe == 3 + 1 and late.extra["timesteps"] == [249] and late.extra["teacher_grid"] == 4
+    guided = student.generate(LABELS, seed=5, teacher_until=249, teacher_steps=4, teacher_guidance=2.0)
+    assert guided.nfe == 3 * 2 + 1 and guided.extra["teacher_guidance"] == 2.0      # CFG: two passes a teacher step
+    x249 = ddim_until(teacher.family, teacher.unet, teacher.family.condition(LABELS), z, 249, 4, 2.0)
+    x = student_sample(student.family, student.unet, student.family.condition(LABELS), x249, [249], seed=renoise_seed(5))
+    assert np.array_equal(guided.images, to_uint8(student.family.decode(x)))
 
 
 def test_bad_handovers_are_refused_by_name():
@@ -96,6 +102,8 @@ def test_bad_handovers_are_refused_by_name():
         student.generate(LABELS, teacher_until=749, step_images=True)
     with pytest.raises(ValueError, match="teacher_steps: only with teacher_until"):
         student.generate(LABELS, teacher_steps=10)
+    with pytest.raises(ValueError, match="teacher_guidance: only with teacher_until"):
+        student.generate(LABELS, teacher_guidance=2.0)
 
 
 def _student_copy(tmp_path, teacher):
@@ -207,6 +215,14 @@ def test_text_student_hands_over_from_its_base_pipeline(tmp_path):
     x = ddim_until(teacher.family, teacher.unet, fam_cond, initial_noise(student.family, 2, 3), 499, 4, 5.0)
     x = student_sample(student.family, student.unet, cond, x, [499], seed=renoise_seed(3))
     assert np.array_equal(out.images, to_uint8(student.family.decode(x)))
+    # another student of the same base shares that teacher (one base UNet in memory, not one per student)
+    fam.save_student(fam.unet_from_state_dict(tiny_sd.tiny_unet(sdxl=True).state_dict()), tmp_path / "student2",
+                     timesteps=[999, 749, 499])
+    assert registry.load(str(tmp_path / "student2")).handover_teacher() is teacher
+    # the teacher's part at another CFG scale: w = 1 takes one pass a step
+    plain = student.generate(prompts=prompts, seed=3, teacher_until=499, teacher_steps=4, teacher_guidance=1.0)
+    assert plain.nfe == 2 + 1 and plain.extra["teacher_guidance"] == 1.0
+    assert not np.array_equal(plain.images, out.images)
 
 
 def test_handover_table_gap_and_wins(tmp_path, capsys):

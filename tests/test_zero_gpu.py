@@ -70,7 +70,10 @@ def zero_gpu(monkeypatch, tmp_path):
     unet = tiny_pixel_unet()
     save_pixel_unet(unet, teacher)
     save_pixel_unet(unet, student, timesteps=[999])
-    return spaces, loads, [str(teacher), str(student)]
+    # a 2-step student whose own teacher is not a panel: Compare's "Teacher first" needs it loaded at start too
+    save_pixel_unet(unet, tmp_path / "own-teacher")
+    save_pixel_unet(unet, tmp_path / "tiny-2step", timesteps=[999, 499], teacher=str(tmp_path / "own-teacher"))
+    return spaces, loads, [str(teacher), str(student), str(tmp_path / "tiny-2step")]
 
 
 def test_zero_gpu_loads_at_start_decorates_sampling_with_sized_durations_and_disables_training(zero_gpu, tmp_path):
@@ -81,18 +84,22 @@ def test_zero_gpu_loads_at_start_decorates_sampling_with_sized_durations_and_dis
 
     spaces, loads, models = zero_gpu
     demo = build_app(models, votes_path=tmp_path / "votes.sqlite", runs_root=tmp_path / "runs")
-    assert sorted(name for name, _ in loads) == sorted(models) and not any(inside for _, inside in loads)
+    assert sorted(name for name, _ in loads) == sorted([*models, str(tmp_path / "own-teacher")])
+    assert not any(inside for _, inside in loads)
     assert {"run", "run_more", "start"} <= set(spaces.decorated)      # Compare, Compare's runs, Arena rounds
     with served(demo) as url:
         client = Client(url, verbose=False)
         client.predict(0, 0, 2, 50, 1.0, api_name="/compare")
         client.predict(0, 0, 2, 4, 1.0, api_name="/compare")
+        hybrid = client.predict(0, 0, 2, 50, 1.0, None, "499", api_name="/compare")
+        assert "(teacher first: 25 steps at w=1 down to t=499, NFE 25; then 1 student step)" in hybrid[5]
         client.predict("1", api_name="/new_round")
         with pytest.raises(AppError, match="Training is disabled on ZeroGPU"):
             client.predict("mnist-1step", "x", {}, "", "", api_name="/train_launch")
     assert not any(inside for _, inside in loads)                   # nothing loaded inside a GPU call
-    compare_50, compare_4 = [s for name, s in spaces.calls if name == "run"]
+    compare_50, compare_4, compare_hybrid = [s for name, s in spaces.calls if name == "run"]
     assert compare_50 >= compare_4 >= 15                              # more teacher steps ask for more time
+    assert compare_hybrid > compare_50                                # the hybrid's teacher steps are asked for
     assert [name for name, _ in spaces.calls].count("start") == 1
 
 
@@ -106,6 +113,13 @@ def test_durations_grow_with_the_work():
                                                                                       teacher_steps=10) > one
     assert sampling_seconds([teacher, student], images=4) > sampling_seconds([teacher], images=4)
     assert sampling_seconds([teacher] * 20, images=16) == MAX_SECONDS
+    # Compare's teacher-then-student: a 4-step student taking t = 499 pays its teacher's steps too; a 1-step one,
+    # or a t it does not have, does not
+    one_step = registry.BUILTIN["dmd2-sdxl-1step"]
+    assert sampling_seconds([student], images=4, teacher_steps=50, teacher_until=499) > sampling_seconds(
+        [student], images=4, teacher_steps=50)
+    assert sampling_seconds([student], images=4, teacher_until=500) == sampling_seconds([student], images=4)
+    assert sampling_seconds([one_step], images=4, teacher_until=499) == sampling_seconds([one_step], images=4)
 
 
 def test_without_spaces_gpu_returns_the_function_itself(monkeypatch):

@@ -157,9 +157,16 @@ def _say_busy(queue) -> None:
 
 
 def preload(models: list[str]) -> None:
-    """Load every model now (a failure is remembered by the registry and shown when the model is used)."""
+    """Load every model now, and each multi-step student's own teacher (Compare's "Teacher first"), so that
+    nothing loads inside a GPU call (a failure is remembered and shown when the model is used)."""
     for name in models:
-        registry.loads(name)
+        if registry.loads(name):
+            m = registry.load(name)
+            if m.spec.kind == "student" and len(m.timesteps) > 1:
+                try:
+                    m.handover_teacher()
+                except Exception:   # that student then samples as usual, its caption saying why
+                    pass
 
 
 def build_app(models: list[str] | None = None, votes_path: str | os.PathLike | None = None,

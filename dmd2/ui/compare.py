@@ -12,6 +12,7 @@ from dmd2 import registry
 from dmd2.families.base import ModelLoadError
 from dmd2.families.pixel import PixelFamily
 from dmd2.prompts import check_prompt, example_prompts
+from dmd2.sampling import handover_timesteps
 from dmd2.ui.widgets import (DISPLAY_SCALE, GUIDED_W_LABEL, GUIDED_W_STEP, check_guided_w, conditioning,
                              display_name, format_w, guided_students, guided_w_control, make_grid, prompt_box,
                              public_message)
@@ -70,8 +71,8 @@ def compare(models: list[str], label, seed, num_images=4, steps=None, guidance=N
     teachers (students use their own timesteps), `guided_w` to guidance-conditioned students only (None: each
     its own default; it must lie inside every one's range). `teacher_until` (a timestep, or None / "off"):
     every multi-step student that has it among its later timesteps samples teacher-then-student (its own
-    teacher's trajectory down to it, on the tab's `steps` grid, then its remaining steps; `LoadedModel.generate`),
-    the others as usual, their caption saying why. Bad input raises
+    teacher's DDIM trajectory down to it, on the `steps` grid at `guidance`, then its remaining steps;
+    `LoadedModel.generate`), the others (and one whose teacher does not load) as usual, their caption saying why. Bad input raises
     ValueError naming the field; a model that fails to load or to sample gives (None, "name: could not
     load: ..." or "name: failed: ...") and the others still run. `compare_steps` gives the same results
     model by model.
@@ -94,7 +95,7 @@ def compare_steps(models: list[str], label, seed, num_images=4, steps=None, guid
     """`compare`, one model at a time: yields the list of (grid, caption) per model (in the order of `models`)
     after checking the input and loading the models, then after each model; a caption is None while that
     model has not run yet. Students run first and the teachers (many steps) last, so the students' grids
-    come at once. `steps` may be 1..`max_steps`, `guidance` within `guidance_range`, `guided_w` within the
+    come at once (a teacher-then-student hybrid runs its teacher's steps first). `steps` may be 1..`max_steps`, `guidance` within `guidance_range`, `guided_w` within the
     range every guidance-conditioned student among `models` shares; the last list is `compare`'s result.
     """
     if not models:
@@ -126,10 +127,23 @@ def compare_steps(models: list[str], label, seed, num_images=4, steps=None, guid
     def is_teacher(m) -> bool:
         return not isinstance(m, str) and m.spec.kind == "teacher"
 
-    # Progress counts network calls of the step loop: teacher steps, one unit per student.
-    def cost(m):
-        return 0 if isinstance(m, str) else ((steps or m.default_steps()) if is_teacher(m) else 1)
-    total = max(1, sum(cost(m) for m in loaded))
+    # Who continues the teacher's trajectory (decided now: a student whose teacher does not load samples as usual).
+    handovers = {i: _handover_for(m, teacher_until) for i, m in enumerate(loaded) if not isinstance(m, str)
+                 and not is_teacher(m)}
+
+    # Progress counts network calls of the step loop: teacher steps, one unit per plain student, and a hybrid's
+    # teacher steps down to t plus one.
+    def cost(i, m):
+        if isinstance(m, str):
+            return 0
+        if is_teacher(m):
+            return steps or m.default_steps()
+        hybrid, _ = handovers[i]
+        if not hybrid:
+            return 1
+        teacher = m.handover_teacher()
+        return 1 + len(handover_timesteps(teacher.family.schedule, teacher_until, steps or teacher.spec.steps))
+    total = max(1, sum(cost(i, m) for i, m in enumerate(loaded)))
     done = 0
     labels = [label] * num_images
     results: list[tuple[np.ndarray | None, str | None]] = [
@@ -150,21 +164,24 @@ def compare_steps(models: list[str], label, seed, num_images=4, steps=None, guid
             if is_teacher(m):
                 out = m.generate(labels, seed, steps=steps, guidance=guidance, callback=callback)
             else:
-                hybrid, note = _handover_for(m, teacher_until)
+                hybrid, note = handovers[i]
                 out = m.generate(labels, seed, guidance=guided_w if m.guided else None,
-                                 **(dict(teacher_until=teacher_until, teacher_steps=steps) if hybrid else {}))
+                                 **(dict(teacher_until=teacher_until, teacher_steps=steps, teacher_guidance=guidance)
+                                    if hybrid else {}))
         except Exception as e:      # one model failing to sample must not take the others down
             results[i] = (None, f"{title}: failed: {public_message(e)}")
         else:
             w = f"{format_w(out.extra['guidance'])}, " if not is_teacher(m) and m.guided else ""
-            first = ""
+            caption = f"{title}: NFE {out.nfe}, steps {out.extra['steps']}, {w}{out.seconds * 1000:.0f} ms"
             if "teacher_until" in out.extra:
-                first = f"teacher {out.extra['teacher_evals']} steps down to t={out.extra['teacher_until']}, then the student: "
-            caption = f"{title}: {first}NFE {out.nfe}, steps {out.extra['steps']}, {w}{out.seconds * 1000:.0f} ms"
-            if not is_teacher(m) and teacher_until is not None and not first:
+                e = out.extra
+                caption += (f" (teacher first: {_plural(e['teacher_evals'], 'step')} at w={e['teacher_guidance']:g} "
+                            f"down to t={e['teacher_until']}, NFE {e['teacher_nfe']}; then "
+                            f"{_plural(e['steps'], 'student step')})")
+            elif not is_teacher(m) and teacher_until is not None:
                 caption += f" ({note})"
             results[i] = (make_grid(out.images, scale=scale), caption)
-        done += cost(m)
+        done += cost(i, m)
         yield list(results)
     if progress is not None:
         progress(1.0, "done")
@@ -186,7 +203,15 @@ def _handover_for(m: registry.LoadedModel, teacher_until: int | None) -> tuple[b
         return False, "1-step: sampled as usual"
     if teacher_until not in later:
         return False, f"t={teacher_until} is not one of its later timesteps ({', '.join(map(str, later))}): sampled as usual"
+    try:
+        m.handover_teacher()
+    except Exception as e:      # no teacher named, one that does not load, another schedule: the student alone
+        return False, f"no teacher to start from: {public_message(e)}; sampled as usual"
     return True, ""
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def handover_choices(models: list[str]) -> list[int]:
@@ -204,8 +229,9 @@ def handover_choices(models: list[str]) -> list[int]:
 
 
 HANDOVER_LABEL = "Teacher first, down to t"
-HANDOVER_INFO = ("off: students sample as usual. t: each student with t among its later timesteps continues the "
-                 "teacher's trajectory (same noise, the steps above) from t, so you see what its own first steps decide")
+HANDOVER_INFO = ("off: students sample as usual. t: each student with t among its later timesteps starts from its "
+                 "teacher's DDIM state at t (same noise; the teacher steps and guidance above) and takes its remaining "
+                 "steps, so you see what its own first steps decide")
 
 
 def _handover_control(models: list[str], value=None) -> dict:

@@ -32,12 +32,17 @@ def gpu(fn: Callable, duration: int | Callable[..., int] | None = None) -> Calla
     return spaces.GPU(fn) if duration is None else spaces.GPU(duration=duration)(fn)
 
 
-def sampling_seconds(specs, images: int, teacher_steps: int | None = None) -> int:
+def sampling_seconds(specs, images: int, teacher_steps: int | None = None, teacher_until: int | None = None) -> int:
     """The GPU seconds to ask for to sample `images` images from each model spec (teachers at
-    `teacher_steps` or their default, with CFG counting two passes a step), with a margin."""
+    `teacher_steps` or their default, with CFG counting two passes a step), with a margin. With `teacher_until`
+    (Compare's teacher-then-student), a multi-step student that may take it also pays its teacher's whole grid
+    (an upper bound: the teacher stops at t)."""
     work = 0.0
     for spec in specs:
         passes = (len(spec.timesteps) or 4) if spec.kind == "student" else (teacher_steps or spec.steps) * 2
+        if (teacher_until is not None and spec.kind == "student" and len(spec.timesteps) != 1
+                and (not spec.timesteps or teacher_until in spec.timesteps[1:])):    # () : read from dmd2.json later
+            passes += (teacher_steps or 50) * 2
         work += 3.0 + passes * images * SECONDS_PER_PASS.get(spec.family, 0.1)     # + loading to the GPU, decoding
     return int(min(MAX_SECONDS, max(MIN_SECONDS, 10 + 1.5 * work)))
 
@@ -68,6 +73,10 @@ def sized_gpu(models: Callable[[], list[str]], images: int, top: int | None = No
                 steps = int(given["steps"]) if given.get("steps") else None
             except (TypeError, ValueError):
                 n, steps = images, None     # a bad value is refused inside; ask for the default budget
-            return sampling_seconds(specs, max(1, n), steps)
+            try:
+                until = int(float(given.get("teacher_until")))
+            except (TypeError, ValueError):
+                until = None                # "off", none, or a bad value (refused inside)
+            return sampling_seconds(specs, max(1, n), steps, until)
         return gpu(fn, duration=duration)
     return wrap

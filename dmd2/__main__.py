@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -26,6 +27,19 @@ def _non_negative(name):
         v = int(s)
         if v < 0:
             raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
+        return v
+    return parse
+
+
+def _scale(name):
+    """A CFG scale: a finite number >= 0."""
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if not (math.isfinite(v) and v >= 0):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {s}")
         return v
     return parse
 
@@ -63,17 +77,20 @@ HANDOVER_HELP = ("multi-step students: the student's own teacher samples first, 
 
 
 def _handover(a, model) -> dict:
-    """generate()'s teacher_until / teacher_steps from --teacher-until / --teacher-steps, checked before sampling."""
+    """generate()'s teacher_until / teacher_steps / teacher_guidance from --teacher-until / --teacher-steps /
+    --teacher-guidance, checked before sampling."""
     if a.teacher_until is None:
         if a.teacher_steps is not None:
             raise UsageError("--teacher-steps: only with --teacher-until (the teacher's grid on its way down to it)")
+        if a.teacher_guidance is not None:
+            raise UsageError("--teacher-guidance: only with --teacher-until (the teacher's CFG scale on its way down)")
         return {}
     try:
         model.check_handover(a.teacher_until)
         model.handover_teacher()
     except ValueError as e:
         raise UsageError(f"--teacher-until: {str(e).removeprefix('teacher_until: ')}") from None
-    return {"teacher_until": a.teacher_until, "teacher_steps": a.teacher_steps}
+    return {"teacher_until": a.teacher_until, "teacher_steps": a.teacher_steps, "teacher_guidance": a.teacher_guidance}
 
 
 def _add_handover(parser) -> None:
@@ -81,6 +98,8 @@ def _add_handover(parser) -> None:
                         help=HANDOVER_HELP)
     parser.add_argument("--teacher-steps", type=_positive("--teacher-steps"), default=None, metavar="N",
                         help="with --teacher-until: the teacher's DDIM grid (default: its usual steps, 50 for MNIST)")
+    parser.add_argument("--teacher-guidance", type=_scale("--teacher-guidance"), default=None, metavar="W",
+                        help="with --teacher-until: the teacher's CFG scale (default: its own, 1 for MNIST)")
 
 
 def cmd_sample(a) -> None:
@@ -135,7 +154,7 @@ def _handover_record(model, handover: dict) -> dict:
         return {}
     teacher = model.handover_teacher()
     return {"teacher_until": handover["teacher_until"], "teacher_grid": handover["teacher_steps"] or teacher.spec.steps,
-            "teacher": teacher.spec.name, "teacher_guidance": teacher.teacher_guidance()}
+            "teacher": teacher.spec.name, "teacher_guidance": teacher.teacher_guidance(handover.get("teacher_guidance"))}
 
 
 def cmd_evaluate(a) -> None:

@@ -127,13 +127,15 @@ def cycled_labels(n: int, num_classes: int) -> np.ndarray:
 
 def generate_many(model, n: int, seed: int, steps=None, guidance=None, batch_size: int = 250,
                   labels: np.ndarray | None = None, autocast: bool = False, step_images: list | None = None,
-                  teacher_until: int | None = None, teacher_steps: int | None = None):
+                  teacher_until: int | None = None, teacher_steps: int | None = None,
+                  teacher_guidance: float | None = None):
     """n samples in batches (batch b uses seed+b); returns images, labels, seconds per image.
 
     `step_images`: a list that receives, per student step, the x0 estimates of all n samples.
     `teacher_until` (multi-step students): the teacher's trajectory down to that timestep, then the student
-    (`LoadedModel.generate`); `teacher_steps`: the teacher's grid for it."""
-    handover = {} if teacher_until is None else {"teacher_until": teacher_until, "teacher_steps": teacher_steps}
+    (`LoadedModel.generate`); `teacher_steps`: the teacher's grid for it, `teacher_guidance` its CFG scale."""
+    handover = {} if teacher_until is None else {"teacher_until": teacher_until, "teacher_steps": teacher_steps,
+                                                 "teacher_guidance": teacher_guidance}
     labels = cycled_labels(n, model.num_classes) if labels is None else labels
     images, seconds, nfe, steps_seen = [], 0.0, None, []
     for b, start in enumerate(range(0, n, batch_size)):

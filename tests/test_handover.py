@@ -177,6 +177,14 @@ def test_evaluate_records_the_handover(tmp_path, capsys):
     main(["grid", "--model", "mnist-dmd2-2step", "--teacher-until", "749", "--teacher-steps", "4", "--rows", "1",
           "--out", str(tmp_path / "g.png")])
     assert "NFE 2" in capsys.readouterr().out and (tmp_path / "g.png").is_file()     # teacher at 999, student at 749
+    main(["evaluate", "--model", "mnist-dmd2-2step", "--teacher-until", "749", "--teacher-steps", "10",
+          "--teacher-guidance", "2", "--num", "20", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["teacher_guidance"] == 2.0 and result["nfe"] == 3 * 2 + 1              # CFG: two passes a step
+    main(["sample", "--model", "mnist-dmd2-2step", "--teacher-until", "749", "--teacher-guidance", "2", "--num", "4",
+          "--out", str(tmp_path / "s2.npz")])
+    want = student.generate(np.arange(4) % 10, seed=0, teacher_until=749, teacher_guidance=2.0).images
+    assert np.array_equal(np.load(tmp_path / "s2.npz")["images"], want)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -184,6 +192,11 @@ def test_evaluate_records_the_handover(tmp_path, capsys):
     (["--model", "mnist-teacher", "--teacher-until", "749"], "is a teacher"),
     (["--model", "mnist-dmd2-4step-last", "--teacher-until", "750"], "later timesteps (749, 499, 249), got 750"),
     (["--model", "mnist-dmd2-4step-last", "--teacher-steps", "5"], "only with --teacher-until"),
+    (["--model", "mnist-dmd2-4step-last", "--teacher-guidance", "2"], "--teacher-guidance: only with --teacher-until"),
+    (["--model", "mnist-dmd2-4step-last", "--teacher-until", "749", "--teacher-guidance", "-1"],
+     "--teacher-guidance must be a finite number >= 0, got -1"),
+    (["--model", "mnist-dmd2-4step-last", "--teacher-until", "749", "--teacher-guidance", "x"],
+     "--teacher-guidance must be a number, got 'x'"),
     (["--model", "mnist-dmd2-4step-last", "--teacher-until", "749", "--per-step"], "--per-step: not with"),
 ])
 def test_evaluate_refuses_bad_handovers(args, message, tmp_path, capsys, monkeypatch):

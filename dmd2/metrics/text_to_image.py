@@ -159,7 +159,7 @@ def evaluate_text_model(model, prompts: list[str], metrics: TextToImageMetrics, 
                         progress=None, handover: dict | None = None) -> dict:
     """Sample one image per prompt (batch b from seed + b), feed each batch to `metrics`, return the scores
     with NFE and ms per image. `model` is a registry text model (anything with `generate(prompts=...)`);
-    `handover`: {"teacher_until": T, "teacher_steps": N} for a teacher-then-student sample."""
+    `handover`: {"teacher_until": T, "teacher_steps": N, "teacher_guidance": W} for a teacher-then-student sample."""
     seconds, nfe = 0.0, None
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         batch = prompts[start:start + batch_size]

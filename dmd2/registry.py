@@ -147,6 +147,7 @@ class LoadedModel:
         self._teacher_name = meta.get("teacher") if spec.family == "pixel" else None
         self._folder = folder
         self._handover_teacher: LoadedModel | None = None
+        self._handover_failure: ModelLoadError | None = None    # why it did not load: not retried on every call
         self.family = _with_flow_shift(self.family, meta.get("flow_shift"), meta_path)
         # A guidance-conditioned student: the range of w it was trained on, and the w it samples at by default.
         self.guidance_range, self.guidance_default = _guidance_meta(meta, meta_path)
@@ -187,34 +188,49 @@ class LoadedModel:
 
     def handover_teacher(self) -> "LoadedModel":
         """The teacher a hybrid sample (`generate(teacher_until=...)`) starts with: this student's own, i.e. the
-        folder its dmd2.json names (pixel students) or its base pipeline's UNet (text students). Loaded once."""
+        folder its dmd2.json names (pixel students) or its base pipeline's UNet (text students). Loaded once; a
+        failure is remembered and raised again (a large base is not re-read on every request)."""
+        if self._handover_failure is not None:
+            raise self._handover_failure
         if self._handover_teacher is None:
-            if self.spec.family == "pixel":
-                if not self._teacher_name:
-                    raise ModelLoadError(f"student {self.spec.name!r}: its dmd2.json names no 'teacher' to hand over from")
-                path = _resolve_base(str(self._teacher_name), self._folder)
-                if not Path(path).exists() and (ASSETS.parent / path).exists():   # a repo-relative path, from elsewhere
-                    path = str(ASSETS.parent / path)
-                try:
-                    teacher = load(path)
-                except Exception as e:
-                    raise ModelLoadError(f"student {self.spec.name!r}: the teacher its dmd2.json names "
-                                         f"({self._teacher_name!r}) does not load: {e}") from None
-            else:   # the base pipeline's UNet: the built-in teacher of this base where there is one (SD3: its 28
-                # steps), else one per base; either way loaded once, shared by every student of that base
-                builtin = next((name for name, b in BUILTIN.items() if b.kind == "teacher"
-                                and b.family == self.spec.family and b.base == self.spec.base), None)
-                teacher = load(builtin) if builtin else _base_teacher(self.spec.family, self.spec.base)
-            if teacher.spec.kind != "teacher":
-                raise ModelLoadError(f"student {self.spec.name!r}: its teacher {teacher.spec.name!r} is not a teacher")
-            mine, theirs = self.family.schedule, teacher.family.schedule
-            probe = torch.tensor(self.timesteps[1:] if len(self.timesteps) > 1 else self.timesteps)
-            if type(mine) is not type(theirs) or not all(torch.allclose(a, b) for a, b in
-                                                         zip(mine.alpha_sigma(probe), theirs.alpha_sigma(probe))):
-                raise ModelLoadError(f"student {self.spec.name!r} samples on another noise schedule than its teacher "
-                                     f"{teacher.spec.name!r}: a handover needs both on one schedule")
-            self._handover_teacher = teacher
+            try:
+                self._handover_teacher = self._find_handover_teacher()
+            except ModelLoadError as e:
+                self._handover_failure = e
+                raise
+            except Exception as e:
+                self._handover_failure = ModelLoadError(f"student {self.spec.name!r}: its teacher does not load: {e}")
+                raise self._handover_failure from None
         return self._handover_teacher
+
+    def _find_handover_teacher(self) -> "LoadedModel":
+        """`handover_teacher`'s lookup: the folder dmd2.json names, or the base's teacher; checked (a teacher,
+        the same noise schedule)."""
+        if self.spec.family == "pixel":
+            if not self._teacher_name:
+                raise ModelLoadError(f"student {self.spec.name!r}: its dmd2.json names no 'teacher' to hand over from")
+            path = _resolve_base(str(self._teacher_name), self._folder)
+            if not Path(path).exists() and (ASSETS.parent / path).exists():   # a repo-relative path, from elsewhere
+                path = str(ASSETS.parent / path)
+            try:
+                teacher = load(path)
+            except Exception as e:
+                raise ModelLoadError(f"student {self.spec.name!r}: the teacher its dmd2.json names "
+                                     f"({self._teacher_name!r}) does not load: {e}") from None
+        else:   # the base pipeline's UNet: the built-in teacher of this base where there is one (SD3: its 28
+            # steps), else one per base; either way loaded once, shared by every student of that base
+            builtin = next((name for name, b in BUILTIN.items() if b.kind == "teacher"
+                            and b.family == self.spec.family and b.base == self.spec.base), None)
+            teacher = load(builtin) if builtin else _base_teacher(self.spec.family, self.spec.base)
+        if teacher.spec.kind != "teacher":
+            raise ModelLoadError(f"student {self.spec.name!r}: its teacher {teacher.spec.name!r} is not a teacher")
+        mine, theirs = self.family.schedule, teacher.family.schedule
+        probe = torch.tensor(self.timesteps[1:] if len(self.timesteps) > 1 else self.timesteps)
+        if type(mine) is not type(theirs) or not all(torch.allclose(a, b) for a, b in
+                                                     zip(mine.alpha_sigma(probe), theirs.alpha_sigma(probe))):
+            raise ModelLoadError(f"student {self.spec.name!r} samples on another noise schedule than its teacher "
+                                 f"{teacher.spec.name!r}: a handover needs both on one schedule")
+        return teacher
 
     def check_handover(self, teacher_until) -> int:
         """The index of the student timestep `teacher_until` hands over to (ValueError naming the problem)."""

@@ -274,3 +274,25 @@ def test_real_guidance_above_is_refused_where_it_cannot_act(setup):
         load_config(None, ["dm_weight=0", "real_guidance_above=[500, 0.8]"])
     with pytest.raises(ConfigError, match=r"real_guidance_above=\[990, 0.8\].*split the DM term's noise levels 20..980"):
         DMD2Trainer(guided_config(setup, guidance_range=None, real_guidance_above=[990, 0.8]))
+
+
+def test_real_guidance_above_boundaries(setup):
+    """w' from t itself up; the trainer accepts a t that splits the DM levels and refuses one at their bottom."""
+    tr = DMD2Trainer(guided_config(setup, guidance_range=None, real_guidance=1.5, real_guidance_above=[500, 0.5]))
+    assert tr._real_guidance(torch.tensor([20, 499, 500, 501, 980]), None).tolist() == [1.5, 1.5, 0.5, 0.5, 0.5]
+    assert tr._real_guidance(torch.tensor([20, 980]), torch.tensor([2.0, 3.0])).tolist() == [2.0, 3.0]   # guided: w
+    DMD2Trainer(guided_config(setup, guidance_range=None, real_guidance_above=[980, 0.5]))      # the top DM level
+    with pytest.raises(ConfigError, match="split the DM term's noise levels 20..980"):
+        DMD2Trainer(guided_config(setup, guidance_range=None, real_guidance_above=[20, 0.5]))   # covers them all
+
+
+def test_real_guidance_above_is_refused_with_flux_pairs_and_past_the_apps_bounds(tmp_path):
+    from training.launch_limits import LaunchRefused, check_launch
+
+    with pytest.raises(ConfigError, match="real_guidance_above.*FLUX"):
+        DistillConfig(family="flux", data="x", eval_every=0, real_guidance_above=[500, 0.8]).validate()
+    with pytest.raises(ConfigError, match="real_guidance_above.*regression_weight: 0"):
+        load_config(None, ["regression_weight=0.25", "regression_pairs=x.npz", "real_guidance_above=[500, 0.8]"])
+    cfg = load_config(None, ["real_guidance_above=[500, 25]"])
+    with pytest.raises(LaunchRefused, match=r"real_guidance_above=\[500, 25\].*outside the app's bounds 0..20"):
+        check_launch(cfg, tmp_path, {"pixel"})

@@ -139,8 +139,12 @@ def test_the_handover_teacher_is_the_one_dmd2_json_names(tmp_path, monkeypatch):
 
     with pytest.raises(ModelLoadError, match="names no 'teacher'"):
         registry.load(str(_student_copy(tmp_path / "d", None))).handover_teacher()
+    lost = registry.load(str(_student_copy(tmp_path / "e", str(tmp_path / "missing"))))
     with pytest.raises(ModelLoadError, match=r"the teacher its dmd2.json names \('.*missing'\) does not load"):
-        registry.load(str(_student_copy(tmp_path / "e", str(tmp_path / "missing")))).handover_teacher()
+        lost.handover_teacher()
+    shutil.copytree(ASSETS / "mnist" / "teacher", tmp_path / "missing")      # remembered: not retried per call
+    with pytest.raises(ModelLoadError, match="does not load"):
+        lost.handover_teacher()
     with pytest.raises(ModelLoadError, match="is not a teacher"):          # a student named as the teacher
         registry.load(str(_student_copy(tmp_path / "f", str(ASSETS / "mnist" / "dmd2-1step")))).handover_teacher()
     with pytest.raises(ModelLoadError, match="another noise schedule"):    # the flow teacher for a DDPM student

@@ -91,15 +91,16 @@ def test_zero_gpu_loads_at_start_decorates_sampling_with_sized_durations_and_dis
         client = Client(url, verbose=False)
         client.predict(0, 0, 2, 50, 1.0, api_name="/compare")
         client.predict(0, 0, 2, 4, 1.0, api_name="/compare")
-        hybrid = client.predict(0, 0, 2, 50, 1.0, None, "499", api_name="/compare")
+        client.predict(0, 0, 16, 50, 1.0, api_name="/compare")
+        hybrid = client.predict(0, 0, 16, 50, 1.0, None, "499", api_name="/compare")
         assert "(teacher first: 25 steps at w=1 down to t=499, NFE 25; then 1 student step)" in hybrid[5]
         client.predict("1", api_name="/new_round")
         with pytest.raises(AppError, match="Training is disabled on ZeroGPU"):
             client.predict("mnist-1step", "x", {}, "", "", api_name="/train_launch")
     assert not any(inside for _, inside in loads)                   # nothing loaded inside a GPU call
-    compare_50, compare_4, compare_hybrid = [s for name, s in spaces.calls if name == "run"]
+    compare_50, compare_4, plain_16, hybrid_16 = [s for name, s in spaces.calls if name == "run"]
     assert compare_50 >= compare_4 >= 15                              # more teacher steps ask for more time
-    assert compare_hybrid > compare_50                                # the hybrid's teacher steps are asked for
+    assert hybrid_16 > plain_16 > compare_50                          # the hybrid's teacher steps are asked for
     assert [name for name, _ in spaces.calls].count("start") == 1
 
 

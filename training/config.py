@@ -235,6 +235,11 @@ class DistillConfig:
                  "draws the real score's w per sample; set real_guidance_above: null")
             need(self.dm_weight > 0, "real_guidance_above", "sets the real score of the DM term, which dm_weight 0 "
                  "switches off")
+            need(self.family != "flux", "real_guidance_above", "FLUX takes its guidance as a network input, where "
+                 "a scale of 1 means its distilled default, not one CFG pass: not supported there")
+            need(self.regression_weight == 0, "real_guidance_above", "the regression pairs are the teacher's "
+                 "samples at real_guidance alone, so they would pull toward another target than the DM term's: "
+                 "set regression_weight: 0")
         need(self.gan_generator_weight >= 0, "gan_generator_weight", "must be >= 0")
         need(self.gan_critic_weight >= 0, "gan_critic_weight", "must be >= 0")
         need(1 <= self.gan_max_t <= 1000, "gan_max_t", "must be in 1..1000")

@@ -71,6 +71,8 @@ def write_student_card(run: Run, cfg: DistillConfig, trainer: DMD2Trainer, secon
     if cfg.family != "pixel":
         pipe = trainer.family.pipeline_class
         real_cfg = f"at each sample's w in [{low:g}, {high:g}]" if guided else f"{cfg.real_guidance}"
+        if not guided and cfg.real_guidance_above is not None:
+            real_cfg += f" (w={cfg.real_guidance_above[1]:g} at DM noise levels t >= {cfg.real_guidance_above[0]:g})"
         lines[3:3] = [f"- family: {cfg.family}, {trainer.family.height}x{trainer.family.width}, real-score CFG "
                       f"{real_cfg}" + (f", LoRA rank {cfg.lora_rank} alpha {cfg.lora_alpha}" if cfg.lora_rank else "")]
         load = ("pipe.load_lora_weights('student')  # this folder" if cfg.lora_rank else

@@ -59,6 +59,11 @@ def check_launch(cfg: DistillConfig, runs_root: Path, families: set[str]) -> Non
         value = getattr(cfg, key)
         if value is not None and not low <= value <= high:
             raise LaunchRefused(f"{key}={value!r} is outside the app's bounds {low:g}..{high:g}")
+    if cfg.real_guidance_above is not None:     # its w is a real-score CFG scale like real_guidance
+        low, high = BOUNDS["real_guidance"]
+        if not low <= cfg.real_guidance_above[1] <= high:
+            raise LaunchRefused(f"real_guidance_above={cfg.real_guidance_above!r}: its w is outside the app's bounds "
+                                f"{low:g}..{high:g}")
     roots = allowed_roots(runs_root)
     for key in PATH_KEYS:
         value = getattr(cfg, key)

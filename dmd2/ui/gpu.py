@@ -7,6 +7,7 @@ as many seconds as its work needs: a shorter request is scheduled sooner, one th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable
 
@@ -60,10 +61,19 @@ def sized_gpu(models: Callable[[], list[str]], images: int, top: int | None = No
 
         def duration(*args, **kwargs) -> int:
             given = signature.bind_partial(*args, **kwargs).arguments
+            try:
+                until = int(float(given.get("teacher_until")))
+            except (TypeError, ValueError):
+                until = None                # "off", none, or a bad value (refused inside)
             specs = []
             for name in models():
                 try:
-                    specs.append(registry.spec_for(name))
+                    spec = registry.spec_for(name)
+                    if until is not None and spec.kind == "student" and not spec.timesteps:
+                        # its timesteps are in its dmd2.json: from the loaded model (preloaded on ZeroGPU), so
+                        # only a student that can take t pays for the teacher's steps
+                        spec = dataclasses.replace(spec, timesteps=registry.load(name).timesteps)
+                    specs.append(spec)
                 except Exception:           # a broken model costs nothing: it fails at once
                     continue
             cost = lambda s: sampling_seconds([s], images)            # noqa: E731
@@ -73,10 +83,6 @@ def sized_gpu(models: Callable[[], list[str]], images: int, top: int | None = No
                 steps = int(given["steps"]) if given.get("steps") else None
             except (TypeError, ValueError):
                 n, steps = images, None     # a bad value is refused inside; ask for the default budget
-            try:
-                until = int(float(given.get("teacher_until")))
-            except (TypeError, ValueError):
-                until = None                # "off", none, or a bad value (refused inside)
             return sampling_seconds(specs, max(1, n), steps, until)
         return gpu(fn, duration=duration)
     return wrap

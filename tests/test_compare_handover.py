@@ -202,3 +202,27 @@ def test_a_finished_multistep_run_brings_the_control(tiny_app, tmp_path):
         assert hybrid["caption"].startswith("two-run: NFE 3, steps 1, ") and "(teacher first: 2 steps" in hybrid["caption"]
         [plain] = client.predict(["two-run"], 3, 5, 1, 4, 1.0, api_name="/compare_more")    # w and t left out
         assert plain["caption"].startswith("two-run: NFE 2, steps 2, ")
+
+
+def test_a_text_student_hands_over_in_compare(tmp_path, monkeypatch):
+    """A tiny SDXL 2-step student in Compare: its base pipeline's UNet at the tab's steps and CFG, then the student."""
+    import torch
+
+    import tiny_sd
+    from dmd2.families.sdxl import SDXLFamily
+
+    monkeypatch.setattr(registry, "_cache", {})
+    monkeypatch.setattr(registry, "_families", {})
+    monkeypatch.setattr(registry, "_base_teachers", {})
+    sdxl = tiny_sd.make_tiny_sdxl(tmp_path / "tiny-sdxl")
+    fam = SDXLFamily.from_pretrained(sdxl)
+    torch.manual_seed(1)
+    fam.save_student(fam.unet_from_state_dict(tiny_sd.tiny_unet(sdxl=True).state_dict()), tmp_path / "student",
+                     timesteps=[999, 499])
+    [(img, cap)] = compare([str(tmp_path / "student")], label="a red dog", seed=3, num_images=1, steps=4,
+                           guidance=5.0, teacher_until="499")
+    want = registry.load(str(tmp_path / "student")).generate(prompts=["a red dog"], seed=3, teacher_until=499,
+                                                             teacher_steps=4, teacher_guidance=5.0)
+    assert np.array_equal(img, make_grid(want.images))
+    assert ": NFE 5, steps 1, " in cap                                  # teacher at 999 and 749 with CFG, student at 499
+    assert cap.endswith("(teacher first: 2 steps at w=5 down to t=499, NFE 4; then 1 student step)")

@@ -627,6 +627,24 @@ def test_each_recall_variant_differs_from_the_cheaper_preset_only_in_what_it_nam
         assert differ == named, (path.name, differ, named)
 
 
+def test_each_steps_study_differs_from_its_base_only_in_what_it_names():
+    """configs/steps/*.yaml say "nothing else changes" against the preset they name as `base:`; a key that no
+    longer differs (the base moved to it) or one that differs without being listed breaks that sentence."""
+    import dataclasses
+
+    import yaml
+
+    studies = sorted((ROOT / "configs" / "steps").glob("*.yaml"))
+    assert len(studies) >= 3
+    for path in studies:
+        raw = yaml.safe_load(path.read_text())
+        named = set(raw) - {"base"}
+        cfg = dataclasses.asdict(load_config(path))
+        base = dataclasses.asdict(load_config(path.parent / raw["base"]))
+        differ = {key for key in base if cfg[key] != base[key]}
+        assert differ == named, (path.name, differ, named)
+
+
 def test_a_config_file_starts_from_its_base_and_overrides_win(tmp_path):
     (tmp_path / "parent.yaml").write_text("batch_size: 8\nttur: 3\niterations: 20\n")
     (tmp_path / "sub").mkdir()

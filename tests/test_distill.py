@@ -610,38 +610,35 @@ def test_the_cheaper_1step_preset_differs_from_the_preset_only_in_batch_and_iter
     assert differ == {"batch_size": (32, 16), "iterations": (5000, 4000)}
 
 
-def test_each_recall_variant_differs_from_the_cheaper_preset_only_in_what_it_names():
-    """configs/recall/*.yaml are one-change studies of the cheaper preset: each must resolve to that preset with
-    exactly the keys its file lists changed, or its table would describe a different change."""
+def _changed_and_listed_keys(path, against):
+    """The config keys in which `path` resolves differently from `against`, and the keys its file lists."""
     import dataclasses
 
     import yaml
 
-    fast = dataclasses.asdict(load_config(ROOT / "configs" / "mnist-1step-fast.yaml"))
+    cfg, ref = dataclasses.asdict(load_config(path)), dataclasses.asdict(load_config(against))
+    return {key for key in ref if cfg[key] != ref[key]}, set(yaml.safe_load(path.read_text())) - {"base"}
+
+
+def test_each_recall_variant_differs_from_the_cheaper_preset_only_in_what_it_names():
+    """configs/recall/*.yaml are one-change studies of the cheaper preset: each must resolve to that preset with
+    exactly the keys its file lists changed, or its table would describe a different change."""
     variants = sorted((ROOT / "configs" / "recall").glob("*.yaml"))
     assert len(variants) >= 3
     for path in variants:
-        named = set(yaml.safe_load(path.read_text())) - {"base"}
-        cfg = dataclasses.asdict(load_config(path))
-        differ = {key for key in fast if cfg[key] != fast[key]}
+        differ, named = _changed_and_listed_keys(path, ROOT / "configs" / "mnist-1step-fast.yaml")
         assert differ == named, (path.name, differ, named)
 
 
 def test_each_steps_study_differs_from_its_base_only_in_what_it_names():
     """configs/steps/*.yaml say "nothing else changes" against the preset they name as `base:`; a key that no
     longer differs (the base moved to it) or one that differs without being listed breaks that sentence."""
-    import dataclasses
-
     import yaml
 
     studies = sorted((ROOT / "configs" / "steps").glob("*.yaml"))
     assert len(studies) >= 3
     for path in studies:
-        raw = yaml.safe_load(path.read_text())
-        named = set(raw) - {"base"}
-        cfg = dataclasses.asdict(load_config(path))
-        base = dataclasses.asdict(load_config(path.parent / raw["base"]))
-        differ = {key for key in base if cfg[key] != base[key]}
+        differ, named = _changed_and_listed_keys(path, path.parent / yaml.safe_load(path.read_text())["base"])
         assert differ == named, (path.name, differ, named)
 
 

@@ -6,14 +6,17 @@ measure of `python -m dmd2 evaluate`, and print the mean and spread over seeds b
 
 Each seed trains into `<runs>/<preset>-seed<S>` (`python -m training distill --config PRESET --set seed=S`; an
 unfinished run resumes, a finished one is kept), then each sample set k is scored into
-`<results>/<preset>-seed<S>-set<k>.json` (`python -m dmd2 evaluate --model <run>/student --seed k`); results
-that exist are not recomputed. `--parallel N` trains N seeds at once first (each one's output in `<run>.log`), as
-a GPU or a many-core CPU affords, then scores N sample sets at once (`<run>-set<k>.log`; `--score-parallel M`
-for another count: scoring runs on the CPU, so 2 on a 2-core machine). The table gives, per measure, each seed's mean over the sample sets, the mean and
-standard deviation over seeds and their range, and each reference row (e.g. the teacher, from its own evaluate
-JSONs); the last lines say, per reference, on which measures every seed beats it. The selection measure that
-picked the preset's settings is the classifier FID ("fid"); the others are the independent check. A last row
-gives each seed's training wall time, summed over the stretches of a resumed run (from its metrics.jsonl).
+`<results>/<preset>-seed<S>-set<k>.json` (`python -m dmd2 evaluate --model <run>/student --seed k`). A result that
+exists is not recomputed unless the seed trains now or the result is older than the student it names (a result
+committed to the repository, or left by an earlier run of the same name, beside a student trained here).
+`--parallel N` trains N seeds at once first (each one's output in `<run>.log`), as a GPU or a many-core CPU
+affords, then scores N sample sets at once (`<run>-set<k>.log`; `--score-parallel M` for another count: scoring
+runs on the CPU, so 2 on a 2-core machine). The table gives, per measure, each seed's mean over the sample sets,
+the mean and standard deviation over seeds and their range, and each reference row (e.g. the teacher, from its
+own evaluate JSONs); the last lines say, per reference, on which measures every seed beats it. The selection
+measure that picked the preset's settings is the classifier FID ("fid"); the others are the independent check.
+A last row gives each seed's training wall time, summed over the stretches of a resumed run (from its
+metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -89,6 +92,23 @@ def train_command(preset: Path, seed: int, run: Path, overrides: list[str]) -> l
     else:
         cmd += ["--resume"]
     return cmd
+
+
+def needs_scoring(out: Path, run: Path, training: bool) -> bool:
+    """Should this seed's result `out` be (re)computed? Yes when it is missing, when the seed trains (or resumes)
+    now, or when the run's student is newer than it: then the file scores another student of the same name (one
+    committed to the repository, or an earlier run's), and a table of it would put old numbers beside this run's
+    wall time."""
+    if training or not out.is_file():
+        return True
+    student = run / "student"
+    if not student.is_dir():
+        return False  # no student here (a table of results made elsewhere): the result is all there is
+    newest = max((f.stat().st_mtime for f in student.rglob("*") if f.is_file()), default=student.stat().st_mtime)
+    if out.stat().st_mtime < newest:
+        print(f"{_rel(out)} is older than {_rel(student)}: scoring it again", flush=True)
+        return True
+    return False
 
 
 def evaluate_command(model: str, sample_set: int, num: int, out: Path) -> list[str]:
@@ -222,7 +242,8 @@ def main(argv=None) -> None:
     if a.parallel > 1:  # train every seed, `parallel` at a time, then score every sample set the same way
         trains = {seed: cmd for seed, run in runs.items() if (cmd := train_command(a.preset, seed, run, a.overrides))}
         scores = {(seed, k): evaluate_command(_rel(runs[seed] / "student"), k, a.num, out)
-                  for seed in a.seeds for k, out in outs[seed].items() if not out.is_file()}
+                  for seed in a.seeds for k, out in outs[seed].items()
+                  if needs_scoring(out, runs[seed], seed in trains)}
         if a.dry_run or a.table_only:
             for cmd in [*trains.values(), *scores.values()]:
                 print("$ " + shlex.join(["python", *cmd[1:]]), flush=True)
@@ -240,7 +261,7 @@ def main(argv=None) -> None:
             if (train := train_command(a.preset, seed, run, a.overrides)) is not None:
                 steps.append(train)
             steps += [evaluate_command(_rel(run / "student"), k, a.num, out)
-                      for k, out in outs[seed].items() if not out.is_file()]
+                      for k, out in outs[seed].items() if needs_scoring(out, run, train is not None)]
         for cmd in steps:
             print("$ " + shlex.join(["python", *cmd[1:]]), flush=True)
             if a.dry_run or a.table_only:

@@ -66,6 +66,32 @@ def test_trains_each_seed_scores_each_sample_set_and_skips_what_exists(tmp_path,
     assert (tmp_path / "results" / "tiny-table.md").read_text() == written
 
 
+def test_a_result_older_than_its_student_or_from_before_a_training_is_scored_again(tmp_path, capsys):
+    """README's command re-run on a clone: the committed JSONs must not be tabled beside the students trained here."""
+    import os
+    import time
+    preset, runs, results = tmp_path / "p.yaml", tmp_path / "runs", tmp_path / "results"
+    preset.write_text("iterations: 2\n")
+    results.mkdir()
+    for seed in (0, 1):                                   # seeds 0 and 1 finished here; seed 2 was never run here
+        (runs / f"p-seed{seed}" / "student").mkdir(parents=True)
+        (runs / f"p-seed{seed}" / "status.json").write_text(json.dumps({"state": "finished"}))
+        (runs / f"p-seed{seed}" / "student" / "model.safetensors").write_text("weights")
+    for seed in (0, 1, 2):
+        (results / f"p-seed{seed}-set0.json").write_text(json.dumps({"fid": 5.0 + seed}))
+    os.utime(results / "p-seed0-set0.json", (1e9, 1e9))  # seed 0's result predates its student; seed 1's does not
+    os.utime(results / "p-seed1-set0.json", (time.time() + 60,) * 2)
+    argv = ["--preset", str(preset), "--seeds", "0", "1", "2", "--sample-sets", "0", "--runs", str(runs),
+            "--results", str(results)]
+    for extra in ([], ["--parallel", "2"]):
+        seeds.main(argv + extra + ["--dry-run"])
+        out = capsys.readouterr().out
+        scored = [line for line in out.splitlines() if "-m dmd2 evaluate" in line]
+        assert len(scored) == 2 and "p-seed0/student" in scored[0] and "p-seed2/student" in scored[1], out
+        assert "p-seed0-set0.json is older than" in out and "p-seed1-set0.json is older" not in out
+        assert out.count("-m training distill") == 1 and "p-seed2 " in out    # seed 2 trains, then is scored anew
+
+
 def test_bad_arguments_are_named(tmp_path, capsys):
     for argv, message in ((["--preset", str(tmp_path / "none.yaml")], "no such file"),
                           (["--preset", __file__, "--seeds", "1", "1"], "repeats a seed"),

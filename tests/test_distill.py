@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -681,3 +682,30 @@ def test_a_bad_base_is_an_error_naming_the_file(tmp_path):
     (tmp_path / "b.yaml").write_text("[1, 2]\n")
     with pytest.raises(ConfigError, match=r"b.yaml \(named as the base of .*a.yaml\) must hold a mapping"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_the_quick_evaluation_scores_one_selection_measure_and_none_of_the_independent_ones(monkeypatch):
+    """Issue 18: checkpoints and recipes are chosen on one named measure (eval/selection, the classifier FID); the
+    independent instruments stay out of training, so they remain a check on what was chosen."""
+    import dmd2.metrics.independent as independent
+    from dmd2.metrics.mnist import real_digits
+    from training.distill import SELECTION, quick_eval
+
+    def never(*args, **kwargs):
+        raise AssertionError("the quick evaluation computed an independent measure")
+
+    monkeypatch.setattr(independent, "evaluate_independent", never)
+    monkeypatch.setattr(independent, "compare_features", never)
+    digits, digit_labels = real_digits()
+
+    class Trainer:  # samples real digits of the asked classes: a stand-in for a student
+        family = type("F", (), {"num_classes": 10})()
+
+        def sample(self, labels, seed):
+            picks = [np.flatnonzero(digit_labels == c)[(seed + i) % 50] for i, c in enumerate(labels)]
+            return torch.from_numpy(digits[picks]).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    scores = quick_eval(Trainer(), 300)
+    assert SELECTION == "fid" and scores["eval/selection"] == scores["eval/fid"]
+    assert scores["eval/alignment"] > 0.9                                   # real digits of the asked classes
+    assert not any(k.startswith(("eval/classifier_", "eval/autoencoder_")) for k in scores)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from dmd2 import registry
 from dmd2.metrics.mnist import evaluate_images
@@ -54,6 +56,17 @@ def test_every_committed_model_has_a_card_naming_its_command(name):
     card = (spec.path / "MODEL_CARD.md").read_text()
     assert "python -m training" in card
     assert json.loads((spec.path / "config.json").read_text())["_class_name"] in ("UNet2DModel", "GuidedUNet2DModel")
+
+
+@pytest.mark.parametrize("name", [n for n in registry.available() if registry.BUILTIN[n].kind == "student"])
+def test_every_students_card_names_its_training_seed_and_wall_time(name):
+    """Issue 18: a card gives the command, the seed and the wall time; the seed as the saved config has it."""
+    spec = registry.BUILTIN[name]
+    card = (spec.path / "MODEL_CARD.md").read_text()
+    seed = yaml.safe_load((spec.path / "distill_config.yaml").read_text())["seed"]
+    named = re.findall(r"training seed:? (\d+)", card, flags=re.IGNORECASE)
+    assert named and {int(s) for s in named} == {seed}, (name, named, seed)
+    assert "wall time" in card.lower()
 
 
 @pytest.mark.parametrize("name", [n for n in registry.available() if registry.BUILTIN[n].kind == "student"])

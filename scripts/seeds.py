@@ -8,7 +8,8 @@ Each seed trains into `<runs>/<preset>-seed<S>` (`python -m training distill --c
 unfinished run resumes, a finished one is kept), then each sample set k is scored into
 `<results>/<preset>-seed<S>-set<k>.json` (`python -m dmd2 evaluate --model <run>/student --seed k`). A result that
 exists is not recomputed unless the seed trains now or the result is older than the student it names (a result
-committed to the repository, or left by an earlier run of the same name, beside a student trained here).
+committed to the repository, or left by an earlier run of the same name, beside a student trained here);
+`--table-only` leaves such a seed out of the table instead.
 `--parallel N` trains N seeds at once first (each one's output in `<run>.log`), as a GPU or a many-core CPU
 affords, then scores N sample sets at once (`<run>-set<k>.log`; `--score-parallel M` for another count: scoring
 runs on the CPU, so 2 on a 2-core machine). The table gives, per measure, each seed's mean over the sample sets,
@@ -94,21 +95,15 @@ def train_command(preset: Path, seed: int, run: Path, overrides: list[str]) -> l
     return cmd
 
 
-def needs_scoring(out: Path, run: Path, training: bool) -> bool:
-    """Should this seed's result `out` be (re)computed? Yes when it is missing, when the seed trains (or resumes)
-    now, or when the run's student is newer than it: then the file scores another student of the same name (one
-    committed to the repository, or an earlier run's), and a table of it would put old numbers beside this run's
-    wall time."""
-    if training or not out.is_file():
-        return True
+def stale_result(out: Path, run: Path) -> bool:
+    """Does `out` score another student of this name: is it older than the newest file of the run's student here
+    (a result committed to the repository, or left by an earlier run, beside a student trained since)? A table of
+    it would put those numbers beside this run's wall time."""
     student = run / "student"
-    if not student.is_dir():
-        return False  # no student here (a table of results made elsewhere): the result is all there is
+    if not out.is_file() or not student.is_dir():
+        return False
     newest = max((f.stat().st_mtime for f in student.rglob("*") if f.is_file()), default=student.stat().st_mtime)
-    if out.stat().st_mtime < newest:
-        print(f"{_rel(out)} is older than {_rel(student)}: scoring it again", flush=True)
-        return True
-    return False
+    return out.stat().st_mtime < newest
 
 
 def evaluate_command(model: str, sample_set: int, num: int, out: Path) -> list[str]:
@@ -218,7 +213,9 @@ def main(argv=None) -> None:
     p.add_argument("--score-parallel", type=int, default=None, metavar="M",
                    help="with --parallel: score M sample sets at once (default N; scoring is CPU-bound: the cores)")
     p.add_argument("--dry-run", action="store_true", help="print the commands still to run, run none")
-    p.add_argument("--table-only", action="store_true", help="run nothing; table the results already there")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing; table the results already there (a seed whose results are older than its "
+                        "student here is left out)")
     a = p.parse_args(argv)
     if not a.preset.is_file():
         p.error(f"--preset {a.preset}: no such file")
@@ -239,15 +236,28 @@ def main(argv=None) -> None:
     name = a.preset.stem
     runs = {seed: a.runs / f"{name}-seed{seed}" for seed in a.seeds}
     outs = {seed: {k: a.results / f"{name}-seed{seed}-set{k}.json" for k in a.sample_sets} for seed in a.seeds}
+    stale = {seed: [k for k, out in outs[seed].items() if stale_result(out, runs[seed])] for seed in a.seeds}
+    for seed, sets in stale.items():
+        for k in sets:
+            print(f"{_rel(outs[seed][k])} is older than {_rel(runs[seed] / 'student')}: "
+                  + ("seed left out of the table (score it again without --table-only)" if a.table_only
+                     else "scoring it again"), flush=True)
+
+    def to_score(seed: int, trains_now: bool) -> list[int]:
+        """Sample sets to (re)compute: all of them after a training (the old results scored another student),
+        else the missing and the stale ones; none with --table-only."""
+        if a.table_only:
+            return []
+        return [k for k, out in outs[seed].items() if trains_now or not out.is_file() or k in stale[seed]]
+
     if a.parallel > 1:  # train every seed, `parallel` at a time, then score every sample set the same way
         trains = {seed: cmd for seed, run in runs.items() if (cmd := train_command(a.preset, seed, run, a.overrides))}
-        scores = {(seed, k): evaluate_command(_rel(runs[seed] / "student"), k, a.num, out)
-                  for seed in a.seeds for k, out in outs[seed].items()
-                  if needs_scoring(out, runs[seed], seed in trains)}
-        if a.dry_run or a.table_only:
+        scores = {(seed, k): evaluate_command(_rel(runs[seed] / "student"), k, a.num, outs[seed][k])
+                  for seed in a.seeds for k in to_score(seed, seed in trains)}
+        if a.dry_run:
             for cmd in [*trains.values(), *scores.values()]:
                 print("$ " + shlex.join(["python", *cmd[1:]]), flush=True)
-        else:
+        elif not a.table_only:
             run_in_parallel({f"seed {seed}": (cmd, runs[seed].parent / f"{runs[seed].name}.log")
                              for seed, cmd in trains.items()}, a.parallel, "training")
             a.results.mkdir(parents=True, exist_ok=True)
@@ -257,19 +267,21 @@ def main(argv=None) -> None:
     for seed in a.seeds:
         run = runs[seed]
         steps = []
-        if a.parallel == 1:  # one command at a time, each seed trained then scored
+        if a.parallel == 1 and not a.table_only:  # one command at a time, each seed trained then scored
             if (train := train_command(a.preset, seed, run, a.overrides)) is not None:
                 steps.append(train)
-            steps += [evaluate_command(_rel(run / "student"), k, a.num, out)
-                      for k, out in outs[seed].items() if needs_scoring(out, run, train is not None)]
+            steps += [evaluate_command(_rel(run / "student"), k, a.num, outs[seed][k])
+                      for k in to_score(seed, train is not None)]
         for cmd in steps:
             print("$ " + shlex.join(["python", *cmd[1:]]), flush=True)
-            if a.dry_run or a.table_only:
+            if a.dry_run:
                 continue
             a.results.mkdir(parents=True, exist_ok=True)
             done = subprocess.run(cmd, cwd=ROOT)
             if done.returncode != 0:
                 raise SystemExit(f"error: seed {seed}: `{shlex.join(cmd[1:])}` exited with {done.returncode}")
+        if stale[seed] and (a.dry_run or a.table_only):
+            continue  # its results score another student: not tabled beside this run's wall time
         present = [load_result(out) for out in outs[seed].values() if out.is_file()]
         if present:
             per_seed[seed] = mean_over(present)

@@ -90,6 +90,11 @@ def test_a_result_older_than_its_student_or_from_before_a_training_is_scored_aga
         assert len(scored) == 2 and "p-seed0/student" in scored[0] and "p-seed2/student" in scored[1], out
         assert "p-seed0-set0.json is older than" in out and "p-seed1-set0.json is older" not in out
         assert out.count("-m training distill") == 1 and "p-seed2 " in out    # seed 2 trains, then is scored anew
+    seeds.main(argv + ["--table-only"])      # runs nothing, and tables seed 0's stale result nowhere
+    out = capsys.readouterr().out
+    assert "$ " not in out and "left out of the table" in out
+    assert out.splitlines()[2] == "| measure | seed 1 | seed 2 | p: mean +- sd (min-max) |"
+    assert "| 6.00 | 7.00 |" in out and (results / "p-table.md").read_text().startswith("| measure | seed 1 | seed 2 |")
 
 
 def test_bad_arguments_are_named(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """scripts/seeds.py: a preset trained for several seeds, each scored on sample sets, tabled with its spread."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -68,7 +69,6 @@ def test_trains_each_seed_scores_each_sample_set_and_skips_what_exists(tmp_path,
 
 def test_a_result_older_than_its_student_or_from_before_a_training_is_scored_again(tmp_path, capsys):
     """README's command re-run on a clone: the committed JSONs must not be tabled beside the students trained here."""
-    import os
     import time
     preset, runs, results = tmp_path / "p.yaml", tmp_path / "runs", tmp_path / "results"
     preset.write_text("iterations: 2\n")
@@ -156,7 +156,9 @@ def test_parallel_scoring_runs_m_at_once_and_names_each_sample_set_that_failed(t
             "--results", str(tmp_path / "results")]
     seeds.main(argv + ["--sample-sets", "0"])                       # both seeds trained and scored on set 0
     capsys.readouterr()
-    (tmp_path / "runs" / "tiny-seed1" / "student" / "config.json").write_text("{broken")
+    broken = tmp_path / "runs" / "tiny-seed1" / "student" / "config.json"
+    broken.write_text("{broken")
+    os.utime(broken, (1e9, 1e9))     # damaged in place, not retrained: set 0's result stays newer than the student
     started, live = [], []
 
     class Counted(seeds.subprocess.Popen):                           # how many scorings run when each starts

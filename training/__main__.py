@@ -1,4 +1,4 @@
-"""python -m training {teacher,distill,export,pairs,classifier,feature-net} ..."""
+"""python -m training {teacher,distill,export,pairs,classifier,feature-net,optdigits-net} ..."""
 
 import importlib
 import sys
@@ -8,7 +8,8 @@ from dmd2.cli import run_cli
 
 def main() -> None:
     commands = {"teacher": "training.teacher", "distill": "training.distill", "export": "training.export",
-                "pairs": "training.pairs", "classifier": "training.classifier", "feature-net": "training.feature_net"}
+                "pairs": "training.pairs", "classifier": "training.classifier", "feature-net": "training.feature_net",
+                "optdigits-net": "training.optdigits_net"}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(f"usage: python -m training {{{','.join(commands)}}} ...", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,191 @@
+"""Score MNIST models with the instrument that has seen no MNIST digit (dmd2.metrics.optdigits) and table them.
+
+    python scripts/outside_check.py --model teacher=mnist-teacher --model 1-step=mnist-dmd2-1step \
+        --model "4-step preset=runs/seeds/mnist-4step-last-only-seed0/student,runs/seeds/...-seed1/student" \
+        [--versus "4-step preset=1-step"] [--sample-sets 0 1] [--num 5000] [--results results/optdigits]
+
+Each `--model LABEL=MODEL[,MODEL...]` is one row; several models in a row are its training seeds. Every model is
+sampled as `python -m dmd2 evaluate --seed k` samples it (same noise, labels and batches) for each sample set k,
+and scored into `<results>/<model as a file name>-set<k>.json`; a result that exists is kept unless its model is a
+folder with a file newer than it (a student trained since). The table (`<results>/table.md`, also printed) gives
+per measure the row's mean over seeds of each seed's mean over sample sets, its standard deviation and range
+over seeds (one seed: the sample sets' values); then, for each row against the first (the reference, e.g. the
+teacher) and each `--versus A=B` pair, the measures on which every seed of A beats B's mean, and those on which
+every seed loses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from seeds import beats
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MEASURES = [  # (key, label, better): as in seeds.py; density is best at 1
+    ("optdigits_fid", "FID", "lower"),
+    ("optdigits_kid", "KID", "lower"),
+    ("optdigits_precision", "precision", "higher"),
+    ("optdigits_recall", "recall", "higher"),
+    ("optdigits_density", "density", "one"),
+    ("optdigits_coverage", "coverage", "higher"),
+    ("optdigits_alignment", "alignment", "higher"),
+]
+
+
+def parse_row(text: str) -> tuple[str, list[str]]:
+    """'LABEL=MODEL[,MODEL...]' -> (label, models); SystemExit naming the bad argument."""
+    label, sep, models = text.partition("=")
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if not sep or not label.strip() or not names:
+        raise SystemExit(f"error: --model {text!r}: expected LABEL=MODEL[,MODEL...]")
+    return label.strip(), names
+
+
+def result_path(results: Path, model: str, sample_set: int) -> Path:
+    slug = model.strip("/").replace("/", "_").replace("\\", "_")
+    return results / f"{slug}-set{sample_set}.json"
+
+
+def is_current(out: Path, model: str, num: int) -> bool:
+    """Does `out` hold this model's scores on `num` samples: it exists, names the model and count, and no file of a
+    model folder is newer?"""
+    if not out.is_file():
+        return False
+    try:
+        held = json.loads(out.read_text())
+        if held.get("model") != model or held.get("num") != num:
+            return False
+    except (ValueError, OSError, AttributeError):
+        return False
+    folder = Path(model)
+    if folder.is_dir():
+        newest = max((f.stat().st_mtime for f in folder.rglob("*") if f.is_file()), default=0.0)
+        return out.stat().st_mtime >= newest
+    return True
+
+
+def score(model: str, sample_set: int, num: int) -> dict:
+    """Sample `num` images as `dmd2 evaluate --seed sample_set` does and score them in the optdigits space."""
+    from dmd2 import registry
+    from dmd2.metrics.optdigits import default_optdigits_net, evaluate_optdigits
+    from dmd2.sampling import generate_many
+
+    default_optdigits_net()  # a missing network fails before any sampling
+    loaded = registry.load(model)
+    if loaded.conditioning != "class":
+        raise SystemExit(f"error: {model} is not a class-conditional (MNIST) model")
+    images, labels, sec_per_image, nfe = generate_many(loaded, num, sample_set)
+    return {"model": model, "num": num, "seed": sample_set, "nfe": nfe, **evaluate_optdigits(images, labels)}
+
+
+def fmt(value: float, key: str) -> str:
+    """Three decimals for every measure (this space's FID and KID are small numbers: its features are small)."""
+    return f"{value:.3f}"
+
+
+def row_values(results: list[list[dict]]) -> list[dict[str, float]]:
+    """Per seed (a list of its sample sets' results), each measure's mean over the sets."""
+    return [{k: statistics.fmean(r[k] for r in sets) for k, _, _ in MEASURES} for sets in results]
+
+
+def cell(seeds: list[dict[str, float]], sets: list[list[dict]], key: str) -> str:
+    if len(seeds) == 1:
+        values = [r[key] for r in sets[0]]
+        return fmt(seeds[0][key], key) + (f" ({' / '.join(fmt(v, key) for v in values)})" if len(values) > 1 else "")
+    values = [s[key] for s in seeds]
+    return (f"{fmt(statistics.fmean(values), key)} ± {fmt(statistics.stdev(values), key)} "
+            f"[{fmt(min(values), key)}, {fmt(max(values), key)}]")
+
+
+def compare(a: list[dict[str, float]], b: list[dict[str, float]]) -> tuple[list[str], list[str]]:
+    """The measures on which every seed of `a` beats the mean of `b`, and those on which every seed loses."""
+    wins, losses = [], []
+    for key, label, better in MEASURES:
+        ref = statistics.fmean(s[key] for s in b)
+        if all(beats(s[key], ref, better) for s in a):
+            wins.append(label)
+        elif all(beats(ref, s[key], better) for s in a):
+            losses.append(label)
+    return wins, losses
+
+
+def table(rows: dict[str, list[list[dict]]], versus: list[tuple[str, str]], real_alignment: float | None) -> str:
+    seeds = {label: row_values(sets) for label, sets in rows.items()}
+    first = next(iter(rows))
+    lines = ["| model | seeds | " + " | ".join(label for _, label, _ in MEASURES) + " |",
+             "|---" * (len(MEASURES) + 2) + "|"]
+    for label, sets in rows.items():
+        lines.append(f"| {label} | {len(sets)} | "
+                     + " | ".join(cell(seeds[label], sets, key) for key, _, _ in MEASURES) + " |")
+    if real_alignment is not None:
+        lines.append(f"\nThe real digits' alignment in this space (its accuracy on them): {real_alignment:.3f}.")
+    lines.append("")
+    pairs = [(label, first) for label in rows if label != first] + versus
+    for a, b in pairs:
+        wins, losses = compare(seeds[a], seeds[b])
+        n = len(seeds[a])
+        lines.append(f"- {a} against {b}: {'every seed ' if n > 1 else ''}beats it on {len(wins)} of {len(MEASURES)}"
+                     f" ({', '.join(wins) or 'none'}); {'every seed ' if n > 1 else ''}loses on "
+                     f"{', '.join(losses) or 'none'}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", action="append", required=True, metavar="LABEL=MODEL[,MODEL...]",
+                   help="a row; several models are its seeds; the first row is the reference")
+    p.add_argument("--versus", action="append", default=[], metavar="A=B", help="also compare row A with row B")
+    p.add_argument("--sample-sets", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--num", type=int, default=5000)
+    p.add_argument("--results", default="results/optdigits")
+    p.add_argument("--dry-run", action="store_true", help="print what would be scored, score nothing")
+    a = p.parse_args(argv)
+    if a.num < 2:
+        p.error(f"--num must be at least 2, got {a.num}")
+    rows = dict(parse_row(m) for m in a.model)
+    if len(rows) != len(a.model):
+        p.error("two --model rows share a label")
+    versus = []
+    for v in a.versus:
+        x, _, y = v.partition("=")
+        if x.strip() not in rows or y.strip() not in rows:
+            p.error(f"--versus {v!r}: both sides must be --model labels ({', '.join(rows)})")
+        versus.append((x.strip(), y.strip()))
+    results = Path(a.results)
+    results.mkdir(parents=True, exist_ok=True)
+    scored = {}
+    for label, models in rows.items():
+        scored[label] = []
+        for model in models:
+            sets = []
+            for k in a.sample_sets:
+                out = result_path(results, model, k)
+                if not is_current(out, model, a.num):
+                    print(f"score {model} on sample set {k} -> {out}", flush=True)
+                    if a.dry_run:
+                        continue
+                    out.write_text(json.dumps(score(model, k, a.num), indent=2) + "\n")
+                if out.is_file():
+                    sets.append(json.loads(out.read_text()))
+            scored[label].append(sets)
+    if a.dry_run:
+        return
+    from dmd2.metrics.mnist import real_digits
+    from dmd2.metrics.optdigits import default_optdigits_net, to_optdigits
+
+    images, labels = real_digits()
+    net = default_optdigits_net()
+    real_alignment = float((net(to_optdigits(images)).argmax(1).numpy() == labels).mean())
+    text = table(scored, versus, real_alignment)
+    (results / "table.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

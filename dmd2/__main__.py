@@ -163,8 +163,9 @@ def cmd_evaluate(a) -> None:
     out = _check_writable(a.json) if a.json else None
     spec = registry.spec_for(a.model)
     if spec.conditioning == "text":
-        if a.per_step:
-            raise UsageError(f"--per-step: only for class-conditional students; {a.model} is a text-to-image model")
+        for flag, given in (("--per-step", a.per_step), ("--optdigits", a.optdigits)):
+            if given:
+                raise UsageError(f"{flag}: only for class-conditional models; {a.model} is a text-to-image model")
         return _evaluate_text(a, out)
     text_only = [f for f, v in (("--prompts", a.prompts), ("--ref-images", a.ref_images),
                                 ("--inception-weights", a.inception_weights), ("--clip-weights", a.clip_weights)) if v]
@@ -174,6 +175,10 @@ def cmd_evaluate(a) -> None:
     from dmd2.metrics.mnist import evaluate_images
 
     default_autoencoder()  # a missing feature network fails here, before any sampling
+    if a.optdigits:
+        from dmd2.metrics.optdigits import default_optdigits_net, evaluate_optdigits
+
+        default_optdigits_net()
     num = 5000 if a.num is None else a.num
     if num < 2:
         raise UsageError(f"--num must be at least 2 to estimate FID, got {num}")
@@ -192,6 +197,8 @@ def cmd_evaluate(a) -> None:
               "precision": "bf16" if a.bf16 else "fp32", **_handover_record(model, handover)}
     result.update(evaluate_images(images, labels))
     result.update(evaluate_independent(images))  # second feature space; KID, precision/recall, density/coverage
+    if a.optdigits:
+        result.update(evaluate_optdigits(images, labels))  # third space: a network that has seen no MNIST digit
     if a.per_step:  # the x0 estimate after each step (the last one is the sample scored above)
         result["per_step"] = []
         last = len(step_images)
@@ -302,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="mnist-teacher")
     e.add_argument("--num", type=_non_negative("--num"), default=None,
                    help="samples (class models: default 5000; text models: default one per prompt)")
-    e.add_argument("--seed", type=_non_negative("--seed"), default=0)
+    e.add_argument("--seed", type=_non_negative("--seed"), default=0,
+                   help="batch b samples with seed + b, so seeds closer than num / 250 share images: independent "
+                        "sample sets are 1000 apart (0, 1000, ...)")
     e.add_argument("--steps", type=_positive("--steps"), default=None)
     e.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP + " (recorded in --json)")
     e.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (default fp32)")
@@ -310,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_handover(e)
     e.add_argument("--per-step", action="store_true",
                    help="multi-step class students: also score the x0 estimate after each step")
+    e.add_argument("--optdigits", action="store_true",
+                   help="class models: also score in a third space, a network trained on UCI optdigits, no MNIST "
+                        "(optdigits_* keys; dmd2/metrics/optdigits.py)")
     t = e.add_argument_group("text-to-image models (SDXL, SD1.5)")
     t.add_argument("--prompts", default=None, help="prompt file: .txt (one per line) or .parquet (prompt/caption column)")
     t.add_argument("--ref-images", default=None, help="folder of reference images for FID and patch FID")

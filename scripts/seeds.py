@@ -6,8 +6,8 @@ measure of `python -m dmd2 evaluate`, and print the mean and spread over seeds b
 
 Each seed trains into `<runs>/<preset>-seed<S>` (`python -m training distill --config PRESET --set seed=S`; an
 unfinished run resumes, a finished one is kept), then each sample set k is scored into
-`<results>/<preset>-seed<S>-set<k>.json` (`python -m dmd2 evaluate --model <run>/student --seed k`). A result that
-exists is not recomputed unless the seed trains now or the result is older than the student it names (a result
+`<results>/<preset>-seed<S>-set<k>.json` (`python -m dmd2 evaluate --model <run>/student --seed <1000 k>`, sets
+that share no image). A result that exists is not recomputed unless the seed trains now or the result is older than the student it names (a result
 committed to the repository, or left by an earlier run of the same name, beside a student trained here);
 `--table-only` leaves such a seed out of the table instead.
 `--parallel N` trains N seeds at once first (each one's output in `<run>.log`), as a GPU or a many-core CPU
@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from dmd2.families.base import ModelLoadError, read_json_object
+from dmd2.sampling import sample_set_seed
 from training.runs import Run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,8 +108,9 @@ def stale_result(out: Path, run: Path) -> bool:
 
 
 def evaluate_command(model: str, sample_set: int, num: int, out: Path) -> list[str]:
-    return [sys.executable, "-m", "dmd2", "evaluate", "--model", model, "--num", str(num), "--seed", str(sample_set),
-            "--json", _rel(out)]
+    """Score sample set k: `evaluate --seed <1000 k>` (sets that share no image; dmd2.sampling.sample_set_seed)."""
+    return [sys.executable, "-m", "dmd2", "evaluate", "--model", model, "--num", str(num),
+            "--seed", str(sample_set_seed(sample_set)), "--json", _rel(out)]
 
 
 def load_result(path: Path) -> dict:
@@ -140,9 +142,9 @@ def training_minutes(run: Path) -> float | None:
 
 
 def table(name: str, per_seed: dict[int, dict[str, float]], references: dict[str, dict[str, float]],
-          minutes: dict[int, float] | None = None) -> str:
+          minutes: dict[int, float] | None = None, overlapping: list[int] | None = None) -> str:
     """The markdown table: a row per measure, a column per seed, mean +- sd (range), and the references; then
-    each seed's training wall time where known."""
+    each seed's training wall time where known; then which seeds' sample sets overlap (`overlapping`)."""
     seeds = sorted(per_seed)
     head = ["measure", *[f"seed {s}" for s in seeds], f"{name}: mean +- sd (min-max)", *references]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -169,6 +171,10 @@ def table(name: str, per_seed: dict[int, dict[str, float]], references: dict[str
         losses = [label for key, label, better in MEASURES if key in values and label not in wins]
         lines.append(f"\nEvery seed beats {ref} on {len(wins)} of {len(wins) + len(losses)} measures"
                      + (f"; not on: {', '.join(losses)}." if losses else " (all)."))
+    if overlapping:
+        lines.append(f"\nSeeds {', '.join(map(str, overlapping))}: a sample set after the first was scored at "
+                     "--seed k (before 2026-12-07), so it shares all batches but one with set 0; their values are, "
+                     "in effect, one sample set each.")
     return "\n".join(lines)
 
 
@@ -263,7 +269,7 @@ def main(argv=None) -> None:
             a.results.mkdir(parents=True, exist_ok=True)
             run_in_parallel({f"seed {seed} sample set {k}": (cmd, runs[seed].parent / f"{runs[seed].name}-set{k}.log")
                              for (seed, k), cmd in scores.items()}, a.score_parallel or a.parallel, "scoring")
-    per_seed, minutes = {}, {}
+    per_seed, minutes, overlapping = {}, {}, []
     for seed in a.seeds:
         run = runs[seed]
         steps = []
@@ -282,14 +288,17 @@ def main(argv=None) -> None:
                 raise SystemExit(f"error: seed {seed}: `{shlex.join(cmd[1:])}` exited with {done.returncode}")
         if stale[seed] and (a.dry_run or a.table_only):
             continue  # its results score another student: not tabled beside this run's wall time
-        present = [load_result(out) for out in outs[seed].values() if out.is_file()]
+        present = {k: load_result(out) for k, out in outs[seed].items() if out.is_file()}
         if present:
-            per_seed[seed] = mean_over(present)
+            per_seed[seed] = mean_over(list(present.values()))
+            if len(present) > 1 and any(r.get("seed", sample_set_seed(k)) != sample_set_seed(k)
+                                        for k, r in present.items()):
+                overlapping.append(seed)
             minutes[seed] = training_minutes(run) if run.is_dir() else None
     if not per_seed:
         print("no results yet" + (" (dry run)" if a.dry_run else ""))
         return
-    text = table(name, per_seed, references, minutes)
+    text = table(name, per_seed, references, minutes, overlapping)
     print()
     print(text)
     if not a.dry_run:  # beside the JSONs it tables (a dry run's table would be of what is there, not of this run)

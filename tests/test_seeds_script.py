@@ -57,7 +57,7 @@ def test_trains_each_seed_scores_each_sample_set_and_skips_what_exists(tmp_path,
         assert f"seed: {seed}" in config
         for k in (3,):
             result = json.loads((tmp_path / "results" / f"tiny-seed{seed}-set{k}.json").read_text())
-            assert result["seed"] == k and result["num"] == 20 and "autoencoder_fid" in result
+            assert result["seed"] == 1000 * k and result["num"] == 20 and "autoencoder_fid" in result
     assert "Every seed beats teacher on 2 of 3 measures; not on: FID (autoencoder)." in out
     written = (tmp_path / "results" / "tiny-table.md").read_text()
     assert written.startswith("| measure | seed 0 | seed 1 |") and written.strip() in out
@@ -194,3 +194,17 @@ def test_parallel_names_the_seed_that_failed_and_keeps_the_others(tmp_path, caps
     (bad / "status.json").write_text("{not json")         # a status that cannot be read is named, not a traceback
     with pytest.raises(SystemExit, match="tiny-seed1/status.json cannot be read"):
         seeds.main(argv)
+
+
+def test_a_table_says_which_seeds_second_sample_set_overlaps_its_first(tmp_path, capsys):
+    """Results scored at --seed 1 (before sample sets were 1000 seeds apart) are tabled with a note saying so."""
+    preset, runs, results = tmp_path / "p.yaml", tmp_path / "runs", tmp_path / "results"
+    preset.write_text("iterations: 2\n")
+    results.mkdir()
+    for seed, second in ((0, 1), (1, 1000)):           # seed 0: the old convention; seed 1: the new one
+        for k, sampled in ((0, 0), (1, second)):
+            (results / f"p-seed{seed}-set{k}.json").write_text(json.dumps({"fid": 5.0 + k, "seed": sampled}))
+    seeds.main(["--preset", str(preset), "--seeds", "0", "1", "--runs", str(runs), "--results", str(results),
+                "--table-only"])
+    out = capsys.readouterr().out
+    assert "Seeds 0: a sample set after the first was scored at --seed k" in out

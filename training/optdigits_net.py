@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from dmd2.metrics.mnist import real_digits
 from dmd2.metrics.optdigits import OptdigitsNet, save_optdigits_net, to_optdigits
-from training.classifier import heldout_split, training_args
+from training.classifier import accuracy, heldout_split, training_args
 
 
 def load_optdigits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,16 +33,11 @@ def load_optdigits() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(digits.data.astype(np.float32)), torch.from_numpy(digits.target.astype(np.int64))
 
 
-@torch.no_grad()
-def accuracy(net: OptdigitsNet, counts: torch.Tensor, labels) -> float:
-    net.eval()
-    return float((net(counts).argmax(1) == torch.as_tensor(labels)).float().mean())
-
-
 def mnist_transfer(net: OptdigitsNet) -> dict:
     """Accuracy on the real MNIST digits brought to optdigits' format: the fifth the mapping was chosen on, the rest."""
     images, labels = real_digits()
-    counts, chosen = to_optdigits(images), np.arange(len(labels)) % 5 == 0
+    counts, labels = to_optdigits(images), torch.from_numpy(labels)
+    chosen = torch.arange(len(labels)) % 5 == 0
     return dict(mnist_accuracy_choice=round(accuracy(net, counts[chosen], labels[chosen]), 4),
                 mnist_accuracy_rest=round(accuracy(net, counts[~chosen], labels[~chosen]), 4),
                 mnist_accuracy=round(accuracy(net, counts, labels), 4))

@@ -78,8 +78,9 @@ def compare(models: dict[str, list[dict]], against: str) -> str:
 
 def check_sample_sets(name: str, runs: list[dict]) -> str | None:
     """Why a model's files are not sample sets of one evaluation, or None: they must name the same model,
-    sample count and steps, and different sample seeds."""
-    for field in ("model", "num", "steps"):
+    sample count and network evaluations (NFE: steps, and CFG's second pass; `steps` is written only when given),
+    and different sample seeds."""
+    for field in ("model", "num", "nfe"):
         if len({json.dumps(r.get(field)) for r in runs}) > 1:
             return f"{name}: its files differ in {field!r}: {[r.get(field) for r in runs]}"
     seeds = [r.get("seed") for r in runs]

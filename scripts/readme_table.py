@@ -34,13 +34,13 @@ def preset(name: str, seeds=(0, 1, 2), sets=(0, 1)) -> list[list[Path]]:
     return [[RESULTS / "seeds" / f"{name}-seed{s}-set{k}.json" for k in sets] for s in seeds]
 
 
-COLUMNS = [  # (heading, files per seed)
-    ("teacher, 50 DDIM steps", sample_sets("teacher-independent-seed0.json", "teacher-independent-seed1.json")),
-    ("DMD2 1-step student", sample_sets("dmd2-1step-independent-seed0.json", "dmd2-1step-independent-seed1.json")),
+COLUMNS = [  # (heading, files per seed); the embedded models' second set is `--seed 1000` (scripts/outside_check.py)
+    ("teacher, 50 DDIM steps", sample_sets("teacher-independent-seed0.json", "optdigits/mnist-teacher-set1.json")),
+    ("DMD2 1-step student", sample_sets("dmd2-1step-independent-seed0.json", "optdigits/mnist-dmd2-1step-set1.json")),
     ("DMD2 2-step student", sample_sets("seeds/mnist-2step-t749-last-seed0-set0.json",
-                                        "seeds/mnist-2step-t749-last-seed0-set1.json")),
+                                        "optdigits/mnist-dmd2-2step-set1.json")),
     ("DMD2 4-step student", sample_sets("seeds/mnist-4step-last-only-seed0-set0.json",
-                                        "seeds/mnist-4step-last-only-seed0-set1.json")),
+                                        "optdigits/mnist-dmd2-4step-last-set1.json")),
     ("1-step preset, 3 seeds", preset("mnist-1step")),
     ("2-step preset, 3 seeds", preset("mnist-2step-t749-last")),
     ("4-step preset, 3 seeds", preset("mnist-4step-last-only")),

@@ -5,14 +5,14 @@
         [--versus "4-step preset=1-step"] [--sample-sets 0 1] [--num 5000] [--results results/optdigits]
 
 Each `--model LABEL=MODEL[,MODEL...]` is one row; several models in a row are its training seeds. Every model is
-scored on each sample set k by `python -m dmd2 evaluate --model MODEL --seed <1000 k> --optdigits` (every measure
-of evaluate, and this space's) into `<results>/<model as a file name>-set<k>.json`; sets are 1,000 seeds apart so
-that they share no image (`dmd2.sampling.sample_set_seed`). A result that exists is kept when it names the model,
-count and seed and no file of the model's folder is newer. The table (`<results>/table.md`, also printed) gives
-per measure the row's mean over seeds of each seed's mean over sample sets, its standard deviation and range over
-seeds (one seed: the sample sets' values); then, for each row against the first (the reference, e.g. the teacher)
-and each `--versus A=B` pair, the measures on which every seed of A beats B's mean, and those on which every seed
-loses.
+scored on each sample set k by `python -m dmd2 evaluate --model MODEL --seed <1000 k> --optdigits` (every measure of
+evaluate, and this space's) into `<results>/<model as a file name>-set<k>.json`; sets are 1,000 seeds apart so that
+they share no image (`dmd2.sampling.sample_set_seed`). A result that exists is kept when it names the model, count
+and seed and no weight or config file of the model's folder is newer. The table (`<results>/table.md`, also printed)
+gives per measure the row's mean over seeds of each seed's mean over sample sets, its standard deviation and range
+over seeds (one seed: the sample sets' values); then, for each row against the first (the reference, e.g. the
+teacher) and each `--versus A=B` pair, the measures on which every seed of A beats B's mean, and those on which
+every seed loses.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from dmd2.families.base import ModelLoadError
 from dmd2.sampling import sample_set_seed
 
 ROOT = Path(__file__).resolve().parent.parent
+MODEL_FILES = (".safetensors", ".bin", ".json")   # what a retrained or re-exported model rewrites
 
 MEASURES = [  # (key, label, better): as in seeds.py; density is best at 1
     ("optdigits_fid", "FID", "lower"),
@@ -67,8 +68,8 @@ def model_folder(model: str) -> Path | None:
 
 
 def is_current(out: Path, model: str, num: int, seed: int) -> bool:
-    """Does `out` hold this model's optdigits scores on `num` samples of this seed, newer than every file of the
-    model's folder?"""
+    """Does `out` hold this model's optdigits scores on `num` samples of this seed, newer than every weight and config
+    file of the model's folder?"""
     if not out.is_file():
         return False
     try:
@@ -78,8 +79,9 @@ def is_current(out: Path, model: str, num: int, seed: int) -> bool:
     except (ValueError, OSError, AttributeError):
         return False
     folder = model_folder(model)
-    if folder is not None and folder.is_dir():
-        newest = max((f.stat().st_mtime for f in folder.rglob("*") if f.is_file()), default=0.0)
+    if folder is not None and folder.is_dir():  # weights and configs, not a card edited since
+        newest = max((f.stat().st_mtime for f in folder.rglob("*") if f.is_file() and f.suffix in MODEL_FILES),
+                     default=0.0)
         return out.stat().st_mtime >= newest
     return True
 

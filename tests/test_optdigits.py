@@ -147,8 +147,10 @@ def test_a_result_is_kept_only_for_its_model_count_seed_and_a_student_not_retrai
     assert not outside_check.is_current(out, student, 60, 1000)
     assert not outside_check.is_current(out, student, 50, 1)
     assert not outside_check.is_current(out, str(tmp_path / "tiny-2step"), 50, 1000)
+    (Path(student) / "MODEL_CARD.md").write_text("edited after scoring")
+    assert outside_check.is_current(out, student, 50, 1000)     # a card edited since is not a new model
     old = os.stat(out).st_mtime - 100
-    os.utime(out, (old, old))                                   # the student is newer than its result
+    os.utime(out, (old, old))                                   # the student's weights are newer than its result
     assert not outside_check.is_current(out, student, 50, 1000)
     out.write_text(json.dumps({"model": student, "num": 50, "seed": 1000}))   # evaluate's keys, not this space's
     assert not outside_check.is_current(out, student, 50, 1000)

@@ -47,9 +47,10 @@ _lock = threading.Lock()
 _default: list["OptdigitsNet"] = []
 
 
-def _deskew(x: torch.Tensor) -> torch.Tensor:
-    """Shear each image (N x 1 x H x W, ink in [0, 1]) so its ink's principal axis is vertical."""
-    n, _, h, w = x.shape
+def _moments(x: torch.Tensor):
+    """Pixel grids, each image's ink centre row and its shear (x per row of its ink's principal axis; ink N x 1 x H x W
+    in [0, 1])."""
+    _, _, h, w = x.shape
     ys, xs = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
     m = x[:, 0].sum((1, 2)).clamp_min(1e-8)
     cy = (x[:, 0] * ys).sum((1, 2)) / m
@@ -58,6 +59,19 @@ def _deskew(x: torch.Tensor) -> torch.Tensor:
     mu11 = (x[:, 0] * dy * dx).sum((1, 2)) / m
     mu02 = (x[:, 0] * dy * dy).sum((1, 2)) / m
     shear = torch.where(mu02 > 1e-8, mu11 / mu02.clamp_min(1e-8), torch.zeros_like(mu02))
+    return ys, xs, dy, shear
+
+
+def slant(x: torch.Tensor) -> torch.Tensor:
+    """The shear `_deskew` removes, per image: columns per row of its ink's principal axis, positive when the ink
+    leans like a backslash (its bottom to the right), negative like a slash."""
+    return _moments(x)[3]
+
+
+def _deskew(x: torch.Tensor) -> torch.Tensor:
+    """Shear each image (N x 1 x H x W, ink in [0, 1]) so its ink's principal axis is vertical."""
+    n, _, h, w = x.shape
+    ys, xs, dy, shear = _moments(x)
     src_x = xs + shear[:, None, None] * dy           # output (x, y) reads the input at (x + shear (y - cy), y)
     grid = torch.stack([src_x / (w - 1) * 2 - 1, (ys / (h - 1) * 2 - 1).expand(n, h, w)], -1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)

@@ -1,0 +1,227 @@
+"""Where does the optdigits reader's FID loss sit? Per class, in the block counts, in the strokes.
+
+    python scripts/optdigits_diagnosis.py --model teacher=mnist-teacher \
+        --model "4-step preset=runs/seeds-fp32/mnist-4step-last-only-seed0/student,..." \
+        [--sample-sets 0 1] [--num 5000] [--samples runs/optdiag] [--results results/optdigits]
+
+Rows as in scripts/outside_check.py (`LABEL=MODEL[,MODEL...]`, several models are a row's training seeds; the first
+row is the reference). Each model's sample set k is `python -m dmd2 sample --model MODEL --num N --seed <1000 k>`
+(the images of `evaluate --seed <1000 k>`), kept in `<samples>/<model as a file name>-set<k>.npz` and reused when
+it holds N images. Per model and set, against the 5,000 real digits:
+- `fid`: the optdigits reader's FID on the whole set (as `evaluate --optdigits`);
+- `class_fid`: per class c, the samples asked for c against the real digits of class c, in the reader's features
+  (a list of ten), and `class_fid_mean`, their mean;
+- `count_fid`: the Frechet distance on the 64 block counts / 16 (the reader's input; no network);
+- pixel statistics of each image before the mapping, as their mean (`<stat>_mean`) and the Wasserstein-1 distance of
+  their distribution to the real digits' (`<stat>_w1`): `ink` (pixels >= 128), `stroke` (2 x ink / perimeter, the
+  perimeter counting the pixel sides between ink and background: a stroke of width w and length L >> w gives
+  2 w L / (2 L + 2 w), about w pixels), `darkness` (the mean
+  value of ink pixels, 0..1) and `slant` (`dmd2.metrics.optdigits.slant`).
+Writes `<results>/diagnosis.json` (every value) and `<results>/diagnosis.md` (the table and the counts of classes
+each row loses against the first), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from outside_check import fmt, model_folder, parse_row
+
+from dmd2.sampling import sample_set_seed
+
+ROOT = Path(__file__).resolve().parent.parent
+STATS = ("ink", "stroke", "darkness", "slant")
+COLUMNS = [("fid", "FID"), ("class_fid_mean", "per-class FID (mean of 10)"), ("count_fid", "count FID")] + [
+    (f"{s}_{k}", f"{s} {'W1' if k == 'w1' else 'mean'}") for s in STATS for k in ("mean", "w1")]
+
+
+def pixel_stats(images_uint8) -> dict[str, np.ndarray]:
+    """Per image (N x H x W [x 1] uint8, ink bright): ink area, stroke width, darkness and slant (module docstring)."""
+    import torch
+
+    from dmd2.metrics.optdigits import slant
+
+    x = np.asarray(images_uint8)
+    x = x.reshape(x.shape[0], x.shape[1], x.shape[2])
+    ink = x >= 128
+    area = ink.sum((1, 2))
+    padded = np.pad(ink, ((0, 0), (1, 1), (1, 1)))
+    perimeter = ((padded[:, 1:] != padded[:, :-1]).sum((1, 2))      # pixel sides between ink and background
+                 + (padded[:, :, 1:] != padded[:, :, :-1]).sum((1, 2)))
+    stroke = np.where(perimeter > 0, 2.0 * area / np.maximum(perimeter, 1), 0.0)
+    darkness = np.where(area > 0, (x * ink).sum((1, 2)) / np.maximum(area, 1) / 255.0, 0.0)
+    t = torch.from_numpy(x.astype(np.float32) / 255.0)[:, None]
+    return dict(ink=area.astype(np.float64), stroke=stroke, darkness=darkness, slant=slant(t).numpy().astype(np.float64))
+
+
+def class_fids(fake: np.ndarray, fake_labels: np.ndarray, real: np.ndarray, real_labels: np.ndarray) -> list[float]:
+    """FID of each class's samples against that class's real digits (features N x D; classes 0..max label)."""
+    from dmd2.metrics.frechet import feature_stats, frechet_distance
+
+    out = []
+    for c in range(int(real_labels.max()) + 1):
+        f, r = fake[fake_labels == c], real[real_labels == c]
+        if len(f) < 2:
+            raise ValueError(f"class {c}: {len(f)} samples; every class needs at least 2 (use --num >= 20)")
+        out.append(frechet_distance(*feature_stats(f), *feature_stats(r)))
+    return out
+
+
+def diagnose(images, labels, real_images, real_labels, net=None) -> dict:
+    """Every value of the module docstring for one sample set."""
+    import torch
+    from scipy.stats import wasserstein_distance
+
+    from dmd2.metrics.frechet import feature_stats, frechet_distance
+    from dmd2.metrics.independent import embed
+    from dmd2.metrics.mnist import _to_tensor
+    from dmd2.metrics.optdigits import default_optdigits_net, to_optdigits
+
+    net = (default_optdigits_net() if net is None else net).eval()
+    labels, real_labels = np.asarray(labels).reshape(-1), np.asarray(real_labels).reshape(-1)
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    fake_f, real_f = embed(net, _to_tensor(images)), embed(net, _to_tensor(real_images))
+    with torch.no_grad():
+        fake_c, real_c = (to_optdigits(images) / 16).double().numpy(), (to_optdigits(real_images) / 16).double().numpy()
+    per_class = class_fids(fake_f, labels, real_f, real_labels)
+    out = dict(num=len(images), fid=frechet_distance(*feature_stats(fake_f), *feature_stats(real_f)),
+               class_fid=per_class, class_fid_mean=float(np.mean(per_class)),
+               count_fid=frechet_distance(*feature_stats(fake_c), *feature_stats(real_c)))
+    fake_s, real_s = pixel_stats(images), pixel_stats(real_images)
+    for s in STATS:
+        out[f"{s}_mean"] = float(fake_s[s].mean())
+        out[f"{s}_w1"] = float(wasserstein_distance(fake_s[s], real_s[s]))
+    return out
+
+
+def real_reference() -> dict:
+    """The real digits' own pixel-statistic means (their W1 to themselves is 0)."""
+    from dmd2.metrics.mnist import real_digits
+
+    stats = pixel_stats(real_digits()[0])
+    return {f"{s}_mean": float(stats[s].mean()) for s in STATS}
+
+
+def samples_path(samples: Path, model: str, sample_set: int) -> Path:
+    slug = model.strip("/").replace("/", "_").replace("\\", "_")
+    return samples / f"{slug}-set{sample_set}.npz"
+
+
+def load_samples(path: Path, num: int):
+    """(images, labels) of an npz written by `python -m dmd2 sample`, or None when missing, unreadable or not `num`."""
+    try:
+        with np.load(path) as held:
+            images, labels = held["images"], held["labels"]
+    except (OSError, KeyError, ValueError):
+        return None
+    return (images, labels) if len(images) == num == len(labels) else None
+
+
+def sample_command(model: str, seed: int, num: int, out: Path) -> list[str]:
+    return [sys.executable, "-m", "dmd2", "sample", "--model", model, "--num", str(num), "--seed", str(seed),
+            "--out", str(out)]
+
+
+def seed_means(sets: list[dict]) -> dict[str, float]:
+    """One model's value per column: the mean over its sample sets (class_fid per class too)."""
+    out = {k: statistics.fmean(r[k] for r in sets) for k, _ in COLUMNS}
+    out["class_fid"] = [statistics.fmean(r["class_fid"][c] for r in sets) for c in range(len(sets[0]["class_fid"]))]
+    return out
+
+
+def cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return fmt(values[0])
+    return f"{fmt(statistics.fmean(values))} ± {fmt(statistics.stdev(values))}"
+
+
+def table(rows: dict[str, list[list[dict]]], real: dict | None = None) -> str:
+    """Markdown: per row, each column's mean over seeds (± sd over seeds when several); then, per row against the
+    first, how many of the ten classes each seed loses (higher per-class FID than the first row's mean)."""
+    seeds = {label: [seed_means(sets) for sets in models] for label, models in rows.items()}
+    lines = ["| model | seeds | " + " | ".join(name for _, name in COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for label, values in seeds.items():
+        lines.append(f"| {label} | {len(values)} | " + " | ".join(cell([v[k] for v in values]) for k, _ in COLUMNS)
+                     + " |")
+    if real is not None:
+        lines.append("| real digits | - | 0 | 0 | 0 | " + " | ".join(f"{fmt(real[f'{s}_mean'])} | 0" for s in STATS)
+                     + " |")
+    first = next(iter(seeds))
+    ref = seeds[first]
+    ref_class = [statistics.fmean(v["class_fid"][c] for v in ref) for c in range(len(ref[0]["class_fid"]))]
+    lines.append("")
+    for label, values in seeds.items():
+        if label == first:
+            continue
+        lost = [sum(v["class_fid"][c] > ref_class[c] for c in range(len(ref_class))) for v in values]
+        lines.append(f"- {label}: per-class FID above {first}'s in {' / '.join(map(str, lost))} of "
+                     f"{len(ref_class)} classes{' (per seed)' if len(values) > 1 else ''}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", action="append", required=True, metavar="LABEL=MODEL[,MODEL...]",
+                   help="a row; several models are its seeds; the first row is the reference")
+    p.add_argument("--sample-sets", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--num", type=int, default=5000)
+    p.add_argument("--samples", default="runs/optdiag", help="where the sample sets are kept (npz)")
+    p.add_argument("--results", default="results/optdigits")
+    a = p.parse_args(argv)
+    if a.num < 20:
+        p.error(f"--num must be at least 20 (two samples of each class), got {a.num}")
+    if len(set(a.sample_sets)) != len(a.sample_sets) or min(a.sample_sets) < 0:
+        p.error(f"--sample-sets must be distinct and >= 0, got {a.sample_sets}")
+    rows = dict(parse_row(m) for m in a.model)
+    if len(rows) != len(a.model):
+        p.error("two --model rows share a label")
+    for label, models in rows.items():
+        for model in models:
+            folder = model_folder(model)
+            if folder is None or not folder.is_dir():
+                p.error(f"--model {label}={model}: no such model (a registry name or a student folder)")
+    samples, results = Path(a.samples), Path(a.results)
+    for flag, folder in (("--samples", samples), ("--results", results)):
+        if folder.exists() and not folder.is_dir():
+            p.error(f"{flag} {folder}: is a file, not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+
+    from dmd2.metrics.mnist import real_digits
+
+    real_images, real_labels = real_digits()
+    done: dict[str, list[list[dict]]] = {}
+    record = {}
+    for label, models in rows.items():
+        done[label] = []
+        for model in models:
+            sets = []
+            for k in a.sample_sets:
+                path, seed = samples_path(samples, model, k), sample_set_seed(k)
+                held = load_samples(path, a.num)
+                if held is None:
+                    cmd = sample_command(model, seed, a.num, path)
+                    print("$ " + " ".join(cmd), flush=True)
+                    if subprocess.run(cmd, cwd=ROOT).returncode != 0 or (held := load_samples(path, a.num)) is None:
+                        raise SystemExit(f"error: sampling {model} for sample set {k} failed")
+                result = diagnose(*held, real_images, real_labels)
+                record[f"{model}-set{k}"] = dict(model=model, row=label, sample_set=k, seed=seed, **result)
+                sets.append(result)
+            done[label].append(sets)
+    real = real_reference()
+    text = table(done, real)
+    (results / "diagnosis.json").write_text(json.dumps(dict(real=real, sets=record), indent=1) + "\n")
+    (results / "diagnosis.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

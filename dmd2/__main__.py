@@ -176,7 +176,7 @@ def cmd_evaluate(a) -> None:
 
     default_autoencoder()  # a missing feature network fails here, before any sampling
     if a.optdigits:
-        from dmd2.metrics.optdigits import default_optdigits_net, evaluate_optdigits
+        from dmd2.metrics.optdigits import default_optdigits_net, evaluate_optdigits, instrument_id
 
         default_optdigits_net()
     num = 5000 if a.num is None else a.num
@@ -199,6 +199,7 @@ def cmd_evaluate(a) -> None:
     result.update(evaluate_independent(images))  # second feature space; KID, precision/recall, density/coverage
     if a.optdigits:
         result.update(evaluate_optdigits(images, labels))  # third space: a network that has seen no MNIST digit
+        result["optdigits_instrument"] = instrument_id()   # which network and mapping scored it
     if a.per_step:  # the x0 estimate after each step (the last one is the sample scored above)
         result["per_step"] = []
         last = len(step_images)

@@ -38,6 +38,7 @@ from dmd2.sampling import sample_set_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 STATS = ("ink", "stroke", "darkness", "slant")
+MIN_NUM = 650   # per-class FID needs 65 samples of each of the ten classes
 COLUMNS = [("fid", "FID"), ("class_fid_mean", "per-class FID (mean of 10)"), ("count_fid", "count FID")] + [
     (f"{s}_{k}", f"{s} {'W1' if k == 'w1' else 'mean'}") for s in STATS for k in ("mean", "w1")]
 
@@ -65,11 +66,12 @@ def class_fids(fake: np.ndarray, fake_labels: np.ndarray, real: np.ndarray, real
     """FID of each class's samples against that class's real digits (features N x D; classes 0..max label)."""
     from dmd2.metrics.frechet import feature_stats, frechet_distance
 
-    out = []
+    out, need = [], fake.shape[1] + 1      # fewer samples than that leave the class's covariance singular
     for c in range(int(real_labels.max()) + 1):
         f, r = fake[fake_labels == c], real[real_labels == c]
-        if len(f) < 2:
-            raise ValueError(f"class {c}: {len(f)} samples; every class needs at least 2 (use --num >= 20)")
+        if len(f) < need:
+            raise ValueError(f"class {c}: {len(f)} samples; every class needs at least {need} ({fake.shape[1]}-d "
+                             "features; fewer leave its covariance singular)")
         out.append(frechet_distance(*feature_stats(f), *feature_stats(r)))
     return out
 
@@ -176,8 +178,9 @@ def main(argv=None) -> None:
     p.add_argument("--samples", default="runs/optdiag", help="where the sample sets are kept (npz)")
     p.add_argument("--results", default="results/optdigits")
     a = p.parse_args(argv)
-    if a.num < 20:
-        p.error(f"--num must be at least 20 (two samples of each class), got {a.num}")
+    if a.num < MIN_NUM:
+        p.error(f"--num must be at least {MIN_NUM} (65 samples of each class: the reader's features are 64-d), "
+                f"got {a.num}")
     if len(set(a.sample_sets)) != len(a.sample_sets) or min(a.sample_sets) < 0:
         p.error(f"--sample-sets must be distinct and >= 0, got {a.sample_sets}")
     rows = dict(parse_row(m) for m in a.model)
@@ -217,7 +220,10 @@ def main(argv=None) -> None:
             done[label].append(sets)
     real = real_reference()
     text = table(done, real)
-    (results / "diagnosis.json").write_text(json.dumps(dict(real=real, sets=record), indent=1) + "\n")
+    from dmd2.metrics.optdigits import instrument_id
+
+    (results / "diagnosis.json").write_text(json.dumps(dict(instrument=instrument_id(), real=real, sets=record),
+                                                       indent=1) + "\n")
     (results / "diagnosis.md").write_text(text)
     print(text)
 

@@ -7,8 +7,9 @@
 Each `--model LABEL=MODEL[,MODEL...]` is one row; several models in a row are its training seeds. Every model is
 scored on each sample set k by `python -m dmd2 evaluate --model MODEL --seed <1000 k> --optdigits` (every measure of
 evaluate, and this space's) into `<results>/<model as a file name>-set<k>.json`; sets are 1,000 seeds apart so that
-they share no image (`dmd2.sampling.sample_set_seed`). A result that exists is kept when it names the model, count
-and seed and no weight or config file of the model's folder is newer. The table (`<results>/table.md`, also printed)
+they share no image (`dmd2.sampling.sample_set_seed`). A result that exists is kept when it names the model, count,
+seed and instrument (`dmd2.metrics.optdigits.instrument_id`: the network's files and the mapping's constants) and no
+weight or config file of the model's folder is newer. The table (`<results>/table.md`, also printed)
 gives per measure the row's mean over seeds of each seed's mean over sample sets, its standard deviation and range
 over seeds (one seed: the sample sets' values); then, for each row against the first (the reference, e.g. the
 teacher) and each `--versus A=B` pair, the measures on which every seed of A beats B's mean, and those on which
@@ -67,14 +68,21 @@ def model_folder(model: str) -> Path | None:
         return None
 
 
-def is_current(out: Path, model: str, num: int, seed: int) -> bool:
-    """Does `out` hold this model's optdigits scores on `num` samples of this seed, newer than every weight and config
-    file of the model's folder?"""
+def is_current(out: Path, model: str, num: int, seed: int, instrument: str | None = None) -> bool:
+    """Does `out` hold this model's optdigits scores on `num` samples of this seed, by this instrument (its
+    `instrument_id`; default: the committed network's), newer than every weight and config file of the model's
+    folder?"""
     if not out.is_file():
         return False
+    if instrument is None:
+        from dmd2.metrics.optdigits import instrument_id
+
+        instrument = instrument_id()
     try:
         held = json.loads(out.read_text())
         if (held.get("model"), held.get("num"), held.get("seed")) != (model, num, seed) or "optdigits_fid" not in held:
+            return False
+        if held.get("optdigits_instrument") != instrument:   # another network or mapping scored it
             return False
     except (ValueError, OSError, AttributeError):
         return False

@@ -97,6 +97,21 @@ def test_a_saved_network_loads_back_and_a_missing_one_names_the_training_command
         load_optdigits_net(tmp_path / "nowhere")
 
 
+def test_the_instrument_id_changes_with_the_network_or_the_mapping_and_names_a_missing_file(tmp_path, monkeypatch):
+    import dmd2.metrics.optdigits as optdigits
+    from dmd2.metrics.optdigits import instrument_id
+
+    committed = instrument_id()
+    assert committed == instrument_id() and len(committed) == 16
+    torch.manual_seed(0)
+    save_optdigits_net(OptdigitsNet(), tmp_path / "other")
+    assert instrument_id(tmp_path / "other") != committed          # other weights
+    monkeypatch.setattr(optdigits, "DILATE", 0)
+    assert instrument_id() != committed                            # the same weights read through another mapping
+    with pytest.raises(ModelLoadError, match="model.safetensors.*python -m training optdigits-net"):
+        instrument_id(tmp_path / "nowhere")
+
+
 def test_training_is_deterministic_and_writes_a_card(tmp_path):
     from training.optdigits_net import train_optdigits_net
 
@@ -142,7 +157,14 @@ def test_a_result_is_kept_only_for_its_model_count_seed_and_a_student_not_retrai
 
     student = make_tiny_students(tmp_path)[0]
     out = tmp_path / "r.json"
-    out.write_text(json.dumps({"model": student, "num": 50, "seed": 1000, "optdigits_fid": 1.0}))
+    from dmd2.metrics.optdigits import instrument_id
+
+    held = {"model": student, "num": 50, "seed": 1000, "optdigits_fid": 1.0}
+    out.write_text(json.dumps(held))
+    assert not outside_check.is_current(out, student, 50, 1000)     # no instrument named: scored before fingerprints
+    out.write_text(json.dumps({**held, "optdigits_instrument": "another network"}))
+    assert not outside_check.is_current(out, student, 50, 1000)
+    out.write_text(json.dumps({**held, "optdigits_instrument": instrument_id()}))
     assert outside_check.is_current(out, student, 50, 1000)
     assert not outside_check.is_current(out, student, 60, 1000)
     assert not outside_check.is_current(out, student, 50, 1)
@@ -161,6 +183,8 @@ def test_a_result_is_kept_only_for_its_model_count_seed_and_a_student_not_retrai
 def test_scores_a_tiny_student_on_two_sample_sets_then_reuses_them(tmp_path, capsys):
     from conftest import make_tiny_students
 
+    from dmd2.metrics.optdigits import instrument_id
+
     two = make_tiny_students(tmp_path)[1]
     argv = ["--model", f"a={two}", "--model", f"b={two}", "--versus", "a=b", "--num", "20",
             "--results", str(tmp_path / "results")]
@@ -170,6 +194,7 @@ def test_scores_a_tiny_student_on_two_sample_sets_then_reuses_them(tmp_path, cap
     saved = json.loads(outside_check.result_path(tmp_path / "results", two, 1).read_text())
     assert saved["model"] == two and saved["seed"] == 1000 and saved["num"] == 20 and saved["nfe"] == 2
     assert "optdigits_recall" in saved and "autoencoder_recall" in saved      # this space's and evaluate's measures
+    assert saved["optdigits_instrument"] == instrument_id()
     assert "- b against a:" in out and "- a against b:" in out
     assert (tmp_path / "results" / "table.md").read_text().strip() in out
     outside_check.main(argv)

@@ -156,6 +156,24 @@ def default_optdigits_net() -> OptdigitsNet:
         return _default[0]
 
 
+def instrument_id(path=DEFAULT_PATH) -> str:
+    """A fingerprint of the instrument: the network's weight and config files and the mapping's constants (16 hex
+    digits of a sha256). A result scored with another network or mapping has another id (scripts/outside_check.py
+    rescores it); ModelLoadError names a missing file."""
+    import hashlib
+
+    from dmd2.families.base import ModelLoadError
+
+    digest = hashlib.sha256(f"THRESHOLD={THRESHOLD} DILATE={DILATE} WIDTH_CAP={WIDTH_CAP}".encode())
+    for name in ("model.safetensors", "config.json"):
+        try:
+            digest.update((Path(path) / name).read_bytes())
+        except OSError as e:
+            raise ModelLoadError(f"optdigits network: cannot read {Path(path) / name} ({e.strerror}); "
+                                 f"make it with `{TRAIN_COMMAND}`") from None
+    return digest.hexdigest()[:16]
+
+
 def evaluate_optdigits(images_uint8, labels, net: OptdigitsNet | None = None) -> dict:
     """The measures named in the module docstring for uint8 images and their requested labels (0..9), against
     the 5,000 real digits (N >= 2)."""

@@ -23,7 +23,6 @@ each row loses against the first), and prints the table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from outside_check import fmt, model_folder, parse_row
+from outside_check import checked_rows, fmt, row_parser
 
 from dmd2.sampling import sample_set_seed
 
@@ -170,32 +169,14 @@ def table(rows: dict[str, list[list[dict]]], real: dict | None = None) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", action="append", required=True, metavar="LABEL=MODEL[,MODEL...]",
-                   help="a row; several models are its seeds; the first row is the reference")
-    p.add_argument("--sample-sets", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--num", type=int, default=5000)
+    p = row_parser(__doc__.splitlines()[0])
     p.add_argument("--samples", default="runs/optdiag", help="where the sample sets are kept (npz)")
-    p.add_argument("--results", default="results/optdigits")
     a = p.parse_args(argv)
-    if a.num < MIN_NUM:
-        p.error(f"--num must be at least {MIN_NUM} (65 samples of each class: the reader's features are 64-d), "
-                f"got {a.num}")
-    if len(set(a.sample_sets)) != len(a.sample_sets) or min(a.sample_sets) < 0:
-        p.error(f"--sample-sets must be distinct and >= 0, got {a.sample_sets}")
-    rows = dict(parse_row(m) for m in a.model)
-    if len(rows) != len(a.model):
-        p.error("two --model rows share a label")
-    for label, models in rows.items():
-        for model in models:
-            folder = model_folder(model)
-            if folder is None or not folder.is_dir():
-                p.error(f"--model {label}={model}: no such model (a registry name or a student folder)")
     samples, results = Path(a.samples), Path(a.results)
-    for flag, folder in (("--samples", samples), ("--results", results)):
-        if folder.exists() and not folder.is_dir():
-            p.error(f"{flag} {folder}: is a file, not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
+    if samples.exists() and not samples.is_dir():
+        p.error(f"--samples {samples}: is a file, not a folder")
+    rows = checked_rows(p, a, MIN_NUM, "65 samples of each class: the reader's features are 64-d")
+    samples.mkdir(parents=True, exist_ok=True)
 
     from dmd2.metrics.mnist import real_digits
 

@@ -149,29 +149,28 @@ def table(rows: dict[str, list[list[dict]]], versus: list[tuple[str, str]], real
                      f"{', '.join(losses) or 'none'}")
     return "\n".join(lines) + "\n"
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def row_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments this script shares with scripts/optdigits_diagnosis.py: rows of models, sample sets, count,
+    results folder."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", action="append", required=True, metavar="LABEL=MODEL[,MODEL...]",
                    help="a row; several models are its seeds; the first row is the reference")
-    p.add_argument("--versus", action="append", default=[], metavar="A=B", help="also compare row A with row B")
     p.add_argument("--sample-sets", type=int, nargs="+", default=[0, 1])
     p.add_argument("--num", type=int, default=5000)
     p.add_argument("--results", default="results/optdigits")
-    p.add_argument("--dry-run", action="store_true", help="print what would be scored, score nothing")
-    a = p.parse_args(argv)
-    if a.num < 4:
-        p.error(f"--num must be at least 4 (precision and recall need more samples than neighbours), got {a.num}")
+    return p
+
+
+def checked_rows(p: argparse.ArgumentParser, a, min_num: int, why: str) -> dict[str, list[str]]:
+    """The rows of `row_parser`'s arguments, each model checked to exist; p.error names a bad argument. Makes the
+    results folder."""
+    if a.num < min_num:
+        p.error(f"--num must be at least {min_num} ({why}), got {a.num}")
     if len(set(a.sample_sets)) != len(a.sample_sets) or min(a.sample_sets) < 0:
         p.error(f"--sample-sets must be distinct and >= 0, got {a.sample_sets}")
     rows = dict(parse_row(m) for m in a.model)
     if len(rows) != len(a.model):
         p.error("two --model rows share a label")
-    versus = []
-    for v in a.versus:
-        x, _, y = v.partition("=")
-        if x.strip() not in rows or y.strip() not in rows:
-            p.error(f"--versus {v!r}: both sides must be --model labels ({', '.join(rows)})")
-        versus.append((x.strip(), y.strip()))
     for label, models in rows.items():
         for model in models:
             folder = model_folder(model)
@@ -181,6 +180,22 @@ def main(argv=None) -> None:
     if results.exists() and not results.is_dir():
         p.error(f"--results {results}: is a file, not a folder")
     results.mkdir(parents=True, exist_ok=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    p = row_parser(__doc__.splitlines()[0])
+    p.add_argument("--versus", action="append", default=[], metavar="A=B", help="also compare row A with row B")
+    p.add_argument("--dry-run", action="store_true", help="print what would be scored, score nothing")
+    a = p.parse_args(argv)
+    rows = checked_rows(p, a, 4, "precision and recall need more samples than neighbours")
+    versus = []
+    for v in a.versus:
+        x, _, y = v.partition("=")
+        if x.strip() not in rows or y.strip() not in rows:
+            p.error(f"--versus {v!r}: both sides must be --model labels ({', '.join(rows)})")
+        versus.append((x.strip(), y.strip()))
+    results = Path(a.results)
     scored = {}
     for label, models in rows.items():
         scored[label] = []

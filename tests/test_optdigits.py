@@ -204,7 +204,7 @@ def test_scores_a_tiny_student_on_two_sample_sets_then_reuses_them(tmp_path, cap
 def test_bad_arguments_are_refused_naming_them(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     for argv, message in ((["--model", "a=x", "--model", "a=y"], "share a label"),
-                          (["--model", "a=x", "--versus", "a=zz"], "--versus 'a=zz'"),
+                          (["--model", "a=mnist-teacher", "--versus", "a=zz"], "--versus 'a=zz'"),
                           (["--model", "a=x", "--num", "3"], "--num must be at least 4"),
                           (["--model", "a=x", "--sample-sets", "0", "0"], "--sample-sets must be distinct"),
                           (["--model", f"a={tmp_path / 'nowhere'}"], "no such model"),

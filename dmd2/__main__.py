@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -109,7 +110,10 @@ def cmd_sample(a) -> None:
     model = registry.load(a.model)
     images, labels, _, _ = generate_many(model, a.num, a.seed, a.steps, a.guidance, labels=_labels(a, model),
                                          autocast=a.bf16, **_handover(a, model))
-    np.savez(out, images=images, labels=labels)
+    part = out.with_name(out.name + ".part")      # a killed run leaves no truncated file at `out`
+    with open(part, "wb") as f:
+        np.savez(f, images=images, labels=labels, model=np.array(a.model), seed=np.array(a.seed))
+    os.replace(part, out)
     print(f"wrote {len(images)} images from {a.model} to {out}")
 
 

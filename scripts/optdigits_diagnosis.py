@@ -7,15 +7,15 @@
 Rows as in scripts/outside_check.py (`LABEL=MODEL[,MODEL...]`, several models are a row's training seeds; the first
 row is the reference). Each model's sample set k is `python -m dmd2 sample --model MODEL --num N --seed <1000 k>`
 (the images of `evaluate --seed <1000 k>`), kept in `<samples>/<model as a file name>-set<k>.npz` and reused when
-it holds N images. Per model and set, against the 5,000 real digits:
+it names that model and seed, holds N images and is newer than the model's weights. Per model and set, against the 5,000 real digits:
 - `fid`: the optdigits reader's FID on the whole set (as `evaluate --optdigits`);
 - `class_fid`: per class c, the samples asked for c against the real digits of class c, in the reader's features
   (a list of ten), and `class_fid_mean`, their mean;
 - `count_fid`: the Frechet distance on the 64 block counts / 16 (the reader's input; no network);
 - pixel statistics of each image before the mapping, as their mean (`<stat>_mean`) and the Wasserstein-1 distance of
   their distribution to the real digits' (`<stat>_w1`): `ink` (pixels >= 128), `stroke` (2 x ink / perimeter, the
-  perimeter counting the pixel sides between ink and background: a stroke of width w and length L >> w gives
-  2 w L / (2 L + 2 w), about w pixels), `darkness` (the mean
+  perimeter by the Cauchy-Crofton formula, `crofton_perimeter`: a stroke of width w and length L >> w gives about
+  w pixels at any angle), `darkness` (the mean
   value of ink pixels, 0..1) and `slant` (`dmd2.metrics.optdigits.slant`).
 Writes `<results>/diagnosis.json` (every value) and `<results>/diagnosis.md` (the table and the counts of classes
 each row loses against the first), and prints the table.
@@ -27,11 +27,13 @@ import json
 import statistics
 import subprocess
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from outside_check import checked_rows, fmt, row_parser
+from outside_check import checked_rows, fmt, model_mtime, row_parser
 
 from dmd2.sampling import sample_set_seed
 
@@ -40,6 +42,20 @@ STATS = ("ink", "stroke", "darkness", "slant")
 MIN_NUM = 650   # per-class FID needs 65 samples of each of the ten classes
 COLUMNS = [("fid", "FID"), ("class_fid_mean", "per-class FID (mean of 10)"), ("count_fid", "count FID")] + [
     (f"{s}_{k}", f"{s} {'W1' if k == 'w1' else 'mean'}") for s in STATS for k in ("mean", "w1")]
+
+
+def crofton_perimeter(ink: np.ndarray) -> np.ndarray:
+    """The ink's boundary length per image (N x H x W bool), by the Cauchy-Crofton formula on four directions: ink /
+    background transitions along rows and columns (lines 1 px apart) and both diagonals (1 / sqrt 2 px apart),
+    pi / 8 (n_0 + n_90 + (n_45 + n_135) / sqrt 2). Counting pixel sides alone reads a 45-degree boundary sqrt 2 too
+    long; this reads a disc of radius 20 px within 2%, and 2 x area / perimeter of straight 20 px strokes 2-4 px wide
+    within 8% of their rasterised width at any angle (1 px strokes read 0.9-1.15)."""
+    p = np.pad(ink, ((0, 0), (1, 1), (1, 1)))
+    n0 = (p[:, :, 1:] != p[:, :, :-1]).sum((1, 2))
+    n90 = (p[:, 1:] != p[:, :-1]).sum((1, 2))
+    n45 = (p[:, 1:, 1:] != p[:, :-1, :-1]).sum((1, 2))
+    n135 = (p[:, 1:, :-1] != p[:, :-1, 1:]).sum((1, 2))
+    return np.pi / 8 * (n0 + n90 + (n45 + n135) / np.sqrt(2))
 
 
 def pixel_stats(images_uint8) -> dict[str, np.ndarray]:
@@ -52,10 +68,8 @@ def pixel_stats(images_uint8) -> dict[str, np.ndarray]:
     x = x.reshape(x.shape[0], x.shape[1], x.shape[2])
     ink = x >= 128
     area = ink.sum((1, 2))
-    padded = np.pad(ink, ((0, 0), (1, 1), (1, 1)))
-    perimeter = ((padded[:, 1:] != padded[:, :-1]).sum((1, 2))      # pixel sides between ink and background
-                 + (padded[:, :, 1:] != padded[:, :, :-1]).sum((1, 2)))
-    stroke = np.where(perimeter > 0, 2.0 * area / np.maximum(perimeter, 1), 0.0)
+    perimeter = crofton_perimeter(ink)
+    stroke = np.where(perimeter > 0, 2.0 * area / np.maximum(perimeter, 1e-9), 0.0)
     darkness = np.where(area > 0, (x * ink).sum((1, 2)) / np.maximum(area, 1) / 255.0, 0.0)
     t = torch.from_numpy(x.astype(np.float32) / 255.0)[:, None]
     return dict(ink=area.astype(np.float64), stroke=stroke, darkness=darkness, slant=slant(t).numpy().astype(np.float64))
@@ -78,7 +92,6 @@ def class_fids(fake: np.ndarray, fake_labels: np.ndarray, real: np.ndarray, real
 def diagnose(images, labels, real_images, real_labels, net=None) -> dict:
     """Every value of the module docstring for one sample set."""
     import torch
-    from scipy.stats import wasserstein_distance
 
     from dmd2.metrics.frechet import feature_stats, frechet_distance
     from dmd2.metrics.independent import embed
@@ -96,7 +109,16 @@ def diagnose(images, labels, real_images, real_labels, net=None) -> dict:
     out = dict(num=len(images), fid=frechet_distance(*feature_stats(fake_f), *feature_stats(real_f)),
                class_fid=per_class, class_fid_mean=float(np.mean(per_class)),
                count_fid=frechet_distance(*feature_stats(fake_c), *feature_stats(real_c)))
+    return {**out, **stat_distances(images, real_images)}
+
+
+def stat_distances(images, real_images) -> dict[str, float]:
+    """Each pixel statistic's mean over `images` (`<stat>_mean`) and the Wasserstein-1 distance of its distribution
+    to the real images' (`<stat>_w1`)."""
+    from scipy.stats import wasserstein_distance
+
     fake_s, real_s = pixel_stats(images), pixel_stats(real_images)
+    out = {}
     for s in STATS:
         out[f"{s}_mean"] = float(fake_s[s].mean())
         out[f"{s}_w1"] = float(wasserstein_distance(fake_s[s], real_s[s]))
@@ -116,14 +138,18 @@ def samples_path(samples: Path, model: str, sample_set: int) -> Path:
     return samples / f"{slug}-set{sample_set}.npz"
 
 
-def load_samples(path: Path, num: int):
-    """(images, labels) of an npz written by `python -m dmd2 sample`, or None when missing, unreadable or not `num`."""
+def load_samples(path: Path, model: str, seed: int, num: int):
+    """(images, labels) of an npz that `python -m dmd2 sample` wrote for this model, seed and count, newer than the
+    model's weights; None when it is missing, unreadable (a truncated file), made otherwise, or older."""
     try:
         with np.load(path) as held:
             images, labels = held["images"], held["labels"]
-    except (OSError, KeyError, ValueError):
+            made = (str(held["model"]), int(held["seed"]))
+    except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile, zlib.error):
         return None
-    return (images, labels) if len(images) == num == len(labels) else None
+    if made != (model, seed) or images.ndim < 3 or len(images) != num or labels.shape != (num,):
+        return None
+    return (images, labels) if path.stat().st_mtime >= model_mtime(model) else None
 
 
 def sample_command(model: str, seed: int, num: int, out: Path) -> list[str]:
@@ -146,7 +172,9 @@ def cell(values: list[float]) -> str:
 
 def table(rows: dict[str, list[list[dict]]], real: dict | None = None) -> str:
     """Markdown: per row, each column's mean over seeds (± sd over seeds when several); then, per row against the
-    first, how many of the ten classes each seed loses (higher per-class FID than the first row's mean)."""
+    first, the distances (FIDs, W1s) on which every seed is farther from the real digits than the first row's mean,
+    those on which every seed is closer, and how many of the ten classes each seed loses (a per-class FID above the
+    first row's mean for that class)."""
     seeds = {label: [seed_means(sets) for sets in models] for label, models in rows.items()}
     lines = ["| model | seeds | " + " | ".join(name for _, name in COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
     for label, values in seeds.items():
@@ -162,9 +190,20 @@ def table(rows: dict[str, list[list[dict]]], real: dict | None = None) -> str:
     for label, values in seeds.items():
         if label == first:
             continue
+        every = "every seed " if len(values) > 1 else ""
+        farther, closer = [], []       # the distances to the real digits (all but the *_mean columns)
+        for key, name in COLUMNS:
+            if key.endswith("_mean") and key != "class_fid_mean":
+                continue
+            mean = statistics.fmean(v[key] for v in ref)
+            if all(v[key] > mean for v in values):
+                farther.append(name)
+            elif all(v[key] < mean for v in values):
+                closer.append(name)
         lost = [sum(v["class_fid"][c] > ref_class[c] for c in range(len(ref_class))) for v in values]
-        lines.append(f"- {label}: per-class FID above {first}'s in {' / '.join(map(str, lost))} of "
-                     f"{len(ref_class)} classes{' (per seed)' if len(values) > 1 else ''}")
+        lines.append(f"- {label} against {first}: {every}farther from the real digits on {', '.join(farther) or 'none'};"
+                     f" {every}closer on {', '.join(closer) or 'none'}; per-class FID above {first}'s in "
+                     f"{' / '.join(map(str, lost))} of {len(ref_class)} classes{' (per seed)' if len(values) > 1 else ''}")
     return "\n".join(lines) + "\n"
 
 
@@ -189,11 +228,12 @@ def main(argv=None) -> None:
             sets = []
             for k in a.sample_sets:
                 path, seed = samples_path(samples, model, k), sample_set_seed(k)
-                held = load_samples(path, a.num)
+                held = load_samples(path, model, seed, a.num)
                 if held is None:
                     cmd = sample_command(model, seed, a.num, path)
                     print("$ " + " ".join(cmd), flush=True)
-                    if subprocess.run(cmd, cwd=ROOT).returncode != 0 or (held := load_samples(path, a.num)) is None:
+                    failed = subprocess.run(cmd, cwd=ROOT).returncode != 0
+                    if failed or (held := load_samples(path, model, seed, a.num)) is None:
                         raise SystemExit(f"error: sampling {model} for sample set {k} failed")
                 result = diagnose(*held, real_images, real_labels)
                 record[f"{model}-set{k}"] = dict(model=model, row=label, sample_set=k, seed=seed, **result)

@@ -86,12 +86,15 @@ def is_current(out: Path, model: str, num: int, seed: int, instrument: str | Non
             return False
     except (ValueError, OSError, AttributeError):
         return False
+    return out.stat().st_mtime >= model_mtime(model)
+
+
+def model_mtime(model: str) -> float:
+    """When the model's newest weight or config file was written (not a card edited since; 0 without a folder)."""
     folder = model_folder(model)
-    if folder is not None and folder.is_dir():  # weights and configs, not a card edited since
-        newest = max((f.stat().st_mtime for f in folder.rglob("*") if f.is_file() and f.suffix in MODEL_FILES),
-                     default=0.0)
-        return out.stat().st_mtime >= newest
-    return True
+    if folder is None or not folder.is_dir():
+        return 0.0
+    return max((f.stat().st_mtime for f in folder.rglob("*") if f.is_file() and f.suffix in MODEL_FILES), default=0.0)
 
 
 def evaluate_command(model: str, seed: int, num: int, out: Path) -> list[str]:

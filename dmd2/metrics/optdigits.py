@@ -42,14 +42,15 @@ TRAIN_COMMAND = "python -m training optdigits-net"
 THRESHOLD = 0.5      # ink = pixel above this fraction of white, before and after scaling (NIST's bitmaps are binary)
 DILATE = 1           # grow strokes by this many pixels at 32 x 32 (optdigits' strokes are thicker than MNIST's)
 WIDTH_CAP = 1.0      # scale the ink's box to fill 32 px in height or in width (at most this fraction), aspect kept
+MAPPING_VERSION = 1  # raise it when the mapping's code changes what it computes (instrument_id hashes it)
 
 _lock = threading.Lock()
 _default: list["OptdigitsNet"] = []
 
 
 def _moments(x: torch.Tensor):
-    """Pixel grids, each image's ink centre row and its shear (x per row of its ink's principal axis; ink N x 1 x H x W
-    in [0, 1])."""
+    """Pixel grids (rows, columns), each pixel's row offset from its image's ink centre, and each image's shear
+    (columns per row of its ink's principal axis); ink N x 1 x H x W in [0, 1]."""
     _, _, h, w = x.shape
     ys, xs = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
     m = x[:, 0].sum((1, 2)).clamp_min(1e-8)
@@ -157,14 +158,15 @@ def default_optdigits_net() -> OptdigitsNet:
 
 
 def instrument_id(path=DEFAULT_PATH) -> str:
-    """A fingerprint of the instrument: the network's weight and config files and the mapping's constants (16 hex
-    digits of a sha256). A result scored with another network or mapping has another id (scripts/outside_check.py
+    """A fingerprint of the instrument: the network's weight and config files and the mapping's constants and version
+    (16 hex digits of a sha256). A result scored with another network or mapping has another id (scripts/outside_check.py
     rescores it); ModelLoadError names a missing file."""
     import hashlib
 
     from dmd2.families.base import ModelLoadError
 
-    digest = hashlib.sha256(f"THRESHOLD={THRESHOLD} DILATE={DILATE} WIDTH_CAP={WIDTH_CAP}".encode())
+    digest = hashlib.sha256(f"MAPPING_VERSION={MAPPING_VERSION} THRESHOLD={THRESHOLD} DILATE={DILATE} "
+                            f"WIDTH_CAP={WIDTH_CAP}".encode())
     for name in ("model.safetensors", "config.json"):
         try:
             digest.update((Path(path) / name).read_bytes())

@@ -12,6 +12,8 @@ it names that model and seed, holds N images and is newer than the model's weigh
 - `class_fid`: per class c, the samples asked for c against the real digits of class c, in the reader's features
   (a list of ten), and `class_fid_mean`, their mean;
 - `count_fid`: the Frechet distance on the 64 block counts / 16 (the reader's input; no network);
+- `count_spread`: the block counts' within-class variety, per class the trace of their covariance, averaged over the
+  classes, as a ratio to the real digits' (1: as varied as the real digits);
 - pixel statistics of each image before the mapping, as their mean (`<stat>_mean`) and the Wasserstein-1 distance of
   their distribution to the real digits' (`<stat>_w1`): `ink` (pixels >= 128), `stroke` (2 x ink / perimeter, the
   perimeter by the Cauchy-Crofton formula, `crofton_perimeter`: a stroke of width w and length L >> w gives about
@@ -39,8 +41,10 @@ from dmd2.sampling import sample_set_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 STATS = ("ink", "stroke", "darkness", "slant")
+DISTANCES = {"fid", "class_fid_mean", "count_fid"} | {f"{s}_w1" for s in STATS}   # lower = closer to the real digits
 MIN_NUM = 650   # per-class FID needs 65 samples of each of the ten classes
-COLUMNS = [("fid", "FID"), ("class_fid_mean", "per-class FID (mean of 10)"), ("count_fid", "count FID")] + [
+COLUMNS = [("fid", "FID"), ("class_fid_mean", "per-class FID (mean of 10)"), ("count_fid", "count FID"),
+           ("count_spread", "count spread (real = 1)")] + [
     (f"{s}_{k}", f"{s} {'W1' if k == 'w1' else 'mean'}") for s in STATS for k in ("mean", "w1")]
 
 
@@ -89,6 +93,11 @@ def class_fids(fake: np.ndarray, fake_labels: np.ndarray, real: np.ndarray, real
     return out
 
 
+def class_spread(x: np.ndarray, labels: np.ndarray) -> float:
+    """The total variance (trace of the covariance) of each class's rows of x, averaged over the classes present."""
+    return float(np.mean([np.var(x[labels == c], axis=0, ddof=1).sum() for c in np.unique(labels)]))
+
+
 def diagnose(images, labels, real_images, real_labels, net=None) -> dict:
     """Every value of the module docstring for one sample set."""
     import torch
@@ -108,7 +117,8 @@ def diagnose(images, labels, real_images, real_labels, net=None) -> dict:
     per_class = class_fids(fake_f, labels, real_f, real_labels)
     out = dict(num=len(images), fid=frechet_distance(*feature_stats(fake_f), *feature_stats(real_f)),
                class_fid=per_class, class_fid_mean=float(np.mean(per_class)),
-               count_fid=frechet_distance(*feature_stats(fake_c), *feature_stats(real_c)))
+               count_fid=frechet_distance(*feature_stats(fake_c), *feature_stats(real_c)),
+               count_spread=class_spread(fake_c, labels) / class_spread(real_c, real_labels))
     return {**out, **stat_distances(images, real_images)}
 
 
@@ -181,7 +191,7 @@ def table(rows: dict[str, list[list[dict]]], real: dict | None = None) -> str:
         lines.append(f"| {label} | {len(values)} | " + " | ".join(cell([v[k] for v in values]) for k, _ in COLUMNS)
                      + " |")
     if real is not None:
-        lines.append("| real digits | - | 0 | 0 | 0 | " + " | ".join(f"{fmt(real[f'{s}_mean'])} | 0" for s in STATS)
+        lines.append("| real digits | - | 0 | 0 | 0 | 1 | " + " | ".join(f"{fmt(real[f'{s}_mean'])} | 0" for s in STATS)
                      + " |")
     first = next(iter(seeds))
     ref = seeds[first]
@@ -191,9 +201,9 @@ def table(rows: dict[str, list[list[dict]]], real: dict | None = None) -> str:
         if label == first:
             continue
         every = "every seed " if len(values) > 1 else ""
-        farther, closer = [], []       # the distances to the real digits (all but the *_mean columns)
+        farther, closer = [], []       # the distances to the real digits (not the means, not the spread)
         for key, name in COLUMNS:
-            if key.endswith("_mean") and key != "class_fid_mean":
+            if key not in DISTANCES:
                 continue
             mean = statistics.fmean(v[key] for v in ref)
             if all(v[key] > mean for v in values):
@@ -201,9 +211,14 @@ def table(rows: dict[str, list[list[dict]]], real: dict | None = None) -> str:
             elif all(v[key] < mean for v in values):
                 closer.append(name)
         lost = [sum(v["class_fid"][c] > ref_class[c] for c in range(len(ref_class))) for v in values]
+        spread = statistics.fmean(v["count_spread"] for v in ref)
+        varied = ("less" if all(v["count_spread"] < spread for v in values) else
+                  "more" if all(v["count_spread"] > spread for v in values) else None)
         lines.append(f"- {label} against {first}: {every}farther from the real digits on {', '.join(farther) or 'none'};"
                      f" {every}closer on {', '.join(closer) or 'none'}; per-class FID above {first}'s in "
-                     f"{' / '.join(map(str, lost))} of {len(ref_class)} classes{' (per seed)' if len(values) > 1 else ''}")
+                     f"{' / '.join(map(str, lost))} of {len(ref_class)} classes{' (per seed)' if len(values) > 1 else ''};"
+                     + (f" {every}{varied} varied within classes (count spread)" if varied else
+                        " count spread on both sides"))
     return "\n".join(lines) + "\n"
 
 

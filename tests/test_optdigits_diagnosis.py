@@ -71,12 +71,19 @@ def test_per_class_fid_is_zero_for_a_set_against_itself_and_names_the_class_that
         diagnosis.class_fids(real[:303], labels[:303], real, labels)
 
 
+def test_count_spread_is_the_mean_within_class_total_variance():
+    x = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 0.0], [0.0, 4.0]])
+    labels = np.array([0, 0, 1, 1])
+    assert diagnosis.class_spread(x, labels) == pytest.approx((2.0 + 8.0) / 2)   # class 0: var 2; class 1: var 8
+
+
 def test_real_digits_against_themselves_have_every_distance_zero_and_mislabelled_digits_only_per_class():
     images, labels = real_digits()
     pick = np.concatenate([np.flatnonzero(labels == c)[:70] for c in range(10)])
     images, labels = images[pick], labels[pick]
     same = diagnosis.diagnose(images, labels, images, labels)
     assert same["fid"] < 1e-6 and same["count_fid"] < 1e-6 and same["class_fid_mean"] < 1e-6
+    assert same["count_spread"] == pytest.approx(1.0)
     assert all(same[f"{s}_w1"] == 0 for s in diagnosis.STATS)
     swapped = diagnosis.diagnose(images, (labels + 1) % 10, images, labels)   # the same images asked for other classes
     assert swapped["fid"] < 1e-6 and swapped["count_fid"] < 1e-6 # the whole set is unchanged
@@ -105,14 +112,16 @@ def test_the_table_gives_means_over_sets_and_seeds_and_what_every_seed_wins_or_l
     rows["student"][0][0]["slant_w1"] = rows["student"][1][0]["slant_w1"] = 0.0   # closer for every seed
     text = diagnosis.table(rows, {f"{s}_mean": 1.0 for s in diagnosis.STATS})
     teacher = next(line for line in text.splitlines() if line.startswith("| teacher"))
-    assert teacher.startswith("| teacher | 1 | 1.500 | 1.600 | 1.700 | 1.800 | ")   # FID, per-class, count, ink mean
+    assert teacher.startswith("| teacher | 1 | 1.500 | 1.600 | 1.700 | 1.800 | ")   # FID, per-class, count, spread
     student = next(line for line in text.splitlines() if line.startswith("| student"))
     assert student.startswith("| student | 2 | 4.000 ± 1.414 | 4.100 ± 1.414 | ")
-    assert "| real digits | - | 0 | 0 | 0 | 1.000 | 0 |" in text
+    assert "| real digits | - | 0 | 0 | 0 | 1 | 1.000 | 0 |" in text
     line = next(line for line in text.splitlines() if line.startswith("- student"))
     assert line.startswith("- student against teacher: every seed farther from the real digits on FID, per-class FID "
                            "(mean of 10), count FID, ink W1, darkness W1; every seed closer on slant W1; ")
-    assert "stroke" not in line and line.endswith("per-class FID above teacher's in 1 / 3 of 3 classes (per seed)")
+    assert "stroke" not in line and "spread)" not in line.split(";")[0]
+    assert line.endswith("per-class FID above teacher's in 1 / 3 of 3 classes (per seed); every seed more varied "
+                         "within classes (count spread)")
 
 
 def test_samples_are_made_once_and_the_results_name_the_instrument(tmp_path, capsys):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from outside_check import checked_rows, fmt, model_mtime, row_parser
+from outside_check import checked_rows, fmt, model_mtime, result_path, row_parser
 
 from dmd2.sampling import sample_set_seed
 
@@ -95,7 +95,9 @@ def class_fids(fake: np.ndarray, fake_labels: np.ndarray, real: np.ndarray, real
 
 def class_spread(x: np.ndarray, labels: np.ndarray) -> float:
     """The total variance (trace of the covariance) of each class's rows of x, averaged over the classes present."""
-    return float(np.mean([np.var(x[labels == c], axis=0, ddof=1).sum() for c in np.unique(labels)]))
+    from dmd2.metrics.mnist import _class_spread      # per class: sqrt of that trace
+
+    return float(np.mean([rms ** 2 for rms in _class_spread(x, labels).values()]))
 
 
 def diagnose(images, labels, real_images, real_labels, net=None) -> dict:
@@ -144,8 +146,7 @@ def real_reference() -> dict:
 
 
 def samples_path(samples: Path, model: str, sample_set: int) -> Path:
-    slug = model.strip("/").replace("/", "_").replace("\\", "_")
-    return samples / f"{slug}-set{sample_set}.npz"
+    return result_path(samples, model, sample_set, ".npz")
 
 
 def load_samples(path: Path, model: str, seed: int, num: int):

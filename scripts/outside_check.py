@@ -53,9 +53,10 @@ def parse_row(text: str) -> tuple[str, list[str]]:
     return label.strip(), names
 
 
-def result_path(results: Path, model: str, sample_set: int) -> Path:
+def result_path(results: Path, model: str, sample_set: int, suffix: str = ".json") -> Path:
+    """`<results>/<model as a file name>-set<k><suffix>`."""
     slug = model.strip("/").replace("/", "_").replace("\\", "_")
-    return results / f"{slug}-set{sample_set}.json"
+    return results / f"{slug}-set{sample_set}{suffix}"
 
 
 def model_folder(model: str) -> Path | None:

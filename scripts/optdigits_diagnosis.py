@@ -168,6 +168,20 @@ def sample_command(model: str, seed: int, num: int, out: Path) -> list[str]:
             "--out", str(out)]
 
 
+def sample_set(samples: Path, model: str, k: int, num: int):
+    """(images, labels) of the model's sample set k: the kept npz when `load_samples` takes it, else sampled now with
+    `python -m dmd2 sample` (SystemExit when that fails)."""
+    path, seed = samples_path(samples, model, k), sample_set_seed(k)
+    held = load_samples(path, model, seed, num)
+    if held is None:
+        cmd = sample_command(model, seed, num, path)
+        print("$ " + " ".join(cmd), flush=True)
+        failed = subprocess.run(cmd, cwd=ROOT).returncode != 0
+        if failed or (held := load_samples(path, model, seed, num)) is None:
+            raise SystemExit(f"error: sampling {model} for sample set {k} failed")
+    return held
+
+
 def seed_means(sets: list[dict]) -> dict[str, float]:
     """One model's value per column: the mean over its sample sets (class_fid per class too)."""
     out = {k: statistics.fmean(r[k] for r in sets) for k, _ in COLUMNS}
@@ -243,16 +257,9 @@ def main(argv=None) -> None:
         for model in models:
             sets = []
             for k in a.sample_sets:
-                path, seed = samples_path(samples, model, k), sample_set_seed(k)
-                held = load_samples(path, model, seed, a.num)
-                if held is None:
-                    cmd = sample_command(model, seed, a.num, path)
-                    print("$ " + " ".join(cmd), flush=True)
-                    failed = subprocess.run(cmd, cwd=ROOT).returncode != 0
-                    if failed or (held := load_samples(path, model, seed, a.num)) is None:
-                        raise SystemExit(f"error: sampling {model} for sample set {k} failed")
-                result = diagnose(*held, real_images, real_labels)
-                record[f"{model}-set{k}"] = dict(model=model, row=label, sample_set=k, seed=seed, **result)
+                result = diagnose(*sample_set(samples, model, k, a.num), real_images, real_labels)
+                record[f"{model}-set{k}"] = dict(model=model, row=label, sample_set=k, seed=sample_set_seed(k),
+                                                 **result)
                 sets.append(result)
             done[label].append(sets)
     real = real_reference()

@@ -85,3 +85,42 @@ def density_coverage(real, fake, k: int = 5, chunk: int = CHUNK) -> tuple[float,
         inside += int(hits.sum())
         covered[start:start + len(d)] = hits.any(axis=1)
     return inside / (k * len(fake)), float(covered.mean())
+
+
+def recall_breakdown(real, fake, k: int = 3, chunk: int = CHUNK) -> dict:
+    """Recall taken apart by which generated samples' balls reach the real set (Naeem et al. 2020's point: a
+    generated outlier sits where generated samples are sparse, so its ball is wide and reaches real samples nothing
+    resembles). Keys: `recall` and `off_manifold` (1 - precision) as `precision_recall`; `recall_on`, the fraction of
+    real samples inside the ball of some generated sample that is itself inside the real manifold (radii from the
+    whole generated set, as in recall); `recall_off_only` = recall - recall_on; `radius_ratio`, the median generated
+    k-NN radius over the median real one; `on_count`, how many generated samples are inside the real manifold."""
+    real, fake = _pair(real, fake)
+    r_real, r_fake = knn_radii(real, k, chunk), knn_radii(fake, k, chunk)
+    on = inside_any_ball(fake, real, r_real, chunk)
+    recall = float(inside_any_ball(real, fake, r_fake, chunk).mean())
+    recall_on = 0.0
+    if on.any():   # not inside_any_ball: one on-manifold centre is a valid (if tiny) set of balls
+        recall_on = float(np.concatenate([(d < r_fake[on][None, :]).any(axis=1)
+                                          for _, d in _distance_rows(real, fake[on], chunk)]).mean())
+    return dict(recall=recall, off_manifold=1.0 - float(on.mean()), recall_on=recall_on,
+                recall_off_only=recall - recall_on, radius_ratio=float(np.median(r_fake) / np.median(r_real)),
+                on_count=int(on.sum()))
+
+
+def on_manifold(real, fake, k: int = 3, chunk: int = CHUNK) -> np.ndarray:
+    """For each generated sample: is it inside the real manifold (precision's test, k-NN radii of the real set)?"""
+    real, fake = _pair(real, fake)
+    return inside_any_ball(fake, real, knn_radii(real, k, chunk), chunk)
+
+
+def drawn_recall(real, fake, m: int, draws: int = 5, k: int = 3, seed: int = 0, chunk: int = CHUNK) -> list[float]:
+    """Recall of m generated samples drawn without replacement (radii among the drawn ones), once per draw (draw d
+    uses numpy's default_rng(seed + d)): recall at a common count, so sets of different sizes compare."""
+    real, fake = _pair(real, fake)
+    if not k < m <= len(fake):
+        raise ValueError(f"drawing m={m} of {len(fake)} generated samples needs {k} < m <= {len(fake)} (k={k})")
+    out = []
+    for d in range(draws):
+        drawn = fake[np.random.default_rng(seed + d).choice(len(fake), m, replace=False)]
+        out.append(float(inside_any_ball(real, drawn, knn_radii(drawn, k, chunk), chunk).mean()))
+    return out

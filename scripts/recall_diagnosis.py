@@ -1,0 +1,157 @@
+"""Recall taken apart: is a model's recall lead carried by its off-manifold samples' k-NN balls?
+
+    python scripts/recall_diagnosis.py --model teacher=mnist-teacher --model 1-step=mnist-dmd2-1step ... \
+        [--sample-sets 0 1] [--num 5000] [--samples runs/optdiag] [--results results/recall] [--draws 5]
+
+Rows as in scripts/outside_check.py (`LABEL=MODEL`; the first row is the reference, e.g. the teacher; one model a
+row). Sample sets as in scripts/optdigits_diagnosis.py (`python -m dmd2 sample --seed <1000 k>`, the images of
+`evaluate --seed <1000 k>`, kept in `<samples>` and reused). Per model, set and feature space (the classifier's and
+the autoencoder's, the two of `evaluate`; the optdigits reader's beside them), with k = 3 as `evaluate`'s recall,
+against the 5,000 real digits: `dmd2.metrics.neighbours.recall_breakdown` (recall, off_manifold = 1 - precision,
+recall_on, recall_off_only, radius_ratio), `matched_recall` (m samples drawn from the whole set, radii among them,
+the mean over `--draws` draws) and `trimmed_recall` (the same, drawn from the on-manifold samples only); m, per space
+and set, is the smallest on-manifold count of any row. Then, per row against the first, in the primary spaces
+(classifier, autoencoder) on every set: gap = the first row's recall minus the row's, gap_trim the same on
+trimmed_recall, and the verdict on "the first row's recall lead is carried by its off-manifold samples":
+supported if gap_trim <= 0 everywhere, contradicted if gap_trim >= gap / 2 everywhere, mixed otherwise. Writes
+`<results>/diagnosis.json` (every value) and `<results>/diagnosis.md` (tables and verdicts), and prints them.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from optdigits_diagnosis import sample_set
+from outside_check import checked_rows, fmt, row_parser
+
+from dmd2.sampling import sample_set_seed
+
+ROOT = Path(__file__).resolve().parent.parent
+K = 3                                   # evaluate's precision/recall neighbours (dmd2.metrics.independent.PR_K)
+PRIMARY = ("classifier", "autoencoder")  # the spaces of evaluate's 14 measures
+SPACES = PRIMARY + ("optdigits",)
+COLUMNS = [("recall", "recall"), ("off_manifold", "off-manifold (1 - precision)"), ("recall_on", "recall, on-manifold balls"),
+           ("recall_off_only", "reached only by off-manifold balls"), ("radius_ratio", "k-NN radius / real"),
+           ("matched_recall", "recall at m"), ("trimmed_recall", "recall at m, on-manifold only")]
+
+
+def networks() -> dict:
+    """The feature networks of the three spaces (the committed ones)."""
+    from dmd2.metrics.independent import default_autoencoder
+    from dmd2.metrics.mnist import default_classifier
+    from dmd2.metrics.optdigits import default_optdigits_net
+
+    return {"classifier": default_classifier().eval(), "autoencoder": default_autoencoder().eval(),
+            "optdigits": default_optdigits_net().eval()}
+
+
+def features(nets: dict, images) -> dict:
+    from dmd2.metrics.independent import embed
+    from dmd2.metrics.mnist import _to_tensor
+
+    x = _to_tensor(images)
+    return {space: embed(net, x) for space, net in nets.items()}
+
+
+def diagnose(real: dict, fake: dict[str, dict], draws: int = 5) -> tuple[dict, dict]:
+    """real: space -> real features; fake: name -> space -> generated features (one sample set). Returns (values:
+    name -> space -> the columns, m: space -> the common draw count)."""
+    import numpy as np
+
+    from dmd2.metrics.neighbours import drawn_recall, on_manifold, recall_breakdown
+
+    values = {name: {s: recall_breakdown(real[s], f[s], K) for s in real} for name, f in fake.items()}
+    m = {s: min(v[s]["on_count"] for v in values.values()) for s in real}
+    for name, f in fake.items():
+        for s in real:
+            if m[s] <= K:
+                raise SystemExit(f"error: {name} has {m[s]} on-manifold samples in the {s} space; recall at m needs "
+                                 f"more than {K}")
+            on = on_manifold(real[s], f[s], K)
+            values[name][s]["matched_recall"] = statistics.fmean(drawn_recall(real[s], f[s], m[s], draws, K))
+            values[name][s]["trimmed_recall"] = statistics.fmean(
+                drawn_recall(real[s], np.asarray(f[s])[on], m[s], draws, K))
+    return values, m
+
+
+def verdict(ref: list[dict], row: list[dict]) -> tuple[str, list[tuple[str, int, float, float]]]:
+    """ref, row: per sample set, space -> the columns. (verdict, [(space, set index, gap, gap_trim)]) over the
+    primary spaces and every set; the rule of the module docstring."""
+    cells = [(s, i, r[s]["recall"] - w[s]["recall"], r[s]["trimmed_recall"] - w[s]["trimmed_recall"])
+             for i, (r, w) in enumerate(zip(ref, row)) for s in PRIMARY]
+    if all(trim <= 0 for _, _, _, trim in cells):
+        return "supported", cells
+    if all(trim >= gap / 2 for _, _, gap, trim in cells):
+        return "contradicted", cells
+    return "mixed", cells
+
+
+def table(done: dict[str, list[dict]], sets: list[int], m: list[dict]) -> str:
+    """Markdown: per space, each row's columns (the mean over sample sets, the sets' values after it); then each
+    row's verdict against the first."""
+    lines = []
+    for s in SPACES:
+        counts = ", ".join(f"set {k}: {mk[s]}" for k, mk in zip(sets, m))
+        lines += [f"**{s}** (m = {counts})", "", "| model | " + " | ".join(n for _, n in COLUMNS) + " |",
+                  "|---" * (len(COLUMNS) + 1) + "|"]
+        for label, per_set in done.items():
+            cols = []
+            for key, _ in COLUMNS:
+                v = [p[s][key] for p in per_set]
+                cols.append(fmt(statistics.fmean(v)) + ("" if len(v) == 1 else f" ({' / '.join(fmt(x) for x in v)})"))
+            lines.append(f"| {label} | " + " | ".join(cols) + " |")
+        lines.append("")
+    first = next(iter(done))
+    for label, per_set in done.items():
+        if label == first:
+            continue
+        word, cells = verdict(done[first], per_set)
+        detail = "; ".join(f"{s} set {sets[i]}: gap {fmt(g)}, trimmed {fmt(t)}" for s, i, g, t in cells)
+        lines.append(f"- {label}: {first}'s recall lead carried by its off-manifold samples: **{word}** ({detail})")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = row_parser(__doc__.splitlines()[0])
+    p.set_defaults(results="results/recall")
+    p.add_argument("--samples", default="runs/optdiag", help="where the sample sets are kept (npz)")
+    p.add_argument("--draws", type=int, default=5, help="draws of m samples for recall at m (default 5)")
+    a = p.parse_args(argv)
+    if a.draws < 1:
+        p.error(f"--draws must be at least 1, got {a.draws}")
+    samples = Path(a.samples)
+    if samples.exists() and not samples.is_dir():
+        p.error(f"--samples {samples}: is a file, not a folder")
+    rows = checked_rows(p, a, 2 * K + 2, f"recall at m needs more than {K} on-manifold samples")
+    if len(rows) < 2 or any(len(models) != 1 for models in rows.values()):
+        p.error("give at least two --model rows of one model each (the first is the reference)")
+    samples.mkdir(parents=True, exist_ok=True)
+
+    from dmd2.metrics.independent import real_features
+
+    nets = networks()
+    real = {s: real_features(net) for s, net in nets.items()}
+    done = {label: [] for label in rows}
+    common, record = [], {}
+    for k in a.sample_sets:
+        fake = {label: features(nets, sample_set(samples, models[0], k, a.num)[0]) for label, models in rows.items()}
+        values, m = diagnose(real, fake, a.draws)
+        common.append(m)
+        for label, models in rows.items():
+            done[label].append(values[label])
+            record[f"{models[0]}-set{k}"] = dict(model=models[0], row=label, sample_set=k, seed=sample_set_seed(k),
+                                                 spaces=values[label])
+    text = table(done, a.sample_sets, common)
+    results = Path(a.results)
+    (results / "diagnosis.json").write_text(json.dumps(dict(k=K, draws=a.draws, num=a.num, m=dict(zip(
+        map(str, a.sample_sets), common)), sets=record), indent=1) + "\n")
+    (results / "diagnosis.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

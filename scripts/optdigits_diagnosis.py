@@ -171,7 +171,7 @@ def sample_command(model: str, seed: int, num: int, out: Path) -> list[str]:
 def sample_set(samples: Path, model: str, k: int, num: int):
     """(images, labels) of the model's sample set k: the kept npz when `load_samples` takes it, else sampled now with
     `python -m dmd2 sample` (SystemExit when that fails)."""
-    path, seed = samples_path(samples, model, k), sample_set_seed(k)
+    path, seed = samples_path(samples, model, k).resolve(), sample_set_seed(k)   # sampling runs in ROOT
     held = load_samples(path, model, seed, num)
     if held is None:
         cmd = sample_command(model, seed, num, path)

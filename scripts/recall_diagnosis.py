@@ -12,9 +12,12 @@ recall_on, recall_off_only, radius_ratio), `matched_recall` (m samples drawn fro
 the mean over `--draws` draws) and `trimmed_recall` (the same, drawn from the on-manifold samples only); m, per space
 and set, is the smallest on-manifold count of any row. Then, per row against the first, in the primary spaces
 (classifier, autoencoder) on every set: gap = the first row's recall minus the row's, gap_trim the same on
-trimmed_recall, and the verdict on "the first row's recall lead is carried by its off-manifold samples":
-supported if gap_trim <= 0 everywhere, contradicted if gap_trim >= gap / 2 everywhere, mixed otherwise. Writes
-`<results>/diagnosis.json` (every value) and `<results>/diagnosis.md` (tables and verdicts), and prints them.
+trimmed_recall, and the verdict on "the first row's recall lead is carried by its off-manifold samples", over the
+cells where the row trails (gap > 0; none: "no lead"): supported if gap_trim <= 0 in every such cell, contradicted if
+gap_trim >= gap / 2 in every one, mixed otherwise; the matched gap (the smaller count's own effect) is printed
+beside each cell, and an overall verdict after the rows. Each table ends with a descriptive row: one random half of
+the real digits against the other (`real_baseline`). Writes `<results>/diagnosis.json` (every value, each draw's
+recall too) and `<results>/diagnosis.md` (tables and verdicts), and prints them.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from pathlib import Path
 from optdigits_diagnosis import sample_set
 from outside_check import checked_rows, fmt, row_parser
 
+from dmd2.metrics.independent import PR_K as K   # evaluate's precision/recall neighbours (3)
 from dmd2.sampling import sample_set_seed
 
 ROOT = Path(__file__).resolve().parent.parent
-K = 3                                   # evaluate's precision/recall neighbours (dmd2.metrics.independent.PR_K)
+REAL_SPLIT_SEED = 0                     # the real digits' halves of the descriptive real-against-real row
 PRIMARY = ("classifier", "autoencoder")  # the spaces of evaluate's 14 measures
 SPACES = PRIMARY + ("optdigits",)
 COLUMNS = [("recall", "recall"), ("off_manifold", "off-manifold (1 - precision)"), ("recall_on", "recall, on-manifold balls"),
@@ -58,23 +62,44 @@ def features(nets: dict, images) -> dict:
 
 def diagnose(real: dict, fake: dict[str, dict], draws: int = 5) -> tuple[dict, dict]:
     """real: space -> real features; fake: name -> space -> generated features (one sample set). Returns (values:
-    name -> space -> the columns, m: space -> the common draw count)."""
+    name -> space -> the columns, with each draw's recall in `matched_draws` / `trimmed_draws`; m: space -> the
+    common draw count, the smallest on-manifold count of any name)."""
     import numpy as np
 
     from dmd2.metrics.neighbours import drawn_recall, on_manifold, recall_breakdown
 
     values = {name: {s: recall_breakdown(real[s], f[s], K) for s in real} for name, f in fake.items()}
-    m = {s: min(v[s]["on_count"] for v in values.values()) for s in real}
+    m = {}
+    for s in real:
+        fewest = min(values, key=lambda name: values[name][s]["on_count"])
+        m[s] = values[fewest][s]["on_count"]
+        if m[s] <= K:
+            raise SystemExit(f"error: {fewest} has {m[s]} on-manifold samples in the {s} space; recall at m needs "
+                             f"more than {K}")
     for name, f in fake.items():
         for s in real:
-            if m[s] <= K:
-                raise SystemExit(f"error: {name} has {m[s]} on-manifold samples in the {s} space; recall at m needs "
-                                 f"more than {K}")
             on = on_manifold(real[s], f[s], K)
-            values[name][s]["matched_recall"] = statistics.fmean(drawn_recall(real[s], f[s], m[s], draws, K))
-            values[name][s]["trimmed_recall"] = statistics.fmean(
-                drawn_recall(real[s], np.asarray(f[s])[on], m[s], draws, K))
+            v = values[name][s]
+            v["matched_draws"] = drawn_recall(real[s], f[s], m[s], draws, K)
+            v["trimmed_draws"] = drawn_recall(real[s], np.asarray(f[s])[on], m[s], draws, K)
+            v["matched_recall"] = statistics.fmean(v["matched_draws"])
+            v["trimmed_recall"] = statistics.fmean(v["trimmed_draws"])
     return values, m
+
+
+def real_baseline(real: dict) -> dict:
+    """Descriptive: per space, `recall_breakdown` of one random half of the real digits against the other (what a
+    generator as good as the data would show at half the count)."""
+    import numpy as np
+
+    from dmd2.metrics.neighbours import recall_breakdown
+
+    out = {}
+    for s, f in real.items():
+        order = np.random.default_rng(REAL_SPLIT_SEED).permutation(len(f))
+        half = len(f) // 2
+        out[s] = recall_breakdown(f[order[:half]], f[order[half:2 * half]], K)
+    return out
 
 
 def verdict(ref: list[dict], row: list[dict]) -> tuple[str, list[tuple[str, int, float, float]]]:
@@ -82,16 +107,20 @@ def verdict(ref: list[dict], row: list[dict]) -> tuple[str, list[tuple[str, int,
     primary spaces and every set; the rule of the module docstring."""
     cells = [(s, i, r[s]["recall"] - w[s]["recall"], r[s]["trimmed_recall"] - w[s]["trimmed_recall"])
              for i, (r, w) in enumerate(zip(ref, row)) for s in PRIMARY]
-    if all(trim <= 0 for _, _, _, trim in cells):
+    lead = [c for c in cells if c[2] > 0]   # a cell where the row does not trail has no lead to explain
+    if not lead:
+        return "no lead", cells
+    if all(trim <= 0 for _, _, _, trim in lead):
         return "supported", cells
-    if all(trim >= gap / 2 for _, _, gap, trim in cells):
+    if all(trim >= gap / 2 for _, _, gap, trim in lead):
         return "contradicted", cells
     return "mixed", cells
 
 
-def table(done: dict[str, list[dict]], sets: list[int], m: list[dict]) -> str:
-    """Markdown: per space, each row's columns (the mean over sample sets, the sets' values after it); then each
-    row's verdict against the first."""
+def table(done: dict[str, list[dict]], sets: list[int], m: list[dict], real: dict | None = None) -> str:
+    """Markdown: per space, each row's columns (the mean over sample sets, the sets' values after it; then the
+    real-against-real row of `real_baseline`, if given); then each row's verdict against the first, the matched gap
+    (the count's own effect) beside each cell, and the overall verdict."""
     lines = []
     for s in SPACES:
         counts = ", ".join(f"set {k}: {mk[s]}" for k, mk in zip(sets, m))
@@ -103,14 +132,23 @@ def table(done: dict[str, list[dict]], sets: list[int], m: list[dict]) -> str:
                 v = [p[s][key] for p in per_set]
                 cols.append(fmt(statistics.fmean(v)) + ("" if len(v) == 1 else f" ({' / '.join(fmt(x) for x in v)})"))
             lines.append(f"| {label} | " + " | ".join(cols) + " |")
+        if real is not None:
+            lines.append("| real half against real half | " + " | ".join(
+                fmt(real[s][key]) if key in real[s] else "-" for key, _ in COLUMNS) + " |")
         lines.append("")
-    first = next(iter(done))
+    first, words = next(iter(done)), {}
     for label, per_set in done.items():
         if label == first:
             continue
         word, cells = verdict(done[first], per_set)
-        detail = "; ".join(f"{s} set {sets[i]}: gap {fmt(g)}, trimmed {fmt(t)}" for s, i, g, t in cells)
+        words[label] = word
+        detail = "; ".join(
+            f"{s} set {sets[i]}: gap {fmt(g)}, matched {fmt(done[first][i][s]['matched_recall'] - per_set[i][s]['matched_recall'])}, "
+            f"trimmed {fmt(t)}" for s, i, g, t in cells)
         lines.append(f"- {label}: {first}'s recall lead carried by its off-manifold samples: **{word}** ({detail})")
+    kinds = set(words.values())
+    overall = kinds.pop() if len(kinds) == 1 else "mixed (" + ", ".join(f"{k}: {v}" for k, v in words.items()) + ")"
+    lines.append(f"- overall: **{overall}**")
     return "\n".join(lines) + "\n"
 
 
@@ -125,9 +163,11 @@ def main(argv=None) -> None:
     samples = Path(a.samples)
     if samples.exists() and not samples.is_dir():
         p.error(f"--samples {samples}: is a file, not a folder")
-    rows = checked_rows(p, a, 2 * K + 2, f"recall at m needs more than {K} on-manifold samples")
-    if len(rows) < 2 or any(len(models) != 1 for models in rows.values()):
+    if len(a.model) < 2 or any("," in m.partition("=")[2] for m in a.model):
         p.error("give at least two --model rows of one model each (the first is the reference)")
+    rows = checked_rows(p, a, 2 * K + 2, f"recall at m needs more than {K} on-manifold samples")
+    if len({models[0] for models in rows.values()}) != len(rows):
+        p.error("two --model rows name the same model")
     samples.mkdir(parents=True, exist_ok=True)
 
     from dmd2.metrics.independent import real_features
@@ -144,10 +184,11 @@ def main(argv=None) -> None:
             done[label].append(values[label])
             record[f"{models[0]}-set{k}"] = dict(model=models[0], row=label, sample_set=k, seed=sample_set_seed(k),
                                                  spaces=values[label])
-    text = table(done, a.sample_sets, common)
+    baseline = real_baseline(real)
+    text = table(done, a.sample_sets, common, baseline)
     results = Path(a.results)
     (results / "diagnosis.json").write_text(json.dumps(dict(k=K, draws=a.draws, num=a.num, m=dict(zip(
-        map(str, a.sample_sets), common)), sets=record), indent=1) + "\n")
+        map(str, a.sample_sets), common)), real_halves=baseline, sets=record), indent=1) + "\n")
     (results / "diagnosis.md").write_text(text)
     print(text)
 

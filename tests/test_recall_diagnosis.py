@@ -46,6 +46,24 @@ def test_a_set_against_itself_and_a_collapsed_set():
     assert lone["on_count"] == 1 and lone["recall_on"] > 0       # one on-manifold centre still counts
 
 
+def brute_recall(real, drawn, k=3):
+    """Recall of 1-d `drawn` against 1-d `real`, radii among `drawn`, by loops (no library code)."""
+    radii = [sorted(abs(d - e) for j, e in enumerate(drawn) if j != i)[k - 1] for i, d in enumerate(drawn)]
+    return sum(any(abs(x - d) < r for d, r in zip(drawn, radii)) for x in real) / len(real)
+
+
+def test_drawn_recall_takes_radii_among_the_drawn_samples_hand_checked():
+    fake = np.array([0.1, 0.2, 0.3, 0.4, 5.0, 9.0])
+    got = drawn_recall(REAL, fake[:, None], 4, draws=6, k=1, seed=5)
+    whole = dict(zip(fake, [sorted(abs(d - e) for e in fake if e != d)[0] for d in fake]))  # radii among all six
+    differs = 0
+    for d in range(6):
+        drawn = fake[np.random.default_rng(5 + d).choice(6, 4, replace=False)]
+        assert got[d] == pytest.approx(brute_recall(REAL[:, 0], drawn, k=1))
+        differs += got[d] != pytest.approx(sum(any(abs(x - c) < whole[c] for c in drawn) for x in REAL[:, 0]) / 10)
+    assert len(set(got)) > 1 and differs   # the draws differ, and radii among the whole six give other values
+
+
 def test_drawn_recall_is_seeded_and_names_a_bad_count():
     rng = np.random.default_rng(1)
     real, fake = rng.normal(size=(300, 4)), rng.normal(size=(300, 4))
@@ -69,6 +87,28 @@ def test_the_verdict_rule():
     mixed = [cells(0.85, 0.81), cells(0.85, 0.70)]                                    # one set each way
     word, detail = diagnosis.verdict(teacher, mixed)
     assert word == "mixed" and len(detail) == 4 and {d[0] for d in detail} == set(diagnosis.PRIMARY)
+    assert diagnosis.verdict(teacher, [cells(0.90, 0.70)] * 2)[0] == "no lead"     # it does not trail anywhere
+    ahead_once = [cells(0.90, 0.70), cells(0.85, 0.81)]                             # the trailing set decides
+    assert diagnosis.verdict(teacher, ahead_once)[0] == "supported"
+
+
+def test_diagnose_draws_m_from_the_on_manifold_samples_at_the_smallest_on_manifold_count():
+    rng = np.random.default_rng(3)
+    real = {s: rng.normal(size=(300, 2)) for s in diagnosis.SPACES}
+    near = {s: rng.normal(size=(300, 2)) for s in real}
+    far = {s: np.concatenate([rng.normal(size=(240, 2)), rng.uniform(4, 9, size=(60, 2))]) for s in real}
+    values, m = diagnosis.diagnose(real, {"near": near, "far": far}, draws=3)
+    for s in real:
+        assert m[s] == min(values["near"][s]["on_count"], values["far"][s]["on_count"]) == values["far"][s]["on_count"]
+        assert 200 < m[s] < 300 and values["far"][s]["off_manifold"] > 0.15
+        on = on_manifold(real[s], far[s])
+        assert values["far"][s]["trimmed_draws"] == drawn_recall(real[s], far[s][on], m[s], 3)
+        assert values["far"][s]["matched_draws"] == drawn_recall(real[s], far[s], m[s], 3)
+        assert values["near"][s]["matched_draws"] == drawn_recall(real[s], near[s], m[s], 3)
+        assert values["far"][s]["matched_recall"] != values["far"][s]["trimmed_recall"]
+    text = diagnosis.table({"near": [values["near"]], "far": [values["far"]]}, [0], [m], diagnosis.real_baseline(real))
+    assert "- far: near's recall lead" in text and "- overall: **" in text
+    assert text.count("| real half against real half |") == len(diagnosis.SPACES)
 
 
 def write_set(folder, model, k, images, labels):

@@ -15,7 +15,9 @@ and set, is the smallest on-manifold count of any row. Then, per row against the
 trimmed_recall, and the verdict on "the first row's recall lead is carried by its off-manifold samples", over the
 cells where the row trails (gap > 0; none: "no lead"): supported if gap_trim <= 0 in every such cell, contradicted if
 gap_trim >= gap / 2 in every one, mixed otherwise; the matched gap (the smaller count's own effect) is printed
-beside each cell, and an overall verdict after the rows. Each table ends with a descriptive row: one random half of
+beside each cell, and an overall verdict after the rows. Also per model and space: `recall_by_rarity`, the recall
+within each quartile of the real digits ordered by their own k-NN radius, and `rarity_verdict` on "the row loses
+the rare digits" (docs/experiments.md states the rule). Each table ends with a descriptive row: one random half of
 the real digits against the other (`real_baseline`). Writes `<results>/diagnosis.json` (every value, each draw's
 recall too) and `<results>/diagnosis.md` (tables and verdicts), and prints them.
 """
@@ -34,6 +36,7 @@ from dmd2.metrics.independent import PR_K as K   # evaluate's precision/recall n
 from dmd2.sampling import sample_set_seed
 
 ROOT = Path(__file__).resolve().parent.parent
+RARITY_BINS = 4                         # quartiles of the real digits by their own k-NN radius (common -> rare)
 REAL_SPLIT_SEED = 0                     # the real digits' halves of the descriptive real-against-real row
 PRIMARY = ("classifier", "autoencoder")  # the spaces of evaluate's 14 measures
 SPACES = PRIMARY + ("optdigits",)
@@ -66,9 +69,10 @@ def diagnose(real: dict, fake: dict[str, dict], draws: int = 5) -> tuple[dict, d
     common draw count, the smallest on-manifold count of any name)."""
     import numpy as np
 
-    from dmd2.metrics.neighbours import drawn_recall, on_manifold, recall_breakdown
+    from dmd2.metrics.neighbours import drawn_recall, on_manifold, recall_breakdown, recall_by_rarity
 
-    values = {name: {s: recall_breakdown(real[s], f[s], K) for s in real} for name, f in fake.items()}
+    values = {name: {s: dict(recall_breakdown(real[s], f[s], K), by_rarity=recall_by_rarity(real[s], f[s], K, RARITY_BINS))
+                     for s in real} for name, f in fake.items()}
     m = {}
     for s in real:
         fewest = min(values, key=lambda name: values[name][s]["on_count"])
@@ -117,6 +121,25 @@ def verdict(ref: list[dict], row: list[dict]) -> tuple[str, list[tuple[str, int,
     return "mixed", cells
 
 
+def rarity_verdict(ref: list[dict], row: list[dict]) -> tuple[str, list[tuple[str, int, float, float]]]:
+    """"The row loses the rare digits" against the reference: (verdict, [(space, set index, the commonest group's
+    gap, the rarest group's)]) over the primary spaces and every set; supported if in every cell the rarest gap is
+    positive and more than twice the commonest (or the commonest is <= 0), contradicted if in every cell the rarest
+    gap is at most the commonest, mixed otherwise."""
+    cells = [(s, i, r[s]["by_rarity"][0] - w[s]["by_rarity"][0], r[s]["by_rarity"][-1] - w[s]["by_rarity"][-1])
+             for i, (r, w) in enumerate(zip(ref, row)) for s in PRIMARY]
+    if all(rare > 0 and (common <= 0 or rare > 2 * common) for _, _, common, rare in cells):
+        return "supported", cells
+    if all(rare <= common for _, _, common, rare in cells):
+        return "contradicted", cells
+    return "mixed", cells
+
+
+def overall(words: dict[str, str]) -> str:
+    kinds = set(words.values())
+    return kinds.pop() if len(kinds) == 1 else "mixed (" + ", ".join(f"{k}: {v}" for k, v in words.items()) + ")"
+
+
 def table(done: dict[str, list[dict]], sets: list[int], m: list[dict], real: dict | None = None) -> str:
     """Markdown: per space, each row's columns (the mean over sample sets, the sets' values after it; then the
     real-against-real row of `real_baseline`, if given); then each row's verdict against the first, the matched gap
@@ -135,6 +158,13 @@ def table(done: dict[str, list[dict]], sets: list[int], m: list[dict], real: dic
         if real is not None:
             lines.append("| real half against real half | " + " | ".join(
                 fmt(real[s][key]) if key in real[s] else "-" for key, _ in COLUMNS) + " |")
+        bins = len(next(iter(done.values()))[0][s]["by_rarity"])
+        lines += ["", f"recall by rarity ({bins} groups of the real digits by their own k-NN radius, commonest first; "
+                      "mean over sets)", "", "| model | " + " | ".join(f"group {b + 1}" for b in range(bins)) + " |",
+                  "|---" * (bins + 1) + "|"]
+        for label, per_set in done.items():
+            lines.append(f"| {label} | " + " | ".join(
+                fmt(statistics.fmean(p[s]["by_rarity"][b] for p in per_set)) for b in range(bins)) + " |")
         lines.append("")
     first, words = next(iter(done)), {}
     for label, per_set in done.items():
@@ -146,9 +176,15 @@ def table(done: dict[str, list[dict]], sets: list[int], m: list[dict], real: dic
             f"{s} set {sets[i]}: gap {fmt(g)}, matched {fmt(done[first][i][s]['matched_recall'] - per_set[i][s]['matched_recall'])}, "
             f"trimmed {fmt(t)}" for s, i, g, t in cells)
         lines.append(f"- {label}: {first}'s recall lead carried by its off-manifold samples: **{word}** ({detail})")
-    kinds = set(words.values())
-    overall = kinds.pop() if len(kinds) == 1 else "mixed (" + ", ".join(f"{k}: {v}" for k, v in words.items()) + ")"
-    lines.append(f"- overall: **{overall}**")
+    lines.append(f"- overall: **{overall(words)}**")
+    rare = {}
+    for label, per_set in done.items():
+        if label == first:
+            continue
+        rare[label], cells = rarity_verdict(done[first], per_set)
+        detail = "; ".join(f"{s} set {sets[i]}: commonest {fmt(c)}, rarest {fmt(r)}" for s, i, c, r in cells)
+        lines.append(f"- {label}: loses the rare digits (gap to {first} by group): **{rare[label]}** ({detail})")
+    lines.append(f"- overall: **{overall(rare)}**")
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dmd2.metrics.mnist import real_digits
-from dmd2.metrics.neighbours import drawn_recall, on_manifold, precision_recall, recall_breakdown
+from dmd2.metrics.neighbours import drawn_recall, on_manifold, precision_recall, recall_breakdown, recall_by_rarity
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -153,3 +153,27 @@ def test_bad_arguments_are_named(tmp_path, capsys):
         with pytest.raises(SystemExit):
             diagnosis.main(base + extra)
         assert words in capsys.readouterr().err
+
+
+def test_recall_by_rarity_finds_a_generator_that_drops_the_tails():
+    rng = np.random.default_rng(4)
+    real = rng.normal(size=(800, 2))
+    assert recall_by_rarity(real, real) == [1.0] * 4
+    core = rng.normal(size=(800, 2)) * 0.5                  # the data's centre only: the tails go unreached
+    groups = recall_by_rarity(real, core)
+    assert groups[0] > 0.9 and groups[-1] < 0.5 and groups == sorted(groups, reverse=True)
+    line = np.array([[0.0], [1.0], [2.0], [3.0], [10.0], [20.0], [40.0], [41.0]])   # hand-checked: k = 1
+    # real 1-NN radii: 1 1 1 1 7 10 1 1 -> commonest group (4 of the radius-1 digits, stable order) = 0, 1, 2, 3
+    assert recall_by_rarity(line, line[:4] + 0.1, k=1, bins=2) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="bins"):
+        recall_by_rarity(real, core, bins=0)
+
+
+def test_the_rarity_verdict_rule():
+    def at(common, rare):
+        return {s: dict(by_rarity=[common, 0.9, rare]) for s in diagnosis.PRIMARY}
+    teacher = [at(0.95, 0.80)] * 2
+    assert diagnosis.rarity_verdict(teacher, [at(0.94, 0.70)] * 2)[0] == "supported"      # 0.01 common, 0.10 rare
+    assert diagnosis.rarity_verdict(teacher, [at(0.96, 0.78)] * 2)[0] == "supported"      # common gap <= 0
+    assert diagnosis.rarity_verdict(teacher, [at(0.90, 0.76)] * 2)[0] == "contradicted"   # 0.05 common, 0.04 rare
+    assert diagnosis.rarity_verdict(teacher, [at(0.94, 0.785)] * 2)[0] == "mixed"         # 0.01, 0.015: not twice

@@ -124,3 +124,15 @@ def drawn_recall(real, fake, m: int, draws: int = 5, k: int = 3, seed: int = 0, 
         drawn = fake[np.random.default_rng(seed + d).choice(len(fake), m, replace=False)]
         out.append(float(inside_any_ball(real, drawn, knn_radii(drawn, k, chunk), chunk).mean()))
     return out
+
+
+def recall_by_rarity(real, fake, k: int = 3, bins: int = 4, chunk: int = CHUNK) -> list[float]:
+    """Recall within each of `bins` equal-count groups of the real samples ordered by their own k-NN radius (among
+    the real set): the first group the commonest (densest), the last the rarest; radii of the generated balls as in
+    recall. A generator that drops the tails of the data loses recall in the last groups first."""
+    real, fake = _pair(real, fake)
+    if not 1 <= bins <= len(real):
+        raise ValueError(f"bins must be 1..{len(real)}, got {bins}")
+    reached = inside_any_ball(real, fake, knn_radii(fake, k, chunk), chunk)
+    order = np.argsort(knn_radii(real, k, chunk), kind="stable")
+    return [float(reached[group].mean()) for group in np.array_split(order, bins)]

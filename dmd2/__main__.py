@@ -103,6 +103,15 @@ def _add_handover(parser) -> None:
                         help="with --teacher-until: the teacher's CFG scale (default: its own, 1 for MNIST)")
 
 
+SAMPLE_OPTIONS = ("steps", "guidance", "bf16", "label", "teacher_until", "teacher_steps", "teacher_guidance")
+
+
+def sample_options(a) -> dict:
+    """The options of `sample` that change what is drawn, beside model and seed, as given (an empty dict: the
+    model's defaults, the images `evaluate --seed` scores); recorded in the npz as JSON under `options`."""
+    return {k: getattr(a, k) for k in SAMPLE_OPTIONS if getattr(a, k) not in (None, False)}
+
+
 def cmd_sample(a) -> None:
     from dmd2 import registry
 
@@ -112,7 +121,8 @@ def cmd_sample(a) -> None:
                                          autocast=a.bf16, **_handover(a, model))
     part = out.with_name(out.name + ".part")      # a killed run leaves no truncated file at `out`
     with open(part, "wb") as f:
-        np.savez(f, images=images, labels=labels, model=np.array(a.model), seed=np.array(a.seed))
+        np.savez(f, images=images, labels=labels, model=np.array(a.model), seed=np.array(a.seed),
+                 options=np.array(json.dumps(sample_options(a), sort_keys=True)))
     os.replace(part, out)
     print(f"wrote {len(images)} images from {a.model} to {out}")
 

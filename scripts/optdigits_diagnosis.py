@@ -7,7 +7,8 @@
 Rows as in scripts/outside_check.py (`LABEL=MODEL[,MODEL...]`, several models are a row's training seeds; the first
 row is the reference). Each model's sample set k is `python -m dmd2 sample --model MODEL --num N --seed <1000 k>`
 (the images of `evaluate --seed <1000 k>`), kept in `<samples>/<model as a file name>-set<k>.npz` and reused when
-it names that model and seed, holds N images and is newer than the model's weights. Per model and set, against the 5,000 real digits:
+it names that model and seed and no other sampling option (`sample` records them: a `--teacher-until` file is not
+plain samples), holds N images and is newer than the model's weights. Per model and set, against the 5,000 real digits:
 - `fid`: the optdigits reader's FID on the whole set (as `evaluate --optdigits`);
 - `class_fid`: per class c, the samples asked for c against the real digits of class c, in the reader's features
   (a list of ten), and `class_fid_mean`, their mean;
@@ -150,15 +151,17 @@ def samples_path(samples: Path, model: str, sample_set: int) -> Path:
 
 
 def load_samples(path: Path, model: str, seed: int, num: int):
-    """(images, labels) of an npz that `python -m dmd2 sample` wrote for this model, seed and count, newer than the
-    model's weights; None when it is missing, unreadable (a truncated file), made otherwise, or older."""
+    """(images, labels) of an npz that `python -m dmd2 sample` wrote for this model, seed and count with no other
+    option (its `options` record empty: the images `evaluate --seed` scores), newer than the model's weights; None
+    when it is missing, unreadable (a truncated file), made otherwise (another option, e.g. `--teacher-until`, or
+    before `sample` recorded its options), or older."""
     try:
         with np.load(path) as held:
             images, labels = held["images"], held["labels"]
-            made = (str(held["model"]), int(held["seed"]))
+            made = (str(held["model"]), int(held["seed"]), json.loads(str(held["options"])))
     except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile, zlib.error):
         return None
-    if made != (model, seed) or images.ndim < 3 or len(images) != num or labels.shape != (num,):
+    if made != (model, seed, {}) or images.ndim < 3 or len(images) != num or labels.shape != (num,):
         return None
     return (images, labels) if path.stat().st_mtime >= model_mtime(model) else None
 

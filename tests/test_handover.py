@@ -189,6 +189,10 @@ def test_evaluate_records_the_handover(tmp_path, capsys):
           "--out", str(tmp_path / "s2.npz")])
     want = student.generate(np.arange(4) % 10, seed=0, teacher_until=749, teacher_guidance=2.0).images
     assert np.array_equal(np.load(tmp_path / "s2.npz")["images"], want)
+    recorded = json.loads(str(np.load(tmp_path / "s2.npz")["options"]))   # so no reader takes it for plain samples
+    assert recorded == {"teacher_until": 749, "teacher_guidance": 2.0}
+    main(["sample", "--model", "mnist-dmd2-2step", "--num", "4", "--out", str(tmp_path / "plain.npz")])
+    assert json.loads(str(np.load(tmp_path / "plain.npz")["options"])) == {}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -148,6 +148,12 @@ def test_samples_are_made_once_and_the_results_name_the_instrument(tmp_path, cap
     assert diagnosis.load_samples(path, one, 1000, 650) is None     # another seed's
     assert diagnosis.load_samples(path, "mnist-teacher", 0, 650) is None   # another model's
     assert diagnosis.load_samples(path, one, 0, 700) is None        # another count
+    with np.load(path) as held:
+        kept = {k: held[k] for k in ("images", "labels", "model", "seed")}
+    for options, why in (('{"teacher_until": 249}', "handed over from the teacher"), (None, "options not recorded")):
+        other = tmp_path / "other.npz"
+        np.savez(other, **kept, **({} if options is None else {"options": np.array(options)}))
+        assert diagnosis.load_samples(other, one, 0, 650) is None, why
     old = path.stat().st_mtime - 1000
     os.utime(path, (old, old))                                       # older than the student's weights
     assert diagnosis.load_samples(path, one, 0, 650) is None

@@ -116,7 +116,7 @@ def write_set(folder, model, k, images, labels):
     from dmd2.sampling import sample_set_seed
 
     np.savez(result_path(folder, model, k, ".npz"), images=images, labels=labels, model=np.str_(model),
-             seed=np.int64(sample_set_seed(k)))
+             seed=np.int64(sample_set_seed(k)), options=np.array("{}"))
 
 
 def test_the_script_end_to_end_on_kept_sample_sets(tmp_path):

@@ -69,9 +69,11 @@ def diagnose(real: dict, fake: dict[str, dict], draws: int = 5) -> tuple[dict, d
     common draw count, the smallest on-manifold count of any name)."""
     import numpy as np
 
-    from dmd2.metrics.neighbours import drawn_recall, on_manifold, recall_breakdown, recall_by_rarity
+    from dmd2.metrics.neighbours import drawn_recall, recall_breakdown, recall_by_rarity, recall_parts
 
-    values = {name: {s: dict(recall_breakdown(real[s], f[s], K), by_rarity=recall_by_rarity(real[s], f[s], K, RARITY_BINS))
+    parts = {name: {s: recall_parts(real[s], f[s], K) for s in real} for name, f in fake.items()}
+    values = {name: {s: dict(recall_breakdown(real[s], f[s], K, parts=parts[name][s]),
+                             by_rarity=recall_by_rarity(real[s], f[s], K, RARITY_BINS, parts=parts[name][s]))
                      for s in real} for name, f in fake.items()}
     m = {}
     for s in real:
@@ -82,10 +84,9 @@ def diagnose(real: dict, fake: dict[str, dict], draws: int = 5) -> tuple[dict, d
                              f"more than {K}")
     for name, f in fake.items():
         for s in real:
-            on = on_manifold(real[s], f[s], K)
             v = values[name][s]
             v["matched_draws"] = drawn_recall(real[s], f[s], m[s], draws, K)
-            v["trimmed_draws"] = drawn_recall(real[s], np.asarray(f[s])[on], m[s], draws, K)
+            v["trimmed_draws"] = drawn_recall(real[s], np.asarray(f[s])[parts[name][s].on], m[s], draws, K)
             v["matched_recall"] = statistics.fmean(v["matched_draws"])
             v["trimmed_recall"] = statistics.fmean(v["trimmed_draws"])
     return values, m

@@ -12,6 +12,8 @@ coverage and density all exactly 1. With continuous features, ties have probabil
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from dmd2.metrics.kid import _features
@@ -87,17 +89,34 @@ def density_coverage(real, fake, k: int = 5, chunk: int = CHUNK) -> tuple[float,
     return inside / (k * len(fake)), float(covered.mean())
 
 
-def recall_breakdown(real, fake, k: int = 3, chunk: int = CHUNK) -> dict:
+class RecallParts(NamedTuple):
+    """What recall is made of, computed once and shared by `recall_breakdown` and `recall_by_rarity`: each set's k-NN
+    radii, which generated samples are inside the real manifold (`on`, precision's test) and which real samples are
+    inside some generated ball (`reached`, recall's)."""
+    real_radii: np.ndarray
+    fake_radii: np.ndarray
+    on: np.ndarray
+    reached: np.ndarray
+
+
+def recall_parts(real, fake, k: int = 3, chunk: int = CHUNK) -> RecallParts:
+    real, fake = _pair(real, fake)
+    r_real, r_fake = knn_radii(real, k, chunk), knn_radii(fake, k, chunk)
+    return RecallParts(r_real, r_fake, inside_any_ball(fake, real, r_real, chunk),
+                       inside_any_ball(real, fake, r_fake, chunk))
+
+
+def recall_breakdown(real, fake, k: int = 3, chunk: int = CHUNK, parts: RecallParts | None = None) -> dict:
     """Recall taken apart by which generated samples' balls reach the real set (Naeem et al. 2020's point: a
     generated outlier sits where generated samples are sparse, so its ball is wide and reaches real samples nothing
     resembles). Keys: `recall` and `off_manifold` (1 - precision) as `precision_recall`; `recall_on`, the fraction of
     real samples inside the ball of some generated sample that is itself inside the real manifold (radii from the
     whole generated set, as in recall); `recall_off_only` = recall - recall_on; `radius_ratio`, the median generated
-    k-NN radius over the median real one; `on_count`, how many generated samples are inside the real manifold."""
+    k-NN radius over the median real one; `on_count`, how many generated samples are inside the real manifold.
+    `parts`: `recall_parts(real, fake, k)` when the caller has it already."""
     real, fake = _pair(real, fake)
-    r_real, r_fake = knn_radii(real, k, chunk), knn_radii(fake, k, chunk)
-    on = inside_any_ball(fake, real, r_real, chunk)
-    recall = float(inside_any_ball(real, fake, r_fake, chunk).mean())
+    r_real, r_fake, on, reached = recall_parts(real, fake, k, chunk) if parts is None else parts
+    recall = float(reached.mean())
     recall_on = 0.0
     if on.any():   # not inside_any_ball: one on-manifold centre is a valid (if tiny) set of balls
         recall_on = float(np.concatenate([(d < r_fake[on][None, :]).any(axis=1)
@@ -126,13 +145,14 @@ def drawn_recall(real, fake, m: int, draws: int = 5, k: int = 3, seed: int = 0, 
     return out
 
 
-def recall_by_rarity(real, fake, k: int = 3, bins: int = 4, chunk: int = CHUNK) -> list[float]:
+def recall_by_rarity(real, fake, k: int = 3, bins: int = 4, chunk: int = CHUNK,
+                     parts: RecallParts | None = None) -> list[float]:
     """Recall within each of `bins` equal-count groups of the real samples ordered by their own k-NN radius (among
     the real set): the first group the commonest (densest), the last the rarest; radii of the generated balls as in
-    recall. A generator that drops the tails of the data loses recall in the last groups first."""
-    real, fake = _pair(real, fake)
+    recall. A generator that drops the tails of the data loses recall in the last groups first. `parts` as in
+    `recall_breakdown`."""
     if not 1 <= bins <= len(real):
         raise ValueError(f"bins must be 1..{len(real)}, got {bins}")
-    reached = inside_any_ball(real, fake, knn_radii(fake, k, chunk), chunk)
-    order = np.argsort(knn_radii(real, k, chunk), kind="stable")
+    r_real, _, _, reached = recall_parts(real, fake, k, chunk) if parts is None else parts
+    order = np.argsort(r_real, kind="stable")
     return [float(reached[group].mean()) for group in np.array_split(order, bins)]

@@ -15,6 +15,8 @@ from dmd2.families import FAMILIES
 from dmd2.guidance import SAMPLINGS
 
 DIVERGENCES = ("reverse-kl", "forward-kl", "js")   # dm_divergence's values (training.losses.divergence_weights)
+DM_LOSSES = ("dmd", "sid")                          # dm_loss's values (training.losses.distribution_matching_loss,
+                                                    # training.losses.score_identity_loss)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"   # the presets
 UNET_FAMILIES = ("pixel", "sdxl", "sd15")  # guidance-conditioned students and the per-step critic need a UNet
@@ -86,6 +88,11 @@ class DistillConfig:
                                                # DMD2), or the less mode-seeking "forward-kl" / "js" (f-distill):
                                                # each sample's gradient weighted by h(p/q), the density ratio
                                                # read from the GAN head at the DM noise level (needs the GAN on)
+    dm_loss: str = "dmd"                       # the generator's DM objective: "dmd" (DMD, DMD2: the score difference
+                                               # as a gradient, no backward through the scores) or "sid" (score
+                                               # identity distillation, Zhou et al. 2024: a Fisher-divergence loss
+                                               # whose gradient also flows through the teacher and the fake score)
+    sid_alpha: float = 1.2                     # dm_loss sid: the weight alpha of SiD's loss (1.2 in its paper)
     # GAN on the fake score's bottleneck
     gan_generator_weight: float = 3e-3         # 0 with gan_critic_weight 0 switches the GAN off
     gan_critic_weight: float = 1e-2
@@ -255,6 +262,13 @@ class DistillConfig:
             # for T = 1000; the trainer asks again with the teacher's own T
             uncovered = gan_misses_dm_noise(self, 1000)
             need(uncovered is None, "dm_divergence", uncovered)
+        need(self.dm_loss in DM_LOSSES, "dm_loss", f"must be one of {', '.join(DM_LOSSES)}")
+        if self.dm_loss == "sid":
+            need(self.dm_weight > 0, "dm_loss", "sets the distribution-matching objective, which dm_weight 0 switches off")
+            need(self.dm_divergence == "reverse-kl", "dm_loss", f"sid is its own divergence (Fisher's), it does not "
+                 f"take dm_divergence={self.dm_divergence!r}'s weights: set dm_divergence: reverse-kl or dm_loss: dmd")
+        need(isinstance(self.sid_alpha, (int, float)) and not isinstance(self.sid_alpha, bool)
+             and math.isfinite(self.sid_alpha) and self.sid_alpha >= 0, "sid_alpha", "must be a number >= 0")
         need(isinstance(self.regression_weight, (int, float)) and not isinstance(self.regression_weight, bool)
              and math.isfinite(self.regression_weight) and self.regression_weight >= 0, "regression_weight",
              "must be a number >= 0")

@@ -30,6 +30,24 @@ def distribution_matching_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: 
     return 0.5 * F.mse_loss(x.float(), (x.detach().float() - grad).detach(), reduction="mean")
 
 
+def score_identity_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Score identity distillation's generator loss (SiD; Zhou et al., 2024, their eq. for L_theta with alpha):
+
+        (1 - alpha) |d|^2 + d . (x0_fake - x),   d = x0_real - x0_fake,
+
+    per element, each sample divided by mean|x - x0_real| (detached, as DMD2 normalises), averaged. `x` is the
+    generator's output and x0_* the two denoisers' estimates from a noised copy of it; unlike DMD's surrogate, the
+    gradient is meant to flow through all three (the scores' inputs depend on x). Held fixed, the denoisers leave
+    only the d . (-x) term, whose gradient is DMD's (`distribution_matching_loss`): SiD adds what comes through
+    the two denoisers. The loss is 0 wherever the fake score equals the real one.
+    """
+    x, x0_real, x0_fake = x.float(), x0_real.float(), x0_fake.float()
+    dims = tuple(range(1, x.ndim))
+    weight = (x - x0_real).detach().abs().mean(dim=dims, keepdim=True).clamp_min(1e-5)
+    d = x0_real - x0_fake
+    return ((1 - alpha) * d.square() + d * (x0_fake - x)).div(weight).mean()
+
+
 def divergence_weights(log_ratio: torch.Tensor, divergence: str) -> torch.Tensor:
     """Per-sample weights that turn the DMD gradient into the gradient of another f-divergence.
 

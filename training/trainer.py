@@ -294,6 +294,37 @@ class DMD2Trainer:
         return losses.divergence_weights(everyone, self.cfg.dm_divergence)[rank * n:(rank + 1) * n]
 
     # --- the two updates ------------------------------------------------------------------
+    def _dmd_loss(self, x, eps, t_dm, cond, k, w, extra: dict) -> torch.Tensor:
+        """DMD's distribution-matching surrogate: the two scores read a detached noised copy of x, and their
+        difference is x's gradient (weighted per sample by dm_divergence's h(p/q))."""
+        fam = self.family
+        noisy = fam.schedule.add_noise(x.detach(), eps, t_dm)
+        weights = None
+        with torch.no_grad(), self.autocast():
+            # The real score: the teacher with CFG at each sample's w (guided), or at real_guidance
+            # (with real_guidance_above [t, w']: w' for the samples noised to t or more).
+            x0_real = fam.denoise(self.real_unet, noisy, t_dm, cond, guidance=self._real_guidance(t_dm, w)).float()
+            x0_fake = self.critic(noisy, t_dm, cond, call="fake_x0", step=k, guidance_input=w).float()
+            if self.cfg.dm_divergence != "reverse-kl":
+                # log p_t / q_t at the same noisy samples, from the GAN head (its logit), for h(r)
+                log_ratio = self.critic(x.detach(), cond, t_dm, eps, call="realism_logits", step=k,
+                                        guidance_input=w).float()
+                weights = self._divergence_weights(log_ratio)
+                extra["dm_log_ratio"] = log_ratio.mean()
+                extra["dm_weight_max"] = weights.max()
+        return losses.distribution_matching_loss(x, x0_real, x0_fake, weights)
+
+    def _score_identity_loss(self, x, eps, t_dm, cond, k, w, extra: dict) -> torch.Tensor:
+        """SiD's loss (dm_loss: sid): the same noised copy of x as DMD's, but not detached, so the gradient
+        flows back to x through both scores (their weights frozen: the teacher's always, the critic's here)."""
+        fam = self.family
+        noisy = fam.schedule.add_noise(x, eps, t_dm)
+        with self.autocast():
+            x0_real = fam.denoise(self.real_unet, noisy, t_dm, cond, guidance=self._real_guidance(t_dm, w)).float()
+            x0_fake = self.critic(noisy, t_dm, cond, call="fake_x0", step=k, guidance_input=w).float()
+        extra["dm_score_gap"] = (x0_real - x0_fake).detach().square().mean()
+        return losses.score_identity_loss(x, x0_real, x0_fake, self.cfg.sid_alpha)
+
     def critic_step(self, real_x0, cond, real_cond=None) -> dict:
         """One update of the fake score (denoising on detached generator samples) and the GAN head.
 
@@ -356,21 +387,10 @@ class DMD2Trainer:
                 T = fam.schedule.num_train_timesteps
                 t_dm = self._randint(int(cfg.dm_min_t * T), int(cfg.dm_max_t * T) + 1, n).clamp(max=T - 1)
                 eps = randn(x.shape, self.rng, self.device)
-                noisy = fam.schedule.add_noise(x.detach(), eps, t_dm)
-                weights = None
-                with torch.no_grad(), self.autocast():
-                    # The real score: the teacher with CFG at each sample's w (guided), or at real_guidance
-                    # (with real_guidance_above [t, w']: w' for the samples noised to t or more).
-                    x0_real = fam.denoise(self.real_unet, noisy, t_dm, cond, guidance=self._real_guidance(t_dm, w)).float()
-                    x0_fake = self.critic(noisy, t_dm, cond, call="fake_x0", step=k, guidance_input=w).float()
-                    if cfg.dm_divergence != "reverse-kl":
-                        # log p_t / q_t at the same noisy samples, from the GAN head (its logit), for h(r)
-                        log_ratio = self.critic(x.detach(), cond, t_dm, eps, call="realism_logits", step=k,
-                                                guidance_input=w).float()
-                        weights = self._divergence_weights(log_ratio)
-                        extra["dm_log_ratio"] = log_ratio.mean()
-                        extra["dm_weight_max"] = weights.max()
-                parts["dm"] = losses.distribution_matching_loss(x, x0_real, x0_fake, weights)
+                if cfg.dm_loss == "sid":
+                    parts["dm"] = self._score_identity_loss(x, eps, t_dm, cond, k, w, extra)
+                else:
+                    parts["dm"] = self._dmd_loss(x, eps, t_dm, cond, k, w, extra)
             if cfg.gan_generator_weight > 0:
                 with self.autocast():
                     logits = self.critic(x, cond, self._randint(0, cfg.gan_max_t, n),

@@ -32,10 +32,12 @@ def tiny_run_config(tmp_path: Path, **overrides) -> Path:
     return cfg_file
 
 
-@pytest.mark.parametrize("divergence", ["reverse-kl", "js"])   # js: its weights are normalised over both ranks
-def test_two_process_ddp_keeps_ranks_identical(tmp_path, divergence):
+# js: its weights are normalised over both ranks; sid: its gradient runs back through the DDP-wrapped fake score
+@pytest.mark.parametrize("objective", [dict(dm_divergence="reverse-kl"), dict(dm_divergence="js"), dict(dm_loss="sid")],
+                         ids=["reverse-kl", "js", "sid"])
+def test_two_process_ddp_keeps_ranks_identical(tmp_path, objective):
     cfg_file = tiny_run_config(tmp_path, iterations=6, ttur=3, checkpoint_every=6, generator_lr=1e-3, critic_lr=1e-3,
-                               dm_divergence=divergence)
+                               **objective)
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
     r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

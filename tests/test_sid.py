@@ -83,42 +83,61 @@ def setup(tmp_path, family):
 def test_the_config_names_what_sid_needs(setup):
     with pytest.raises(ConfigError, match="dm_loss='fisher'.*dmd, sid"):
         tiny_distill_config(setup, dm_loss="fisher")
-    with pytest.raises(ConfigError, match="dm_loss='sid'.*dm_weight 0"):
+    with pytest.raises(ConfigError, match="dm_loss='sid'.*dm_weight 0.*set dm_weight > 0, or dm_loss: dmd"):
         tiny_distill_config(setup, dm_loss="sid", dm_weight=0.0)
     with pytest.raises(ConfigError, match="dm_loss='sid'.*dm_divergence='js'"):
         tiny_distill_config(setup, dm_loss="sid", dm_divergence="js")
+    with pytest.raises(ConfigError, match="dm_loss='sid'.*dm_divergence='js'"):   # named first, not the GAN's rule
+        tiny_distill_config(setup, dm_loss="sid", dm_divergence="js", gan_critic_weight=0.0, gan_generator_weight=0.0)
     for bad in (-0.1, math.nan, math.inf, True, "1.2"):
         with pytest.raises(ConfigError, match="sid_alpha=.*must be a number >= 0"):
             tiny_distill_config(setup, dm_loss="sid", sid_alpha=bad)
+    with pytest.raises(ConfigError, match="sid_alpha=0.5.*does not use: set dm_loss: sid"):
+        tiny_distill_config(setup, sid_alpha=0.5)
     assert tiny_distill_config(setup, dm_loss="sid", sid_alpha=1.0).sid_alpha == 1.0
 
 
 def _one_update(setup, monkeypatch, **overrides):
-    """One critic and one generator update (TTUR 1); what the DM loss received."""
-    seen = []
+    """One critic and one generator update (TTUR 1); what the DM loss, the two denoisers and the fake score
+    received during the generator update."""
+    seen, calls = [], []
     for name in ("score_identity_loss", "distribution_matching_loss"):
         original = getattr(losses, name)
         monkeypatch.setattr(losses, name, lambda *a, _f=original, _n=name: seen.append((_n, a)) or _f(*a))
     trainer = DMD2Trainer(tiny_distill_config(setup, ttur=1, **overrides))
-    before = {"teacher": [p.detach().clone() for p in trainer.real_unet.parameters()]}
+    denoise, fake_x0 = trainer.family.denoise, trainer.critic_module.fake_x0
+
+    def recorded_denoise(unet, x_t, t, cond, **k):
+        if unet is trainer.real_unet:
+            calls.append(("real", x_t, t, k.get("guidance")))
+        return denoise(unet, x_t, t, cond, **k)
+
+    monkeypatch.setattr(trainer.family, "denoise", recorded_denoise)
+    monkeypatch.setattr(trainer.critic_module, "fake_x0",
+                        lambda x_t, t, *a, **k: calls.append(("fake", x_t, t, None)) or fake_x0(x_t, t, *a, **k))
+    before = [p.detach().clone() for p in trainer.real_unet.parameters()]
     stats = trainer.train_step()
-    return trainer, stats, seen, before
+    return trainer, stats, seen, before, calls
 
 
 def test_the_trainer_sends_the_gradient_through_both_scores_and_trains_neither(setup, monkeypatch):
-    trainer, stats, seen, before = _one_update(setup, monkeypatch, dm_loss="sid")
+    trainer, stats, seen, before, calls = _one_update(setup, monkeypatch, dm_loss="sid", sid_alpha=0.5)
     assert [name for name, _ in seen] == ["score_identity_loss"]
     x, real, fake, alpha = seen[0][1]
-    assert alpha == 1.2 and x.requires_grad and real.requires_grad and fake.requires_grad   # not detached
-    assert stats["generator/dm_score_gap"] == pytest.approx((real - fake).square().mean().item())
-    assert all(torch.equal(a, b) for a, b in zip(before["teacher"], trainer.real_unet.parameters()))
-    assert all(p.grad is None for p in trainer.real_unet.parameters())
-    # the fake score's weights moved only in the critic's own update: a second generator step leaves them as they are
-    critic = [p.detach().clone() for p in trainer.critic_module.parameters()]
-    trainer.generator_step(*trainer.real_batch())
-    assert all(torch.equal(a, b) for a, b in zip(critic, trainer.critic_module.parameters()))
-    # DMD's surrogate, for contrast: the scores come from no-grad passes, and the update differs from SiD's
-    plain, _, seen, _ = _one_update(setup, monkeypatch)
+    assert alpha == 0.5 and x.requires_grad and real.requires_grad and fake.requires_grad   # not detached
+    # the two scores read one noisy copy of x at one t (the critic's own update calls fake_x0 first), the
+    # teacher at the real score's CFG scale
+    (_, x_real, t_real, w), (_, x_fake, t_fake, _) = calls[-2:]
+    assert [c[0] for c in calls[-2:]] == ["real", "fake"] and w == 2.0
+    assert x_real is x_fake and torch.equal(t_real, t_fake) and x_real.requires_grad
+    assert stats["generator/dm_score_gap"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.real_unet.parameters()))
+    assert all(p.grad is None and not p.requires_grad for p in trainer.real_unet.parameters())
+    # the critic's weights got no gradient from the generator's update, and train again afterwards
+    critic = trainer.critic_module
+    assert all(p.grad is None for p in critic.parameters()) and all(p.requires_grad for p in critic.parameters())
+    # DMD's surrogate, for contrast: the scores come from no-grad passes
+    plain, _, seen, _, _ = _one_update(setup, monkeypatch)
     assert [name for name, _ in seen[-1:]] == ["distribution_matching_loss"]
     _, real, fake, _ = seen[-1][1]
     assert not real.requires_grad and not fake.requires_grad
@@ -130,7 +149,14 @@ def test_sid_and_dmd_make_different_updates_from_the_same_start(setup):
     sid.train_step(), dmd.train_step()
     assert any(not torch.allclose(a, b, atol=1e-7) for a, b in zip(sid.generator_module.parameters(),
                                                                     dmd.generator_module.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(sid.critic_module.parameters(), dmd.critic_module.parameters()))
+
+
+def test_gradient_checkpointing_reaches_the_teacher_only_where_sid_backpropagates_through_it(setup):
+    sid = DMD2Trainer(tiny_distill_config(setup, dm_loss="sid", gradient_checkpointing=True))
+    dmd = DMD2Trainer(tiny_distill_config(setup, gradient_checkpointing=True))
+    assert sid.real_unet.is_gradient_checkpointing and not dmd.real_unet.is_gradient_checkpointing
+    assert sid.generator_module.is_gradient_checkpointing and sid.critic_module.fake_unet.is_gradient_checkpointing
+    sid.train_step()
 
 
 def test_a_run_with_sid_trains_logs_and_resumes_bit_identically(setup, tmp_path):

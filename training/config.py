@@ -92,7 +92,8 @@ class DistillConfig:
                                                # as a gradient, no backward through the scores) or "sid" (score
                                                # identity distillation, Zhou et al. 2024: a Fisher-divergence loss
                                                # whose gradient also flows through the teacher and the fake score)
-    sid_alpha: float = 1.2                     # dm_loss sid: the weight alpha of SiD's loss (1.2 in its paper)
+    sid_alpha: float = 1.2                     # dm_loss sid: the weight alpha of SiD's loss (1.2 in its paper; it
+                                               # tried 1 and 1.2); >= 0, no upper bound checked
     # GAN on the fake score's bottleneck
     gan_generator_weight: float = 3e-3         # 0 with gan_critic_weight 0 switches the GAN off
     gan_critic_weight: float = 1e-2
@@ -251,6 +252,16 @@ class DistillConfig:
         need(self.gan_critic_weight >= 0, "gan_critic_weight", "must be >= 0")
         need(1 <= self.gan_max_t <= 1000, "gan_max_t", "must be in 1..1000")
         need(self.gan_head in ("small", "official"), "gan_head", "must be 'small' or 'official'")
+        need(self.dm_loss in DM_LOSSES, "dm_loss", f"must be one of {', '.join(DM_LOSSES)}")
+        if self.dm_loss == "sid":
+            need(self.dm_weight > 0, "dm_loss", "sets the distribution-matching objective, which dm_weight 0 switches "
+                 "off: set dm_weight > 0, or dm_loss: dmd")
+            need(self.dm_divergence == "reverse-kl", "dm_loss", f"sid is its own divergence (Fisher's), it does not "
+                 f"take dm_divergence={self.dm_divergence!r}'s weights: set dm_divergence: reverse-kl or dm_loss: dmd")
+        need(isinstance(self.sid_alpha, (int, float)) and not isinstance(self.sid_alpha, bool)
+             and math.isfinite(self.sid_alpha) and self.sid_alpha >= 0, "sid_alpha", "must be a number >= 0")
+        need(self.dm_loss == "sid" or self.sid_alpha == 1.2, "sid_alpha", "weighs SiD's loss, which this config "
+             "does not use: set dm_loss: sid, or leave sid_alpha out")
         need(self.dm_divergence in DIVERGENCES, "dm_divergence", f"must be one of {', '.join(DIVERGENCES)}")
         if self.dm_divergence != "reverse-kl":
             need(self.dm_weight > 0, "dm_divergence", "weights the distribution-matching gradient, which "
@@ -262,13 +273,6 @@ class DistillConfig:
             # for T = 1000; the trainer asks again with the teacher's own T
             uncovered = gan_misses_dm_noise(self, 1000)
             need(uncovered is None, "dm_divergence", uncovered)
-        need(self.dm_loss in DM_LOSSES, "dm_loss", f"must be one of {', '.join(DM_LOSSES)}")
-        if self.dm_loss == "sid":
-            need(self.dm_weight > 0, "dm_loss", "sets the distribution-matching objective, which dm_weight 0 switches off")
-            need(self.dm_divergence == "reverse-kl", "dm_loss", f"sid is its own divergence (Fisher's), it does not "
-                 f"take dm_divergence={self.dm_divergence!r}'s weights: set dm_divergence: reverse-kl or dm_loss: dmd")
-        need(isinstance(self.sid_alpha, (int, float)) and not isinstance(self.sid_alpha, bool)
-             and math.isfinite(self.sid_alpha) and self.sid_alpha >= 0, "sid_alpha", "must be a number >= 0")
         need(isinstance(self.regression_weight, (int, float)) and not isinstance(self.regression_weight, bool)
              and math.isfinite(self.regression_weight) and self.regression_weight >= 0, "regression_weight",
              "must be a number >= 0")

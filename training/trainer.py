@@ -182,6 +182,8 @@ class DMD2Trainer:
         if cfg.gradient_checkpointing:
             generator.enable_gradient_checkpointing()
             critic.fake_unet.enable_gradient_checkpointing()
+            if cfg.dm_loss == "sid":   # SiD backpropagates through the teacher too (its CFG pass doubles the batch)
+                self.real_unet.enable_gradient_checkpointing()
         if frozen_dtype != torch.float32:  # after the copies above, which train in fp32
             self.real_unet.to(frozen_dtype)
         self.ema = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.ema_decay > 0 else None

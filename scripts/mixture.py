@@ -36,15 +36,16 @@ from optdigits_diagnosis import sample_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACES = ("classifier", "autoencoder")
-K = 3                      # recall's k (dmd2.metrics.independent.PR_K)
 BATCH = 250                # `generate_many`'s batch: one class-balanced block of labels
 
 
-def missed(real: np.ndarray, fake: np.ndarray, k: int = K) -> np.ndarray:
-    """Per real feature vector: True where no fake sample's k-NN ball reaches it (1 - recall, per digit)."""
+def missed(real: np.ndarray, fake: np.ndarray, k: int | None = None) -> np.ndarray:
+    """Per real feature vector: True where no fake sample's k-NN ball reaches it (1 - recall, per digit; k: recall's
+    own, `dmd2.metrics.independent.PR_K`, unless given)."""
+    from dmd2.metrics.independent import PR_K
     from dmd2.metrics.neighbours import recall_parts
 
-    return ~recall_parts(real, fake, k).reached
+    return ~recall_parts(real, fake, PR_K if k is None else k).reached
 
 
 def shared_share(first: np.ndarray, second: np.ndarray) -> float:
@@ -59,7 +60,7 @@ def repeat_share(o_self: float, o_cross: float, o_0: float) -> float:
 
 
 def shared_verdict(s: dict[str, float]) -> str:
-    values = list(s.values())
+    values = [round(v, 9) for v in s.values()]
     if any(np.isnan(v) for v in values):
         return "undefined (a student's misses repeat no more than chance)"
     if all(v >= 0.8 for v in values):
@@ -70,7 +71,7 @@ def shared_verdict(s: dict[str, float]) -> str:
 
 
 def mixture_verdict(gain: dict[str, float]) -> str:
-    values = list(gain.values())
+    values = [round(v, 9) for v in gain.values()]   # recalls are multiples of 1/n: 0.82 - 0.80 is 0.02, not 0.0199..
     if all(v >= 0.02 for v in values):
         return "lifts"
     if all(v < 0.01 for v in values):
@@ -86,7 +87,7 @@ def mix(first: tuple[np.ndarray, np.ndarray], second: tuple[np.ndarray, np.ndarr
     if len(b) != n or n % (2 * BATCH):
         raise ValueError(f"a mixture needs two sample sets of one size, a multiple of {2 * BATCH}: got {n} and {len(b)}")
     if not np.array_equal(la, lb):
-        raise ValueError("the two sample sets' labels differ: they were not drawn with the same seed and count")
+        raise ValueError("the two sample sets' labels differ: they were not drawn by `sample` with the same count")
     half = n // 2
     return np.concatenate([a[:half], b[half:]]), np.concatenate([la[:half], lb[half:]])
 
@@ -118,14 +119,31 @@ def analyse(sets: dict[str, list[tuple[np.ndarray, np.ndarray]]], nets: dict) ->
         o_self = statistics.fmean(shared_share(m[k], m[1 - k]) for m in miss.values() for k in (0, 1))
         o_cross = statistics.fmean(shared_share(miss["A"][k], miss["B"][1 - k]) for k in (0, 1))
         o_0 = statistics.fmean(float(m.mean()) for m in miss["B"])
+        # the plan's direction is A's misses in B's sets; the other direction (B's in A's, A's miss rate as the
+        # chance level) is kept beside it, described only
+        o_cross_b = statistics.fmean(shared_share(miss["B"][k], miss["A"][1 - k]) for k in (0, 1))
+        o_0_b = statistics.fmean(float(m.mean()) for m in miss["A"])
         shared[space] = dict(o_self=o_self, o_cross=o_cross, o_0=o_0, s=repeat_share(o_self, o_cross, o_0),
-                             o_cross_b_to_a=statistics.fmean(shared_share(miss["B"][k], miss["A"][1 - k]) for k in (0, 1)),
+                             o_cross_b_to_a=o_cross_b, s_b_to_a=repeat_share(o_self, o_cross_b, o_0_b),
                              miss_rates={row: [float(x.mean()) for x in m] for row, m in miss.items()})
+        # the misses are recall's own test: 1 - each set's miss rate is the recall its scores report
+        shared[space]["recall_mismatch"] = max(abs(1 - rate - scores[row][k][f"{space}_recall"])
+                                               for row, rates in shared[space]["miss_rates"].items()
+                                               for k, rate in enumerate(rates))
     recall = {row: {space: statistics.fmean(r[f"{space}_recall"] for r in results) for space in SPACES}
               for row, results in scores.items()}
     gain = {space: recall["mixture"][space] - (recall["A"][space] + recall["B"][space]) / 2 for space in SPACES}
     return dict(shared=shared, shared_verdict=shared_verdict({s: shared[s]["s"] for s in SPACES}),
                 scores=scores, recall=recall, gain=gain, mixture_verdict=mixture_verdict(gain))
+
+
+def no_nan(value):
+    """NaN (an undefined share) as null, so the JSON stays strict."""
+    if isinstance(value, dict):
+        return {k: no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [no_nan(v) for v in value]
+    return None if isinstance(value, float) and value != value else value
 
 
 def table(result: dict, models: dict[str, str]) -> str:
@@ -161,19 +179,27 @@ def main(argv=None) -> None:
     if a.sample_sets[0] == a.sample_sets[1]:
         p.error(f"--sample-sets must be two different sets, got {a.sample_sets[0]} twice")
 
+    if min(a.sample_sets) < 0:
+        p.error(f"--sample-sets must be >= 0, got {a.sample_sets}")
+
     from dmd2.metrics.independent import default_autoencoder
     from dmd2.metrics.mnist import default_classifier
 
-    a.samples.mkdir(parents=True, exist_ok=True)
-    sets = {name: [sample_set(a.samples, model, k, a.num) for k in a.sample_sets] for name, model in models.items()}
+    # the networks and the output folder first, so a missing network or an unwritable folder fails before sampling
     nets = {"classifier": default_classifier().eval(), "autoencoder": default_autoencoder().eval()}
+    try:
+        a.out.mkdir(parents=True, exist_ok=True)
+        a.samples.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"cannot write the results or samples folder: {e}")
+    sets = {name: [sample_set(a.samples, model, k, a.num) for k in a.sample_sets] for name, model in models.items()}
     result = analyse(sets, nets)
-    a.out.mkdir(parents=True, exist_ok=True)
     for row, results in result.pop("scores").items():
         for k, values in zip(a.sample_sets, results):
             meta = dict(rows=models if row == "mixture" else models[row], sample_set=k, num=a.num)
             (a.out / f"{a.name}-{row}-set{k}.json").write_text(json.dumps({**values, **meta}, indent=1) + "\n")
-    (a.out / f"{a.name}.json").write_text(json.dumps(dict(models=models, sample_sets=a.sample_sets, **result), indent=1) + "\n")
+    summary = dict(models=models, sample_sets=a.sample_sets, **result)
+    (a.out / f"{a.name}.json").write_text(json.dumps(no_nan(summary), indent=1) + "\n")
     text = table(result, models)
     (a.out / f"{a.name}.md").write_text(text)
     print(text)

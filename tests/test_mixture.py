@@ -44,15 +44,19 @@ def test_verdicts_on_their_boundaries():
     assert mixture.mixture_verdict({"classifier": 0.0099, "autoencoder": -0.02}) == "no lift"
     assert mixture.mixture_verdict({"classifier": 0.01, "autoencoder": 0.0}) == "inconclusive"
     assert mixture.mixture_verdict({"classifier": 0.03, "autoencoder": 0.015}) == "inconclusive"
+    # gains are differences of recalls (multiples of 1/5000): 0.82 - 0.80 is 0.0199999... in floats, still "lifts"
+    assert mixture.mixture_verdict({"classifier": 0.82 - 0.80, "autoencoder": 0.8234 - 0.8034}) == "lifts"
+    assert mixture.mixture_verdict({"classifier": 0.81 - 0.80, "autoencoder": 0.0}) == "inconclusive"
 
 
 def test_the_mixture_takes_whole_batches_from_each_and_no_noise_twice():
     n = 1000
     labels = np.arange(n) % 10
-    a = np.arange(n)[:, None, None, None].astype(np.uint8) * 0 + 1, labels
-    b = np.arange(n)[:, None, None, None].astype(np.uint8) * 0 + 2, labels
+    index = np.arange(n)[:, None, None, None]
+    a, b = (index, labels), (index + 10_000, labels)    # each image its own index (+ 10,000 for B's)
     images, mixed = mixture.mix(a, b)
-    assert (images[:500] == 1).all() and (images[500:] == 2).all() and np.array_equal(mixed, labels)
+    assert np.array_equal(images[:500], index[:500]) and np.array_equal(images[500:], index[500:] + 10_000)
+    assert np.array_equal(mixed, labels)
     assert all((np.bincount(mixed[part], minlength=10) == 50).all() for part in (slice(0, 500), slice(500, None)))
     with pytest.raises(ValueError, match="one size, a multiple of 500: got 1000 and 750"):
         mixture.mix(a, (b[0][:750], labels[:750]))
@@ -91,7 +95,24 @@ def test_two_students_that_cover_different_clusters_miss_their_own_digits_and_th
         sh = result["shared"][space]
         assert sh["o_cross"] < 0.1 < 0.9 < sh["o_self"] and sh["s"] < 0.1
         assert result["recall"]["A"][space] < 0.55 and result["recall"]["mixture"][space] > 0.9
+        assert result["gain"][space] == pytest.approx(result["recall"]["mixture"][space]
+                                                      - (result["recall"]["A"][space] + result["recall"]["B"][space]) / 2)
+        assert sh["recall_mismatch"] < 1e-12   # the miss test and the reported recall agree
     assert result["shared_verdict"] == "each seed's own" and result["mixture_verdict"] == "lifts"
+
+
+def test_the_chance_level_is_bs_miss_rate_and_the_gain_is_against_the_mean_of_a_and_b(monkeypatch):
+    """A covers the first cluster from two sets, B covers both clusters thinly: B misses less, so o_0 (B's miss
+    rate) differs from A's, and the mixture's gain is measured against the mean recall, not the better one."""
+    rng = np.random.default_rng(3)
+    both = lambda: (np.concatenate([rng.normal(0, 1, (250, 2)), rng.normal(20, 1, (250, 2))]), np.arange(500) % 10)
+    result = _clusters(monkeypatch, {"A": [_draw(rng, 0), _draw(rng, 0)], "B": [both(), both()]})
+    for space in mixture.SPACES:
+        sh = result["shared"][space]
+        assert sh["o_0"] == pytest.approx(np.mean(sh["miss_rates"]["B"]))
+        assert sh["o_0"] < np.mean(sh["miss_rates"]["A"]) - 0.2
+        rc = result["recall"]
+        assert result["gain"][space] == pytest.approx(rc["mixture"][space] - (rc["A"][space] + rc["B"][space]) / 2)
 
 
 def test_a_student_against_itself_shares_every_miss_and_its_mixture_is_itself(monkeypatch):
@@ -125,6 +146,8 @@ def test_end_to_end_on_kept_sample_sets_with_the_real_networks(tmp_path):
         keys = [key for key in a if key.endswith(("recall", "precision", "fid", "kid", "coverage", "density"))]
         assert len(keys) >= 11 and all(a[key] == m[key] for key in keys)
         assert m["rows"] == {"A": "mnist-dmd2-1step", "B": "mnist-dmd2-1step"} and a["num"] == 500
+        assert a["classifier_recall"] == pytest.approx(1 - json.loads((out / "self.json").read_text())
+                                                      ["shared"]["classifier"]["miss_rates"]["A"][k])
     summary = json.loads((out / "self.json").read_text())
     assert summary["shared_verdict"] != "each seed's own" and summary["mixture_verdict"] == "no lift"
     assert all(summary["shared"][s]["o_cross"] == summary["shared"][s]["o_self"] for s in mixture.SPACES)
@@ -138,6 +161,7 @@ def test_end_to_end_on_kept_sample_sets_with_the_real_networks(tmp_path):
     (["A=x", "B="], "'B=': name the two students"),
     (["A=x", "B=y", "--num", "750"], "--num must be a positive multiple of 500 (two halves of whole batches), got 750"),
     (["A=x", "B=y", "--sample-sets", "1", "1"], "two different sets, got 1 twice"),
+    (["A=x", "B=y", "--sample-sets", "-1", "1"], "--sample-sets must be >= 0"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):

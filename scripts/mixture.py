@@ -184,6 +184,7 @@ def main(argv=None) -> None:
 
     from dmd2.metrics.independent import default_autoencoder
     from dmd2.metrics.mnist import default_classifier
+    from dmd2.sampling import sample_set_seed
 
     # the networks and the output folder first, so a missing network or an unwritable folder fails before sampling
     nets = {"classifier": default_classifier().eval(), "autoencoder": default_autoencoder().eval()}
@@ -196,7 +197,8 @@ def main(argv=None) -> None:
     result = analyse(sets, nets)
     for row, results in result.pop("scores").items():
         for k, values in zip(a.sample_sets, results):
-            meta = dict(rows=models if row == "mixture" else models[row], sample_set=k, num=a.num)
+            meta = dict(rows=models if row == "mixture" else models[row], sample_set=k, seed=sample_set_seed(k),
+                        num=a.num)   # `seed` as evaluate's JSON has it (scripts/compare.py checks the sets differ)
             (a.out / f"{a.name}-{row}-set{k}.json").write_text(json.dumps({**values, **meta}, indent=1) + "\n")
     summary = dict(models=models, sample_sets=a.sample_sets, **result)
     (a.out / f"{a.name}.json").write_text(json.dumps(no_nan(summary), indent=1) + "\n")

@@ -146,6 +146,7 @@ def test_end_to_end_on_kept_sample_sets_with_the_real_networks(tmp_path):
         keys = [key for key in a if key.endswith(("recall", "precision", "fid", "kid", "coverage", "density"))]
         assert len(keys) >= 11 and all(a[key] == m[key] for key in keys)
         assert m["rows"] == {"A": "mnist-dmd2-1step", "B": "mnist-dmd2-1step"} and a["num"] == 500
+        assert a["seed"] == m["seed"] == sample_set_seed(k)   # what scripts/compare.py reads
         assert a["classifier_recall"] == pytest.approx(1 - json.loads((out / "self.json").read_text())
                                                       ["shared"]["classifier"]["miss_rates"]["A"][k])
     summary = json.loads((out / "self.json").read_text())

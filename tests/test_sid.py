@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_UNET, make_two_class_folder, tiny_distill_config
+from conftest import TINY_UNET, assert_resumes_bit_identically, make_two_class_folder, tiny_distill_config
 from training import losses
 from training.config import ConfigError
 from training.trainer import DMD2Trainer, NonFiniteLoss
@@ -160,16 +160,10 @@ def test_gradient_checkpointing_reaches_the_teacher_only_where_sid_backpropagate
 
 
 def test_a_run_with_sid_trains_logs_and_resumes_bit_identically(setup, tmp_path):
-    from training.distill import distill
-
     cfg = tiny_distill_config(setup, dm_loss="sid", iterations=8, checkpoint_every=4, ttur=2)
-    straight = distill(cfg, tmp_path / "straight")
+    straight = assert_resumes_bit_identically(cfg, tmp_path, stop_after=4)
     logged = [r for r in straight.metrics() if "generator/dm_score_gap" in r]
     assert logged and all(math.isfinite(r["generator/dm"]) for r in logged)
-    distill(cfg, tmp_path / "split", stop_after=4)
-    resumed = distill(cfg, tmp_path / "split", resume=True).trainer.state_dict()
-    for name, tensor in straight.trainer.state_dict()["generator"].items():
-        assert torch.equal(tensor, resumed["generator"][name]), f"generator.{name} differs after resume"
 
 
 def test_a_nan_from_the_teacher_stops_the_run_naming_the_dm_loss(setup, monkeypatch):

@@ -184,3 +184,12 @@ def assert_resumes_bit_identically(cfg, tmp_path, stop_after: int):
     for name, tensor in straight.trainer.state_dict()["generator"].items():
         assert torch.equal(tensor, resumed["generator"][name]), f"generator.{name} differs after resume"
     return straight
+
+
+@pytest.fixture
+def setup(tmp_path, family):
+    """A tiny random teacher saved in diffusers format and a two-class image folder, as (teacher, images): what
+    `tiny_distill_config` takes. A module that needs another teacher defines its own `setup`, which wins."""
+    torch.manual_seed(0)
+    family.save_student(family.new_unet(**TINY_UNET), tmp_path / "teacher")
+    return tmp_path / "teacher", make_two_class_folder(tmp_path / "images")

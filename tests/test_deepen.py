@@ -89,13 +89,6 @@ def test_a_network_that_would_not_start_as_the_teacher_is_refused(family, monkey
         deepen(family.new_unet(**TINY_UNET), 2)
 
 
-@pytest.fixture
-def setup(tmp_path, family):
-    torch.manual_seed(0)
-    family.save_student(family.new_unet(**TINY_UNET), tmp_path / "teacher")
-    return tmp_path / "teacher", make_two_class_folder(tmp_path / "images")
-
-
 def test_a_run_with_a_deeper_generator_trains_exports_and_resumes(setup, tmp_path):
     cfg = tiny_distill_config(setup, generator_layers_per_block=2, iterations=10)
     trainer = DMD2Trainer(cfg)

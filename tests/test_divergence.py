@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_UNET, assert_resumes_bit_identically, make_two_class_folder, tiny_distill_config
+from conftest import assert_resumes_bit_identically, tiny_distill_config
 from training import losses
 from training.config import ConfigError
 from training.trainer import DMD2Trainer
@@ -63,13 +63,6 @@ def test_the_weighted_loss_scales_each_samples_gradient_by_its_weight():
     x.grad = None
     losses.distribution_matching_loss(x, x0_real, x0_fake, torch.ones(3)).backward()
     assert torch.allclose(x.grad, plain, atol=1e-7)
-
-
-@pytest.fixture
-def setup(tmp_path, family):
-    torch.manual_seed(0)
-    family.save_student(family.new_unet(**TINY_UNET), tmp_path / "teacher")
-    return tmp_path / "teacher", make_two_class_folder(tmp_path / "images")
 
 
 def test_the_config_names_what_another_divergence_needs(setup):

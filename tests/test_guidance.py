@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_UNET, make_two_class_folder
+from conftest import TINY_UNET
 from dmd2 import registry
 from dmd2.families.base import ModelLoadError
 from dmd2.families.pixel import GuidedUNet2DModel, load_pixel_unet
@@ -93,13 +93,6 @@ def test_cfg_with_one_scale_per_sample_equals_each_scale_alone(family, unet):
         assert torch.allclose(both[i:i + 1], alone, atol=1e-5)
     with pytest.raises(ValueError, match="not through CFG"):
         family.denoise(family.guidance_conditioned(unet, 8), x, t, y, guidance=2.0, guidance_input=2.0)
-
-
-@pytest.fixture
-def setup(tmp_path, family):
-    torch.manual_seed(0)
-    family.save_student(family.new_unet(**TINY_UNET), tmp_path / "teacher")
-    return tmp_path / "teacher", make_two_class_folder(tmp_path / "images")
 
 
 def guided_config(setup, **overrides) -> DistillConfig:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_UNET, make_two_class_folder, tiny_distill_config
+from conftest import tiny_distill_config
 from dmd2.families.pixel import PixelFamily
 from dmd2.sampling import ddim_sample
 from training.config import ConfigError
@@ -23,13 +23,6 @@ from training.runs import RunError
 from training.trainer import DMD2Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def setup(tmp_path, family):
-    torch.manual_seed(0)
-    family.save_student(family.new_unet(**TINY_UNET), tmp_path / "teacher")
-    return tmp_path / "teacher", make_two_class_folder(tmp_path / "images")
 
 
 @pytest.fixture

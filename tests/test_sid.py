@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_UNET, assert_resumes_bit_identically, make_two_class_folder, tiny_distill_config
+from conftest import assert_resumes_bit_identically, tiny_distill_config
 from training import losses
 from training.config import ConfigError
 from training.trainer import DMD2Trainer, NonFiniteLoss
@@ -71,13 +71,6 @@ def test_equal_scores_give_no_loss_and_no_gradient():
     loss = losses.score_identity_loss(x, score(0.9 * x + 0.4 * e), score(0.9 * x + 0.4 * e), alpha=1.2)
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(x.grad) == 0
-
-
-@pytest.fixture
-def setup(tmp_path, family):
-    torch.manual_seed(0)
-    family.save_student(family.new_unet(**TINY_UNET), tmp_path / "teacher")
-    return tmp_path / "teacher", make_two_class_folder(tmp_path / "images")
 
 
 def test_the_config_names_what_sid_needs(setup):

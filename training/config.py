@@ -15,6 +15,7 @@ from dmd2.families import FAMILIES
 from dmd2.guidance import SAMPLINGS
 
 DIVERGENCES = ("reverse-kl", "forward-kl", "js")   # dm_divergence's values (training.losses.divergence_weights)
+SID_ALPHA = 1.2                                     # SiD's alpha in its paper: sid_alpha's default
 DM_LOSSES = ("dmd", "sid")                          # dm_loss's values (training.losses.distribution_matching_loss,
                                                     # training.losses.score_identity_loss)
 
@@ -92,7 +93,7 @@ class DistillConfig:
                                                # as a gradient, no backward through the scores) or "sid" (score
                                                # identity distillation, Zhou et al. 2024: a Fisher-divergence loss
                                                # whose gradient also flows through the teacher and the fake score)
-    sid_alpha: float = 1.2                     # dm_loss sid: the weight alpha of SiD's loss (1.2 in its paper; it
+    sid_alpha: float = SID_ALPHA               # dm_loss sid: the weight alpha of SiD's loss (1.2 in its paper; it
                                                # tried 1 and 1.2); >= 0, no upper bound checked
     # GAN on the fake score's bottleneck
     gan_generator_weight: float = 3e-3         # 0 with gan_critic_weight 0 switches the GAN off
@@ -260,7 +261,7 @@ class DistillConfig:
                  f"take dm_divergence={self.dm_divergence!r}'s weights: set dm_divergence: reverse-kl or dm_loss: dmd")
         need(isinstance(self.sid_alpha, (int, float)) and not isinstance(self.sid_alpha, bool)
              and math.isfinite(self.sid_alpha) and self.sid_alpha >= 0, "sid_alpha", "must be a number >= 0")
-        need(self.dm_loss == "sid" or self.sid_alpha == 1.2, "sid_alpha", "weighs SiD's loss, which this config "
+        need(self.dm_loss == "sid" or self.sid_alpha == SID_ALPHA, "sid_alpha", "weighs SiD's loss, which this config "
              "does not use: set dm_loss: sid, or leave sid_alpha out")
         need(self.dm_divergence in DIVERGENCES, "dm_divergence", f"must be one of {', '.join(DIVERGENCES)}")
         if self.dm_divergence != "reverse-kl":

@@ -103,7 +103,29 @@ def _add_handover(parser) -> None:
                         help="with --teacher-until: the teacher's CFG scale (default: its own, 1 for MNIST)")
 
 
-SAMPLE_OPTIONS = ("steps", "guidance", "bf16", "label", "teacher_until", "teacher_steps", "teacher_guidance")
+RENOISE_HELP = ("multi-step students: how to move between steps, 'fresh' (re-noise the step's x0 estimate with fresh "
+                "noise: DMD2's sampler) or 'ddim' (DDIM's deterministic move, keeping the noise the state implies); "
+                "default: the student's own, from its dmd2.json (fresh unless it was trained with renoise: ddim)")
+
+
+def _add_renoise(parser) -> None:
+    from dmd2.sampling import RENOISE
+
+    parser.add_argument("--renoise", choices=RENOISE, default=None, help=RENOISE_HELP)
+
+
+def _renoise(a, model) -> dict:
+    """generate()'s renoise from --renoise, refused where there is no move between steps to choose."""
+    if a.renoise is None:
+        return {}
+    if model.spec.kind == "teacher" or len(model.timesteps) < 2:
+        raise UsageError(f"--renoise: only for multi-step students; {a.model} "
+                         + ("is a teacher" if model.spec.kind == "teacher" else "takes one step"))
+    return {"renoise": a.renoise}
+
+
+SAMPLE_OPTIONS = ("steps", "guidance", "bf16", "label", "teacher_until", "teacher_steps", "teacher_guidance",
+                  "renoise")
 
 
 def sample_options(a) -> dict:
@@ -118,7 +140,7 @@ def cmd_sample(a) -> None:
     out = _check_writable(a.out)
     model = registry.load(a.model)
     images, labels, _, _ = generate_many(model, a.num, a.seed, a.steps, a.guidance, labels=_labels(a, model),
-                                         autocast=a.bf16, **_handover(a, model))
+                                         autocast=a.bf16, **_handover(a, model), **_renoise(a, model))
     part = out.with_name(out.name + ".part")      # a killed run leaves no truncated file at `out`
     with open(part, "wb") as f:
         np.savez(f, images=images, labels=labels, model=np.array(a.model), seed=np.array(a.seed),
@@ -177,7 +199,7 @@ def cmd_evaluate(a) -> None:
     out = _check_writable(a.json) if a.json else None
     spec = registry.spec_for(a.model)
     if spec.conditioning == "text":
-        for flag, given in (("--per-step", a.per_step), ("--optdigits", a.optdigits)):
+        for flag, given in (("--per-step", a.per_step), ("--optdigits", a.optdigits), ("--renoise", a.renoise)):
             if given:
                 raise UsageError(f"{flag}: only for class-conditional models; {a.model} is a text-to-image model")
         return _evaluate_text(a, out)
@@ -204,11 +226,14 @@ def cmd_evaluate(a) -> None:
     if a.teacher_until is not None and a.per_step:
         raise UsageError("--per-step: not with --teacher-until (the teacher's part has no student steps to score)")
     handover = _handover(a, model)
+    renoise = _renoise(a, model)
     step_images = [] if a.per_step else None
     images, labels, sec_per_image, nfe = generate_many(model, num, a.seed, a.steps, guidance, autocast=a.bf16,
-                                                       step_images=step_images, **handover)
+                                                       step_images=step_images, **handover, **renoise)
     result = {"model": a.model, "num": num, "seed": a.seed, "nfe": nfe, "ms_per_image": 1000 * sec_per_image,
               "precision": "bf16" if a.bf16 else "fp32", **_handover_record(model, handover)}
+    if model.spec.kind == "student" and renoise.get("renoise", model.renoise) != "fresh":
+        result["renoise"] = renoise.get("renoise", model.renoise)   # the sampler scored, where not DMD2's
     result.update(evaluate_images(images, labels))
     result.update(evaluate_independent(images))  # second feature space; KID, precision/recall, density/coverage
     if a.optdigits:
@@ -298,7 +323,7 @@ def cmd_grid(a) -> None:
     out = _check_writable(a.out)
     model = registry.load(a.model)
     images, _, _, nfe = generate_many(model, a.rows * model.num_classes, a.seed, a.steps, a.guidance,
-                                      **_handover(a, model))
+                                      **_handover(a, model), **_renoise(a, model))
     save_grid(images, out, cols=model.num_classes)
     print(f"wrote a {a.rows} x {model.num_classes} grid from {a.model} (NFE {nfe}) to {out}")
 
@@ -317,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (default fp32)")
     s.add_argument("--label", type=int, default=None, help="one class for every sample (default: cycle 0..9)")
     _add_handover(s)
+    _add_renoise(s)
     s.set_defaults(fn=cmd_sample)
 
     e = sub.add_parser("evaluate", help="class models: FID, class alignment, diversity; text models: FID, patch FID, "
@@ -332,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (default fp32)")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     _add_handover(e)
+    _add_renoise(e)
     e.add_argument("--per-step", action="store_true",
                    help="multi-step class students: also score the x0 estimate after each step")
     e.add_argument("--optdigits", action="store_true",
@@ -355,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP)
     g.add_argument("--out", required=True)
     _add_handover(g)
+    _add_renoise(g)
     g.set_defaults(fn=cmd_grid)
     u = sub.add_parser("push", help="upload a finished run's student (weights, dmd2.json, model card) to the Hub")
     u.add_argument("--run", required=True, help="run folder, e.g. runs/sdxl-4step")

@@ -65,7 +65,8 @@ def sample_batch(requests: list[Request]) -> list[np.ndarray]:
         x = ddim_sample(family, model.unet, cond, noise, model.spec.steps, float(g), autocast)
     else:
         x = student_sample(family, model.unet, cond, noise, list(model.timesteps), autocast=autocast,
-                           request_seeds=[(renoise_seed(r.seed), n) for r, n in zip(requests, sizes)])
+                           request_seeds=[(renoise_seed(r.seed), n) for r, n in zip(requests, sizes)],
+                           renoise=model.renoise)
     return np.split(to_uint8(family.decode(x)), np.cumsum(sizes)[:-1])
 
 

@@ -30,7 +30,8 @@ from dmd2.guidance import check_guidance
 from dmd2.hub import cached_file, hub_reachable, is_repo_id
 from dmd2.images import to_uint8
 from dmd2.prompts import check_prompt
-from dmd2.sampling import ddim_sample, ddim_until, handover_timesteps, initial_noise, renoise_seed, student_sample
+from dmd2.sampling import (check_renoise, ddim_sample, ddim_until, handover_timesteps, initial_noise, renoise_seed,
+                           student_sample)
 from dmd2.schedule import FlowSchedule
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -151,6 +152,11 @@ class LoadedModel:
         self.family = _with_flow_shift(self.family, meta.get("flow_shift"), meta_path)
         # A guidance-conditioned student: the range of w it was trained on, and the w it samples at by default.
         self.guidance_range, self.guidance_default = _guidance_meta(meta, meta_path)
+        # How a multi-step student moves between its steps ("fresh": DMD2's re-noising; "ddim"): as it was trained.
+        try:
+            self.renoise = check_renoise(meta.get("renoise", "fresh"))
+        except ValueError as e:
+            raise ModelLoadError(f"student {spec.name!r}: {meta_path}: {e}") from None
         if (self.guidance_range is None) != (getattr(self.unet.config, "time_cond_proj_dim", None) is None):
             raise ModelLoadError(f"student {spec.name!r}: its network and {meta_path} disagree on whether it takes a "
                                  f"guidance scale as an input (time_cond_proj_dim vs guidance_range)")
@@ -248,7 +254,7 @@ class LoadedModel:
     def generate(self, labels=None, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                  autocast: bool = False, callback=None, prompts=None, step_images: bool = False,
                  teacher_until: int | None = None, teacher_steps: int | None = None,
-                 teacher_guidance: float | None = None) -> Generated:
+                 teacher_guidance: float | None = None, renoise: str | None = None) -> Generated:
         """Sample one image per label (class models) or per prompt (text models) from `seed`
         (same seed, same starting noise for every model of a family). For text models the prompts
         may come as `prompts=` or in place of the labels. `step_images` (students): also return each
@@ -257,8 +263,14 @@ class LoadedModel:
         plain students ignore it. `teacher_until` (multi-step students): a hybrid sample; the student's teacher
         (`handover_teacher`) runs its own DDIM trajectory, on its `teacher_steps`-step grid (default: its usual
         steps) at its own guidance (or `teacher_guidance`), from the starting noise down to that timestep, one of
-        the student's later ones, and the student finishes from there with its remaining steps."""
+        the student's later ones, and the student finishes from there with its remaining steps. `renoise`
+        (students): "fresh" or "ddim", how a multi-step student moves between steps (default: its own,
+        `self.renoise`, from dmd2.json); recorded in `extra` when it is not "fresh"."""
         handover = None
+        if renoise is not None:
+            if self.spec.kind == "teacher":
+                raise ValueError(f"renoise: only for students; {self.spec.name!r} is a teacher (DDIM)")
+            check_renoise(renoise)
         if teacher_until is None and teacher_steps is not None:
             raise ValueError("teacher_steps: only with teacher_until (the teacher's grid on its way down to it)")
         if teacher_until is None and teacher_guidance is not None:
@@ -312,12 +324,15 @@ class LoadedModel:
                 timesteps = timesteps[handover:]
                 extra = {"teacher_until": teacher_until, "teacher_evals": evals, "teacher_grid": grid,
                          "teacher_guidance": g, "teacher_nfe": teacher.teacher_nfe(evals, g)}
+            renoise = self.renoise if renoise is None else renoise
             x = student_sample(self.family, self.unet, cond, noise, timesteps, seed=renoise_seed(seed),
                                autocast=autocast,
                                on_step=(lambda i, t, x0: steps_x0.append(x0)) if step_images else None,
-                               guidance_input=w)
+                               guidance_input=w, renoise=renoise)
             nfe = len(timesteps) + extra.get("teacher_nfe", 0)
             extra = {"timesteps": timesteps, "steps": len(timesteps), **extra}
+            if renoise != "fresh":
+                extra["renoise"] = renoise
             if w is not None:
                 extra["guidance"] = w
             if step_images:

@@ -38,6 +38,16 @@ def renoise_seed(seed: int) -> int:
     return int(np.random.SeedSequence([int(seed), 0x5EED]).generate_state(1, np.uint64)[0] >> 1)
 
 
+RENOISE = ("fresh", "ddim")   # how a multi-step student moves from one step to the next (`student_sample`)
+
+
+def check_renoise(renoise: str) -> str:
+    """`renoise` if it is one of RENOISE; else a ValueError naming the choices."""
+    if renoise not in RENOISE:
+        raise ValueError(f"renoise must be one of {', '.join(RENOISE)}, got {renoise!r}")
+    return renoise
+
+
 def _ddim_move(schedule, x: torch.Tensor, x0: torch.Tensor, t, t_next) -> torch.Tensor:
     """One deterministic DDIM move from x_t to x_{t_next}, given the network's x0 estimate at t."""
     eps = schedule.x0_to_eps(x, x0, torch.tensor([t]))
@@ -95,16 +105,19 @@ def student_sample(family: Family, unet, cond: Any, noise: torch.Tensor, timeste
                    seed: int | None = None, guidance: float = 1.0, autocast: bool = False,
                    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
                    guidance_input: float | torch.Tensor | None = None,
-                   request_seeds: list[tuple[int, int]] | None = None) -> torch.Tensor:
-    """Few-step student: denoise at each timestep, then re-noise to the next one with fresh noise.
+                   request_seeds: list[tuple[int, int]] | None = None, renoise: str = "fresh") -> torch.Tensor:
+    """Few-step student: denoise at each timestep, then move to the next one.
 
-    The fresh noise comes from a generator seeded by `seed` (default: a fixed seed), so the whole
-    sample is a deterministic function of (noise, seed). `on_step(i, t, x0)` sees each step's x0
+    `renoise` "fresh" (DMD2's sampler): re-noise the x0 estimate with fresh noise, from a generator seeded by
+    `seed` (default: a fixed seed), so the whole sample is a deterministic function of (noise, seed). "ddim":
+    DDIM's deterministic move, x_next = alpha_next x0 + sigma_next eps, eps the noise the current state implies
+    given x0 (the first move keeps about the starting noise); the sample is a function of the noise alone. `on_step(i, t, x0)` sees each step's x0
     estimate (i from 1), e.g. to score the intermediate images of a multi-step student.
     `guidance_input`: the guidance scale w of a guidance-conditioned student (an input, no CFG pass).
     `request_seeds`: [(seed, images), ...] when the batch joins several requests (dmd2/batching.py): each
     request's fresh noise then comes from its own seed, so it gets the images it would get alone.
     """
+    check_renoise(renoise)
     requests = request_seeds or [(0x5EED if seed is None else seed, noise.shape[0])]
     gens = [(torch.Generator().manual_seed(int(s)), n) for s, n in requests]
     x = noise
@@ -115,6 +128,9 @@ def student_sample(family: Family, unet, cond: Any, noise: torch.Tensor, timeste
             on_step(i + 1, t, x0)
         if i + 1 == len(timesteps):
             return x0
+        if renoise == "ddim":
+            x = _ddim_move(family.schedule, x, x0, t, timesteps[i + 1])
+            continue
         fresh = torch.cat([torch.randn((n, *x0.shape[1:]), generator=g) for g, n in gens]).to(x0.device)
         x = family.schedule.add_noise(x0, fresh, torch.tensor([timesteps[i + 1]]))
     return x
@@ -140,20 +156,21 @@ def sample_set_seed(k: int) -> int:
 def generate_many(model, n: int, seed: int, steps=None, guidance=None, batch_size: int = 250,
                   labels: np.ndarray | None = None, autocast: bool = False, step_images: list | None = None,
                   teacher_until: int | None = None, teacher_steps: int | None = None,
-                  teacher_guidance: float | None = None):
+                  teacher_guidance: float | None = None, renoise: str | None = None):
     """n samples in batches (batch b uses seed+b: seeds closer than n / batch_size share batches, so independent
     sample sets take `sample_set_seed`); returns images, labels, seconds per image.
 
     `step_images`: a list that receives, per student step, the x0 estimates of all n samples.
     `teacher_until` (multi-step students): the teacher's trajectory down to that timestep, then the student
-    (`LoadedModel.generate`); `teacher_steps`: the teacher's grid for it, `teacher_guidance` its CFG scale."""
+    (`LoadedModel.generate`); `teacher_steps`: the teacher's grid for it, `teacher_guidance` its CFG scale.
+    `renoise`: a multi-step student's move between steps (`student_sample`; default: the student's own)."""
     handover = {} if teacher_until is None else {"teacher_until": teacher_until, "teacher_steps": teacher_steps,
                                                  "teacher_guidance": teacher_guidance}
     labels = cycled_labels(n, model.num_classes) if labels is None else labels
     images, seconds, nfe, steps_seen = [], 0.0, None, []
     for b, start in enumerate(range(0, n, batch_size)):
         out = model.generate(labels[start:start + batch_size], seed=seed + b, steps=steps, guidance=guidance,
-                             autocast=autocast, step_images=step_images is not None, **handover)
+                             autocast=autocast, step_images=step_images is not None, renoise=renoise, **handover)
         images.append(out.images)
         if step_images is not None:
             steps_seen.append(out.extra["step_images"])

@@ -48,7 +48,7 @@ def check_renoise(renoise: str) -> str:
     return renoise
 
 
-def _ddim_move(schedule, x: torch.Tensor, x0: torch.Tensor, t, t_next) -> torch.Tensor:
+def ddim_move(schedule, x: torch.Tensor, x0: torch.Tensor, t, t_next) -> torch.Tensor:
     """One deterministic DDIM move from x_t to x_{t_next}, given the network's x0 estimate at t."""
     eps = schedule.x0_to_eps(x, x0, torch.tensor([t]))
     a_next, s_next = schedule.alpha_sigma(torch.tensor(t_next))
@@ -64,7 +64,7 @@ def _ddim_walk(family: Family, unet, cond: Any, x: torch.Tensor, ts: list, land,
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
             x0 = family.denoise(unet, x, t, cond, guidance).float()
         t_next = ts[i + 1] if i + 1 < len(ts) else land
-        x = x0 if t_next is None else _ddim_move(family.schedule, x, x0, t, t_next)
+        x = x0 if t_next is None else ddim_move(family.schedule, x, x0, t, t_next)
         if callback is not None:
             callback(i + 1, len(ts))
     return x
@@ -129,7 +129,7 @@ def student_sample(family: Family, unet, cond: Any, noise: torch.Tensor, timeste
         if i + 1 == len(timesteps):
             return x0
         if renoise == "ddim":
-            x = _ddim_move(family.schedule, x, x0, t, timesteps[i + 1])
+            x = ddim_move(family.schedule, x, x0, t, timesteps[i + 1])
             continue
         fresh = torch.cat([torch.randn((n, *x0.shape[1:]), generator=g) for g, n in gens]).to(x0.device)
         x = family.schedule.add_noise(x0, fresh, torch.tensor([timesteps[i + 1]]))

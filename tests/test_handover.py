@@ -17,7 +17,7 @@ from dmd2.families.base import ModelLoadError
 from dmd2.families.sdxl import SDXLFamily
 from dmd2.images import to_uint8
 from dmd2.registry import ASSETS
-from dmd2.sampling import (_ddim_move, ddim_sample, ddim_until, handover_timesteps, initial_noise, renoise_seed,
+from dmd2.sampling import (ddim_move, ddim_sample, ddim_until, handover_timesteps, initial_noise, renoise_seed,
                            student_sample)
 
 LABELS = np.arange(6) % 10
@@ -47,12 +47,12 @@ def test_ddim_until_is_the_teachers_own_trajectory(family, make_unet):
     grid = family.schedule.sampling_timesteps(10)                                 # 999, 899, ..., 99
     by_hand = z
     for t, t_next in zip(grid[:3], grid[1:4]):                                    # 999 -> 899 -> 799 -> 699
-        by_hand = _ddim_move(family.schedule, by_hand, family.denoise(unet, by_hand, t, cond, 1.5).float(), t, t_next)
+        by_hand = ddim_move(family.schedule, by_hand, family.denoise(unet, by_hand, t, cond, 1.5).float(), t, t_next)
     assert torch.allclose(ddim_until(family, unet, cond, z, 699, 10, 1.5), by_hand)
     # off the grid: 999, 899, 799 evaluated, the move from 799 lands on 749
     x = z
     for t, t_next in ((999, 899), (899, 799), (799, 749)):
-        x = _ddim_move(family.schedule, x, family.denoise(unet, x, t, cond, 1.5).float(), t, t_next)
+        x = ddim_move(family.schedule, x, family.denoise(unet, x, t, cond, 1.5).float(), t, t_next)
     assert torch.allclose(ddim_until(family, unet, cond, z, 749, 10, 1.5), x)
     # the guidance reaches the teacher's passes
     assert not torch.allclose(ddim_until(family, unet, cond, z, 749, 10, 1.0), x)

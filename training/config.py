@@ -13,6 +13,7 @@ import yaml
 
 from dmd2.families import FAMILIES
 from dmd2.guidance import SAMPLINGS
+from dmd2.sampling import RENOISE
 
 DIVERGENCES = ("reverse-kl", "forward-kl", "js")   # dm_divergence's values (training.losses.divergence_weights)
 SID_ALPHA = 1.2                                     # SiD's alpha in its paper: sid_alpha's default
@@ -65,6 +66,10 @@ class DistillConfig:
                                                # sigmas; None: the teacher's (its scheduler_config.json); recorded
                                                # in dmd2.json
     backward_simulation: bool = True           # multi-step inputs from the student's own trajectory
+    renoise: str = "fresh"                     # multi-step: how the student moves between its steps, in backward
+                                               # simulation and (recorded in dmd2.json) when it samples: "fresh"
+                                               # (re-noise the x0 estimate with fresh noise, DMD2) or "ddim" (DDIM's
+                                               # move, keeping the noise the state implies)
     step_weights: list | None = None           # multi-step: how often each step k is trained (relative weights);
                                                # None: uniform, as DMD2
     critic_per_step: bool = False              # multi-step: the fake score and GAN head also see which student
@@ -205,6 +210,9 @@ class DistillConfig:
                 and sum(self.step_weights) > 0),
              "step_weights", f"must be null or {self.student_steps} numbers >= 0 (one per student step), not all 0")
         need(isinstance(self.critic_per_step, bool), "critic_per_step", "must be true or false")
+        need(self.renoise in RENOISE, "renoise", f"must be one of {', '.join(RENOISE)}")
+        need(self.renoise == "fresh" or self.student_steps > 1, "renoise", "sets how a multi-step student moves "
+             "between its steps; a 1-step student has none: set renoise: fresh (or leave it out)")
         need(not self.critic_per_step or self.student_steps > 1, "critic_per_step",
              "is for multi-step students (student_steps > 1): a 1-step student has one output distribution")
         # Both hook into diffusers' UNet time embedding, which the transformer families (sd3, flux) do not have.

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from dmd2.families.base import Family
+from dmd2.sampling import check_renoise, ddim_move
 
 
 def randn(shape, gen: torch.Generator, device) -> torch.Tensor:
@@ -16,16 +17,22 @@ def randn(shape, gen: torch.Generator, device) -> torch.Tensor:
 
 @torch.no_grad()
 def backward_simulate(family: Family, generator, cond: Any, timesteps: list[int], k: int,
-                      noise: torch.Tensor, gen: torch.Generator, guidance_input=None) -> torch.Tensor:
-    """Run the student's own inference for its first k steps from `noise`, re-noise to timesteps[k].
+                      noise: torch.Tensor, gen: torch.Generator, guidance_input=None,
+                      renoise: str = "fresh") -> torch.Tensor:
+    """Run the student's own inference for its first k steps from `noise`, moving to timesteps[k].
 
     This is DMD2's backward simulation (Sec. 4.5): the training input at step k comes from the
-    generator's trajectory, as at inference, not from noised real images.
+    generator's trajectory, as at inference, not from noised real images. Each move is the sampler's
+    (`dmd2.sampling.student_sample`): fresh noise from `gen` ("fresh"), or DDIM's move ("ddim", no draw).
     """
+    check_renoise(renoise)
     x = noise
     for i in range(k):
         x0 = family.denoise(generator, x, timesteps[i], cond, guidance_input=guidance_input)
-        x = family.schedule.add_noise(x0, randn(x0.shape, gen, x0.device), torch.tensor([timesteps[i + 1]]))
+        if renoise == "ddim":
+            x = ddim_move(family.schedule, x, x0.float(), timesteps[i], timesteps[i + 1])
+        else:
+            x = family.schedule.add_noise(x0, randn(x0.shape, gen, x0.device), torch.tensor([timesteps[i + 1]]))
     return x
 
 
@@ -33,13 +40,14 @@ def generator_input(family: Family, generator, cond: Any, n: int, timesteps: lis
                     gen: torch.Generator, device, backward_simulation: bool = True,
                     real_x0: torch.Tensor | None = None,
                     step_weights: list[float] | None = None,
-                    guidance_input: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    guidance_input: torch.Tensor | None = None,
+                    renoise: str = "fresh") -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, t) for one generator training forward: k ~ U{0..N-1}, then the input at timesteps[k].
 
     With one step this is pure noise at timesteps[0]. Without backward simulation the input is a
     real image noised to timesteps[k] (the ablation of the paper's Table 4). `step_weights`
     (one per step) draws k in proportion to them instead of uniformly. `guidance_input`: the per-sample
-    w of a guidance-conditioned generator, which its simulated steps use too.
+    w of a guidance-conditioned generator, which its simulated steps use too; `renoise`: how they move.
     """
     if step_weights is None:
         k = int(torch.randint(len(timesteps), (1,), generator=gen))
@@ -51,7 +59,7 @@ def generator_input(family: Family, generator, cond: Any, n: int, timesteps: lis
         # The first step always starts from pure noise: at t=999 the real image is (almost) gone.
         return noise, t
     if backward_simulation:
-        return backward_simulate(family, generator, cond, timesteps, k, noise, gen, guidance_input), t
+        return backward_simulate(family, generator, cond, timesteps, k, noise, gen, guidance_input, renoise), t
     if real_x0 is None:
         raise ValueError("backward simulation is off, so real images are needed as generator inputs")
     return family.schedule.add_noise(real_x0, randn(real_x0.shape, gen, device), t), t

@@ -337,7 +337,7 @@ class DMD2Trainer:
         w = self._guidance(n)
         with torch.no_grad(), self.autocast():
             x_t, t = generator_input(fam, self.generator_module, cond, n, self.timesteps, self.rng, self.device,
-                                     cfg.backward_simulation, real_x0, cfg.step_weights, guidance_input=w)
+                                     cfg.backward_simulation, real_x0, cfg.step_weights, guidance_input=w, renoise=cfg.renoise)
             fake_x0 = fam.denoise(self.generator_module, x_t, t, cond, guidance_input=w).float()
         draws = {"t": self._randint(0, T, n), "noise": randn(fake_x0.shape, self.rng, self.device)}
         if w is not None:
@@ -370,7 +370,7 @@ class DMD2Trainer:
         w = self._guidance(n)
         with torch.no_grad(), self.autocast():
             x_t, t = generator_input(fam, self.generator_module, cond, n, self.timesteps, self.rng, self.device,
-                                     cfg.backward_simulation, real_x0, cfg.step_weights, guidance_input=w)
+                                     cfg.backward_simulation, real_x0, cfg.step_weights, guidance_input=w, renoise=cfg.renoise)
         if self.pairs is not None:  # 1-step: the pairs' noise joins the batch, so the generator runs once
             idx = self.pair_sampler.next()
             x_t = torch.cat([x_t, self.pairs.noise[idx]])
@@ -438,6 +438,8 @@ class DMD2Trainer:
         """What dmd2.json records beside the student: its timesteps, family and teacher, and for a
         guidance-conditioned student its guidance range and default w."""
         meta = dict(timesteps=self.timesteps, family=self.family.name, teacher=self.cfg.teacher)
+        if self.cfg.renoise != "fresh":   # how it moves between steps, as trained (absent: fresh, DMD2's)
+            meta["renoise"] = self.cfg.renoise
         if isinstance(self.family.schedule, FlowSchedule):  # the sigmas its timesteps mean
             meta.update(schedule="flow", flow_shift=self.family.schedule.shift)
         if self.guided:
@@ -579,7 +581,7 @@ class DMD2Trainer:
         noise = torch.randn(self.family.latent_shape(len(labels)), generator=torch.Generator().manual_seed(seed))
         x = student_sample(self.family, unet, self.family.condition(labels).to(self.device),
                            noise.to(self.device), self.timesteps, seed=renoise_seed(seed), autocast=self.cfg.frozen_dtype == "bf16",
-                           guidance_input=w)
+                           guidance_input=w, renoise=self.cfg.renoise)
         return self.family.decode(x)
 
 

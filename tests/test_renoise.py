@@ -1,0 +1,213 @@
+"""How a multi-step student moves between its steps (`renoise`): "fresh" re-noises each step's x0 estimate with fresh
+noise (DMD2's sampler, the default), "ddim" takes DDIM's deterministic move. The sampler, a student's dmd2.json
+naming its own, the CLI, the app's batcher, and training (backward simulation and the exported student)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_resumes_bit_identically, make_tiny_students, tiny_distill_config
+from dmd2 import registry
+from dmd2.__main__ import main
+from dmd2.batching import Request, sample_batch
+from dmd2.families.base import ModelLoadError
+from dmd2.images import to_uint8
+from dmd2.sampling import ddim_move, initial_noise, renoise_seed, student_sample
+from training.config import ConfigError
+from training.simulate import backward_simulate
+
+TIMESTEPS = [999, 749, 499, 249]
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry(monkeypatch):
+    monkeypatch.setattr(registry, "_cache", {})
+    monkeypatch.setattr(registry, "_families", {})
+
+
+def by_hand(family, unet, cond, x, timesteps):
+    """DDIM's moves written out: x0 at each timestep, then alpha_next x0 + sigma_next eps(x, x0)."""
+    sched = family.schedule
+    for t, t_next in zip(timesteps, timesteps[1:] + [None]):
+        x0 = family.denoise(unet, x, t, cond, 1.0).float()
+        if t_next is None:
+            return x0
+        eps = (x - sched.alpha_sigma(torch.tensor(t))[0] * x0) / sched.alpha_sigma(torch.tensor(t))[1]
+        a_next, s_next = sched.alpha_sigma(torch.tensor(t_next))
+        x = a_next * x0 + s_next * eps
+
+
+def test_ddim_moves_are_ddims_and_need_no_seed(family, unet):
+    cond, z = family.condition(np.array([0, 1, 2])), initial_noise(family, 3, 0)
+    ddim = student_sample(family, unet, cond, z, TIMESTEPS, seed=1, renoise="ddim")
+    assert torch.allclose(ddim, by_hand(family, unet, cond, z, TIMESTEPS), atol=1e-5)
+    assert torch.equal(ddim, student_sample(family, unet, cond, z, TIMESTEPS, seed=2, renoise="ddim"))  # no draw
+    fresh = student_sample(family, unet, cond, z, TIMESTEPS, seed=1)                  # the default: DMD2's
+    assert torch.equal(fresh, student_sample(family, unet, cond, z, TIMESTEPS, seed=1, renoise="fresh"))
+    assert not torch.allclose(fresh, ddim)
+    assert not torch.allclose(fresh, student_sample(family, unet, cond, z, TIMESTEPS, seed=2))   # fresh draws
+    # one step: nothing to move between, both are the step's x0 estimate
+    assert torch.equal(student_sample(family, unet, cond, z, [999], renoise="ddim"),
+                       student_sample(family, unet, cond, z, [999]))
+
+
+def test_the_first_ddim_move_keeps_about_the_starting_noise(family, unet):
+    """From t = 999, where the state is almost all noise, the implied noise is about the starting noise: the next
+    state is about alpha x0 + sigma z, what fresh re-noising gives only if it drew z again."""
+    cond, z = family.condition(np.array([0, 1, 2])), initial_noise(family, 3, 0)
+    x0 = family.denoise(unet, z, 999, cond, 1.0).float()
+    moved = ddim_move(family.schedule, z, x0, 999, 749)
+    a, s = family.schedule.alpha_sigma(torch.tensor(749))
+    assert torch.allclose(moved, a * x0 + s * z, atol=0.02)
+    assert not torch.allclose(moved, a * x0 + s * torch.randn_like(z), atol=0.02)
+
+
+def test_an_unknown_move_is_refused(family, unet):
+    cond, z = family.condition(np.array([0])), initial_noise(family, 1, 0)
+    with pytest.raises(ValueError, match="renoise must be one of fresh, ddim, got 'sde'"):
+        student_sample(family, unet, cond, z, TIMESTEPS, renoise="sde")
+
+
+def test_a_students_dmd2_json_names_its_sampler(tmp_path):
+    """A student trained with renoise: ddim samples that way everywhere (generate, the app's batcher); generate's
+    `renoise` overrides it; a bad value in dmd2.json fails the load, naming the file."""
+    _, two_step = make_tiny_students(tmp_path)
+    meta = json.loads((tmp_path / "tiny-2step" / "dmd2.json").read_text())
+    shutil.copytree(two_step, tmp_path / "ddim")
+    (tmp_path / "ddim" / "dmd2.json").write_text(json.dumps({**meta, "renoise": "ddim"}))
+    plain, ddim = registry.load(two_step), registry.load(str(tmp_path / "ddim"))
+    assert plain.renoise == "fresh" and ddim.renoise == "ddim"
+    labels = [3, 1, 4]
+    out = ddim.generate(labels, seed=5)
+    cond, z = ddim.family.condition(np.array(labels)), initial_noise(ddim.family, 3, 5)
+    want = student_sample(ddim.family, ddim.unet, cond, z, [999, 499], renoise="ddim")
+    assert np.array_equal(out.images, to_uint8(ddim.family.decode(want)))
+    assert out.extra["renoise"] == "ddim" and "renoise" not in plain.generate(labels, seed=5).extra
+    # the override, both ways
+    assert np.array_equal(ddim.generate(labels, seed=5, renoise="fresh").images, plain.generate(labels, seed=5).images)
+    assert np.array_equal(plain.generate(labels, seed=5, renoise="ddim").images, out.images)
+    fresh = student_sample(plain.family, plain.unet, cond, z, [999, 499], seed=renoise_seed(5))
+    assert np.array_equal(plain.generate(labels, seed=5).images, to_uint8(plain.family.decode(fresh)))
+    # the app's batcher: two requests in one batch get what each gets alone
+    got = sample_batch([Request(ddim, labels, 5), Request(ddim, [0, 2], 6)])
+    assert np.array_equal(got[0], out.images) and np.array_equal(got[1], ddim.generate([0, 2], seed=6).images)
+    with pytest.raises(ValueError, match="renoise must be one of"):
+        ddim.generate(labels, seed=5, renoise="DDIM")
+    (tmp_path / "ddim" / "dmd2.json").write_text(json.dumps({**meta, "renoise": "euler"}))
+    registry._cache.clear()
+    with pytest.raises(ModelLoadError, match=r"dmd2.json: renoise must be one of fresh, ddim, got 'euler'"):
+        registry.load(str(tmp_path / "ddim"))
+
+
+def test_a_teacher_takes_no_renoise():
+    with pytest.raises(ValueError, match="renoise: only for students"):
+        registry.load("mnist-teacher").generate([0], seed=0, steps=2, renoise="ddim")
+
+
+def test_the_cli_samples_and_records_the_move(tmp_path):
+    main(["sample", "--model", "mnist-dmd2-2step", "--renoise", "ddim", "--num", "4", "--out", str(tmp_path / "s.npz")])
+    saved = np.load(tmp_path / "s.npz")
+    student = registry.load("mnist-dmd2-2step")
+    assert np.array_equal(saved["images"], student.generate(np.arange(4) % 10, seed=0, renoise="ddim").images)
+    assert not np.array_equal(saved["images"], student.generate(np.arange(4) % 10, seed=0).images)
+    assert json.loads(str(saved["options"])) == {"renoise": "ddim"}    # not mistaken for the student's own samples
+    main(["evaluate", "--model", "mnist-dmd2-2step", "--renoise", "ddim", "--num", "20", "--json",
+          str(tmp_path / "e.json")])
+    assert json.loads((tmp_path / "e.json").read_text())["renoise"] == "ddim"
+    main(["evaluate", "--model", "mnist-dmd2-2step", "--num", "20", "--json", str(tmp_path / "plain.json")])
+    assert "renoise" not in json.loads((tmp_path / "plain.json").read_text())   # the student's own: fresh
+
+
+@pytest.mark.parametrize("args, message", [
+    (["evaluate", "--model", "mnist-teacher", "--renoise", "ddim", "--num", "20"], "mnist-teacher is a teacher"),
+    (["evaluate", "--model", "mnist-dmd2-1step", "--renoise", "ddim", "--num", "20"], "takes one step"),
+    (["sample", "--model", "mnist-dmd2-1step", "--renoise", "ddim"], "--renoise: only for multi-step students"),
+    (["grid", "--model", "mnist-teacher", "--renoise", "fresh"], "--renoise: only for multi-step students"),
+])
+def test_the_cli_refuses_renoise_without_steps_to_move_between(args, message, tmp_path, capsys, monkeypatch):
+    import dmd2.__main__ as cli
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before refusing")
+    monkeypatch.setattr(cli, "generate_many", no_sampling)
+    with pytest.raises(SystemExit) as e:
+        main([*args, *(["--out", str(tmp_path / "x.out")] if args[0] != "evaluate" else [])])
+    assert e.value.code != 0 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", "mnist-dmd2-2step", "--renoise", "sde", "--out", str(tmp_path / "y.npz")])
+    assert "invalid choice: 'sde'" in capsys.readouterr().err
+
+
+# --- training ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(student_steps=2, renoise="sde"), "must be one of fresh, ddim"),
+    (dict(renoise="ddim"), "a 1-step student has none"),
+])
+def test_config_refuses_bad_renoise(setup, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_distill_config(setup, **overrides)
+
+
+def test_backward_simulation_moves_as_the_sampler_does(family, unet):
+    cond, z = family.condition(np.array([0, 1, 2])), initial_noise(family, 3, 0)
+    gen = torch.Generator().manual_seed(0)
+    x = backward_simulate(family, unet, cond, TIMESTEPS, 3, z, gen, renoise="ddim")
+    want = z
+    for t, t_next in zip(TIMESTEPS[:3], TIMESTEPS[1:]):
+        want = ddim_move(family.schedule, want, family.denoise(unet, want, t, cond).float(), t, t_next)
+    assert torch.allclose(x, want, atol=1e-6)
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())    # nothing drawn
+    fresh = backward_simulate(family, unet, cond, TIMESTEPS, 3, z, torch.Generator().manual_seed(0))
+    assert not torch.allclose(fresh, x)
+    # the state the last step is trained on is the one the sampler hands it: run the first three steps of
+    # student_sample's ddim chain and stop before the last
+    states = []
+    student_sample(family, unet, cond, z, TIMESTEPS, renoise="ddim",
+                   on_step=lambda i, t, x0: states.append(x0))
+    x2 = ddim_move(family.schedule, backward_simulate(family, unet, cond, TIMESTEPS, 2, z, gen, renoise="ddim"),
+                   states[2], 499, 249)
+    assert torch.allclose(x2, x, atol=1e-5)
+
+
+def test_a_ddim_trained_student_records_and_samples_its_move(setup, tmp_path, monkeypatch):
+    from training import trainer as trainer_module
+    from training.distill import distill
+
+    seen = []
+    real_input = trainer_module.generator_input
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("renoise"))
+        return real_input(*args, **kwargs)
+    monkeypatch.setattr(trainer_module, "generator_input", recording)
+    cfg = tiny_distill_config(setup, student_steps=2, renoise="ddim", sample_every=5)
+    run = distill(cfg, tmp_path / "run")
+    assert seen and set(seen) == {"ddim"}                       # every critic and generator input
+    student = tmp_path / "run" / "student"
+    assert json.loads((student / "dmd2.json").read_text())["renoise"] == "ddim"
+    model = registry.LoadedModel(registry.spec_for(str(student)))
+    assert model.renoise == "ddim"
+    labels = [0, 1]
+    cond, z = model.family.condition(np.array(labels)), initial_noise(model.family, 2, 3)
+    want = student_sample(model.family, model.unet, cond, z, list(model.timesteps), renoise="ddim")
+    assert np.array_equal(model.generate(labels, seed=3).images, to_uint8(model.family.decode(want)))
+    # the trainer's own samples (grids, quick evaluations) move the same way
+    got = run.trainer.sample(labels, seed=3)
+    noise = torch.randn(run.trainer.family.latent_shape(2), generator=torch.Generator().manual_seed(3))
+    by_ddim = student_sample(run.trainer.family, run.trainer.student(), run.trainer.family.condition(labels), noise,
+                             run.trainer.timesteps, renoise="ddim")
+    assert torch.allclose(got, run.trainer.family.decode(by_ddim))
+    # a fresh-noise run records nothing (old students' dmd2.json stay as they were)
+    plain = distill(tiny_distill_config(setup, student_steps=2), tmp_path / "plain")
+    assert "renoise" not in json.loads((tmp_path / "plain" / "student" / "dmd2.json").read_text())
+    assert not torch.equal(plain.trainer.state_dict()["generator"]["conv_out.weight"],
+                           run.trainer.state_dict()["generator"]["conv_out.weight"])
+
+
+def test_a_ddim_run_resumes_bit_identically(setup, tmp_path):
+    assert_resumes_bit_identically(tiny_distill_config(setup, student_steps=2, renoise="ddim"), tmp_path, 5)

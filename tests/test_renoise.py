@@ -148,6 +148,7 @@ def test_the_cli_refuses_renoise_without_steps_to_move_between(args, message, tm
 @pytest.mark.parametrize("overrides, message", [
     (dict(student_steps=2, renoise="sde"), "must be one of fresh, ddim"),
     (dict(renoise="ddim"), "a 1-step student has none"),
+    (dict(student_steps=2, renoise="ddim", family="sdxl"), "ddim is built for pixel students"),
 ])
 def test_config_refuses_bad_renoise(setup, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -190,6 +191,7 @@ def test_a_ddim_trained_student_records_and_samples_its_move(setup, tmp_path, mo
     assert seen and set(seen) == {"ddim"}                       # every critic and generator input
     student = tmp_path / "run" / "student"
     assert json.loads((student / "dmd2.json").read_text())["renoise"] == "ddim"
+    assert "- between steps: ddim moves (renoise: ddim" in (student / "MODEL_CARD.md").read_text()
     model = registry.LoadedModel(registry.spec_for(str(student)))
     assert model.renoise == "ddim"
     labels = [0, 1]
@@ -205,6 +207,7 @@ def test_a_ddim_trained_student_records_and_samples_its_move(setup, tmp_path, mo
     # a fresh-noise run records nothing (old students' dmd2.json stay as they were)
     plain = distill(tiny_distill_config(setup, student_steps=2), tmp_path / "plain")
     assert "renoise" not in json.loads((tmp_path / "plain" / "student" / "dmd2.json").read_text())
+    assert "between steps" not in (tmp_path / "plain" / "student" / "MODEL_CARD.md").read_text()
     assert not torch.equal(plain.trainer.state_dict()["generator"]["conv_out.weight"],
                            run.trainer.state_dict()["generator"]["conv_out.weight"])
 

@@ -213,6 +213,9 @@ class DistillConfig:
         need(self.renoise in RENOISE, "renoise", f"must be one of {', '.join(RENOISE)}")
         need(self.renoise == "fresh" or self.student_steps > 1, "renoise", "sets how a multi-step student moves "
              "between its steps; a 1-step student has none: set renoise: fresh (or leave it out)")
+        need(self.renoise == "fresh" or self.family == "pixel", "renoise", "ddim is built for pixel students; a "
+             "text student's plain-diffusers recipe (its model card: LCMScheduler) re-noises with fresh noise, so "
+             "it would not sample as trained: set renoise: fresh")
         need(not self.critic_per_step or self.student_steps > 1, "critic_per_step",
              "is for multi-step students (student_steps > 1): a 1-step student has one output distribution")
         # Both hook into diffusers' UNet time embedding, which the transformer families (sd3, flux) do not have.

@@ -59,6 +59,9 @@ def write_student_card(run: Run, cfg: DistillConfig, trainer: DMD2Trainer, secon
                       f"({count(trainer.generator):.2f} M parameters; the teacher's {count(trainer.real_unet):.2f} M), "
                       + ("started from generator_init" if cfg.generator_init else "started as the teacher") +
                       " (generator_layers_per_block)"]
+    if cfg.renoise != "fresh":
+        lines[3:3] = [f"- between steps: {cfg.renoise} moves (renoise: {cfg.renoise}, in training and in dmd2.json, which "
+                      f"`python -m dmd2` and the app read), not DMD2's fresh re-noising"]
     if cfg.critic_layers_per_block is not None:
         lines[3:3] = [f"- critic: the fake score had {cfg.critic_layers_per_block} layers per block "
                       f"(critic_layers_per_block); the student's network is unchanged by it"]

@@ -115,12 +115,18 @@ def _add_renoise(parser) -> None:
 
 
 def _renoise(a, model) -> dict:
-    """generate()'s renoise from --renoise, refused where there is no move between steps to choose."""
+    """generate()'s renoise from --renoise, refused where there is no move between steps to choose (a teacher, a
+    1-step student, or one left a single step by --teacher-until) or where it is not built (text students)."""
     if a.renoise is None:
         return {}
     if model.spec.kind == "teacher" or len(model.timesteps) < 2:
         raise UsageError(f"--renoise: only for multi-step students; {a.model} "
                          + ("is a teacher" if model.spec.kind == "teacher" else "takes one step"))
+    if model.conditioning == "text":
+        raise UsageError(f"--renoise: built for pixel students only; {a.model} is a text-to-image student")
+    if a.teacher_until is not None and list(model.timesteps).index(a.teacher_until) == len(model.timesteps) - 1:
+        raise UsageError(f"--renoise with --teacher-until {a.teacher_until}: the student then takes one step, there "
+                         f"is no move between steps to choose")
     return {"renoise": a.renoise}
 
 
@@ -141,10 +147,13 @@ def cmd_sample(a) -> None:
     model = registry.load(a.model)
     images, labels, _, _ = generate_many(model, a.num, a.seed, a.steps, a.guidance, labels=_labels(a, model),
                                          autocast=a.bf16, **_handover(a, model), **_renoise(a, model))
+    options = sample_options(a)
+    if options.get("renoise") == getattr(model, "renoise", None):
+        del options["renoise"]   # the student's own move: these are its default samples
     part = out.with_name(out.name + ".part")      # a killed run leaves no truncated file at `out`
     with open(part, "wb") as f:
         np.savez(f, images=images, labels=labels, model=np.array(a.model), seed=np.array(a.seed),
-                 options=np.array(json.dumps(sample_options(a), sort_keys=True)))
+                 options=np.array(json.dumps(options, sort_keys=True)))
     os.replace(part, out)
     print(f"wrote {len(images)} images from {a.model} to {out}")
 
@@ -232,8 +241,11 @@ def cmd_evaluate(a) -> None:
                                                        step_images=step_images, **handover, **renoise)
     result = {"model": a.model, "num": num, "seed": a.seed, "nfe": nfe, "ms_per_image": 1000 * sec_per_image,
               "precision": "bf16" if a.bf16 else "fp32", **_handover_record(model, handover)}
-    if model.spec.kind == "student" and renoise.get("renoise", model.renoise) != "fresh":
-        result["renoise"] = renoise.get("renoise", model.renoise)   # the sampler scored, where not DMD2's
+    if model.spec.kind == "student":   # the move between steps scored: as given, or the student's own if not DMD2's
+        used = renoise.get("renoise", model.renoise)
+        left = len(model.timesteps) - (0 if a.teacher_until is None else list(model.timesteps).index(a.teacher_until))
+        if left > 1 and (renoise or used != "fresh"):
+            result["renoise"] = used
     result.update(evaluate_images(images, labels))
     result.update(evaluate_independent(images))  # second feature space; KID, precision/recall, density/coverage
     if a.optdigits:

@@ -157,6 +157,9 @@ class LoadedModel:
             self.renoise = check_renoise(meta.get("renoise", "fresh"))
         except ValueError as e:
             raise ModelLoadError(f"student {spec.name!r}: {meta_path}: {e}") from None
+        if self.renoise != "fresh" and spec.family != "pixel":
+            raise ModelLoadError(f"student {spec.name!r}: {meta_path} names renoise {self.renoise!r}, which is built "
+                                 f"for pixel students only (a {spec.family} student samples with fresh re-noising)")
         if (self.guidance_range is None) != (getattr(self.unet.config, "time_cond_proj_dim", None) is None):
             raise ModelLoadError(f"student {spec.name!r}: its network and {meta_path} disagree on whether it takes a "
                                  f"guidance scale as an input (time_cond_proj_dim vs guidance_range)")
@@ -271,6 +274,9 @@ class LoadedModel:
             if self.spec.kind == "teacher":
                 raise ValueError(f"renoise: only for students; {self.spec.name!r} is a teacher (DDIM)")
             check_renoise(renoise)
+            if renoise != "fresh" and self.spec.family != "pixel":
+                raise ValueError(f"renoise {renoise!r}: built for pixel students only; {self.spec.name!r} is a "
+                                 f"{self.spec.family} student")
         if teacher_until is None and teacher_steps is not None:
             raise ValueError("teacher_steps: only with teacher_until (the teacher's grid on its way down to it)")
         if teacher_until is None and teacher_guidance is not None:
@@ -331,7 +337,7 @@ class LoadedModel:
                                guidance_input=w, renoise=renoise)
             nfe = len(timesteps) + extra.get("teacher_nfe", 0)
             extra = {"timesteps": timesteps, "steps": len(timesteps), **extra}
-            if renoise != "fresh":
+            if renoise != "fresh" and len(timesteps) > 1:   # recorded where a move between steps took place
                 extra["renoise"] = renoise
             if w is not None:
                 extra["guidance"] = w

@@ -61,8 +61,9 @@ def average(sources: list[str], like: str | Path, out: str | Path, weights: list
             yield state
 
     unet.load_state_dict(mean_state_dict(each(), weights))
-    PixelFamily.from_unet(unet, like).save_student(unet, out, timesteps=meta["timesteps"], family=meta.get("family", "pixel"),
-                                             teacher=meta.get("teacher"))
+    # `like`'s dmd2.json whole (timesteps, family, teacher, and what else it records: how it moves between steps,
+    # a guidance range, a flow shift), so the average samples as `like` does
+    PixelFamily.from_unet(unet, like).save_student(unet, out, **{"family": "pixel", **meta})
     return out
 
 

@@ -213,6 +213,9 @@ class DistillConfig:
         need(self.renoise in RENOISE, "renoise", f"must be one of {', '.join(RENOISE)}")
         need(self.renoise == "fresh" or self.student_steps > 1, "renoise", "sets how a multi-step student moves "
              "between its steps; a 1-step student has none: set renoise: fresh (or leave it out)")
+        need(self.renoise == "fresh" or self.backward_simulation, "renoise", "sets how backward simulation moves "
+             "between steps, which backward_simulation: false replaces by noised real images: set "
+             "backward_simulation: true, or renoise: fresh")
         need(self.renoise == "fresh" or self.family == "pixel", "renoise", "ddim is built for pixel students; a "
              "text student's plain-diffusers recipe (its model card: LCMScheduler) re-noises with fresh noise, so "
              "it would not sample as trained: set renoise: fresh")

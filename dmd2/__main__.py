@@ -104,14 +104,23 @@ def _add_handover(parser) -> None:
 
 
 RENOISE_HELP = ("multi-step students: how to move between steps, 'fresh' (re-noise the step's x0 estimate with fresh "
-                "noise: DMD2's sampler) or 'ddim' (DDIM's deterministic move, keeping the noise the state implies); "
-                "default: the student's own, from its dmd2.json (fresh unless it was trained with renoise: ddim)")
+                "noise: DMD2's sampler), 'ddim' (DDIM's deterministic move, keeping the noise the state implies) or a "
+                "number in [0, 1], the fraction of fresh noise in between (1 = fresh, 0 = ddim); default: the "
+                "student's own, from its dmd2.json (fresh unless it was trained otherwise)")
+
+
+def _renoise_value(text: str):
+    """--renoise's value: fresh, ddim or a fraction of fresh noise in [0, 1] (canonical: 0 -> ddim, 1 -> fresh)."""
+    from dmd2.sampling import check_renoise
+
+    try:
+        return check_renoise(text if text in ("fresh", "ddim") else float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be fresh, ddim or a number in [0, 1], got {text!r}") from None
 
 
 def _add_renoise(parser) -> None:
-    from dmd2.sampling import RENOISE
-
-    parser.add_argument("--renoise", choices=RENOISE, default=None, help=RENOISE_HELP)
+    parser.add_argument("--renoise", type=_renoise_value, default=None, metavar="{fresh,ddim,F}", help=RENOISE_HELP)
 
 
 def _renoise(a, model) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -41,11 +42,37 @@ def renoise_seed(seed: int) -> int:
 RENOISE = ("fresh", "ddim")   # how a multi-step student moves from one step to the next (`student_sample`)
 
 
-def check_renoise(renoise: str) -> str:
-    """`renoise` if it is one of RENOISE; else a ValueError naming the choices."""
+def check_renoise(renoise: str | float) -> str | float:
+    """`renoise` in its canonical form: one of RENOISE, or a number in [0, 1] (the fraction of fresh noise: 1 is
+    "fresh", 0 is "ddim", which those numbers become); else a ValueError naming the choices."""
+    if isinstance(renoise, (int, float)) and not isinstance(renoise, bool):
+        if not 0 <= renoise <= 1:   # NaN fails too
+            raise ValueError(f"renoise as a number is the fraction of fresh noise, in [0, 1], got {renoise}")
+        return "ddim" if renoise == 0 else "fresh" if renoise == 1 else float(renoise)
     if renoise not in RENOISE:
-        raise ValueError(f"renoise must be one of {', '.join(RENOISE)}, got {renoise!r}")
+        raise ValueError(f"renoise must be one of {', '.join(RENOISE)} or a number in [0, 1], got {renoise!r}")
     return renoise
+
+
+def fresh_fraction(renoise: str | float) -> float:
+    """The fraction of the next noise level that is fresh noise: 1 for "fresh", 0 for "ddim", else the number."""
+    renoise = check_renoise(renoise)
+    return {"fresh": 1.0, "ddim": 0.0}.get(renoise, renoise) if isinstance(renoise, str) else renoise
+
+
+def renoise_move(schedule, x: torch.Tensor, x0: torch.Tensor, t, t_next, fraction: float,
+                 fresh: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A student's move from x_t to x_{t_next} given its x0 estimate: x_next = alpha_next x0 + sigma_next n with
+    n = sqrt(1 - f^2) eps + f z, eps the noise x_t implies given x0 and z fresh noise (drawn by `fresh()` only where
+    f > 0). f = 1: DMD2's fresh re-noising; f = 0: DDIM's deterministic move (`ddim_move`); between them DDIM's
+    eta-style mix, f = sigma / sigma_next in DDIM's notation."""
+    if fraction == 0:
+        return ddim_move(schedule, x, x0, t, t_next)
+    z = fresh()
+    if fraction == 1:
+        return schedule.add_noise(x0, z, torch.tensor([t_next]))
+    eps = schedule.x0_to_eps(x, x0, torch.tensor([t]))
+    return schedule.add_noise(x0, math.sqrt(1 - fraction ** 2) * eps + fraction * z, torch.tensor([t_next]))
 
 
 def ddim_move(schedule, x: torch.Tensor, x0: torch.Tensor, t, t_next) -> torch.Tensor:
@@ -105,19 +132,20 @@ def student_sample(family: Family, unet, cond: Any, noise: torch.Tensor, timeste
                    seed: int | None = None, guidance: float = 1.0, autocast: bool = False,
                    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
                    guidance_input: float | torch.Tensor | None = None,
-                   request_seeds: list[tuple[int, int]] | None = None, renoise: str = "fresh") -> torch.Tensor:
+                   request_seeds: list[tuple[int, int]] | None = None, renoise: str | float = "fresh") -> torch.Tensor:
     """Few-step student: denoise at each timestep, then move to the next one.
 
     `renoise` "fresh" (DMD2's sampler): re-noise the x0 estimate with fresh noise, from a generator seeded by
     `seed` (default: a fixed seed), so the whole sample is a deterministic function of (noise, seed). "ddim":
     DDIM's deterministic move, x_next = alpha_next x0 + sigma_next eps, eps the noise the current state implies
-    given x0 (the first move keeps about the starting noise); the sample is a function of the noise alone. `on_step(i, t, x0)` sees each step's x0
+    given x0 (the first move keeps about the starting noise); the sample is a function of the noise alone. A
+    number f in [0, 1] mixes the two (`renoise_move`). `on_step(i, t, x0)` sees each step's x0
     estimate (i from 1), e.g. to score the intermediate images of a multi-step student.
     `guidance_input`: the guidance scale w of a guidance-conditioned student (an input, no CFG pass).
     `request_seeds`: [(seed, images), ...] when the batch joins several requests (dmd2/batching.py): each
     request's fresh noise then comes from its own seed, so it gets the images it would get alone.
     """
-    check_renoise(renoise)
+    fraction = fresh_fraction(renoise)
     requests = request_seeds or [(0x5EED if seed is None else seed, noise.shape[0])]
     gens = [(torch.Generator().manual_seed(int(s)), n) for s, n in requests]
     x = noise
@@ -128,11 +156,8 @@ def student_sample(family: Family, unet, cond: Any, noise: torch.Tensor, timeste
             on_step(i + 1, t, x0)
         if i + 1 == len(timesteps):
             return x0
-        if renoise == "ddim":
-            x = ddim_move(family.schedule, x, x0, t, timesteps[i + 1])
-            continue
-        fresh = torch.cat([torch.randn((n, *x0.shape[1:]), generator=g) for g, n in gens]).to(x0.device)
-        x = family.schedule.add_noise(x0, fresh, torch.tensor([timesteps[i + 1]]))
+        x = renoise_move(family.schedule, x, x0, t, timesteps[i + 1], fraction, lambda: torch.cat(
+            [torch.randn((n, *x0.shape[1:]), generator=g) for g, n in gens]).to(x0.device))
     return x
 
 
@@ -156,7 +181,7 @@ def sample_set_seed(k: int) -> int:
 def generate_many(model, n: int, seed: int, steps=None, guidance=None, batch_size: int = 250,
                   labels: np.ndarray | None = None, autocast: bool = False, step_images: list | None = None,
                   teacher_until: int | None = None, teacher_steps: int | None = None,
-                  teacher_guidance: float | None = None, renoise: str | None = None):
+                  teacher_guidance: float | None = None, renoise: str | float | None = None):
     """n samples in batches (batch b uses seed+b: seeds closer than n / batch_size share batches, so independent
     sample sets take `sample_set_seed`); returns images, labels, seconds per image.
 

@@ -88,8 +88,30 @@ def test_ddim_moves_on_a_flow_schedule_are_euler_steps(make_unet):
 
 def test_an_unknown_move_is_refused(family, unet):
     cond, z = family.condition(np.array([0])), initial_noise(family, 1, 0)
-    with pytest.raises(ValueError, match="renoise must be one of fresh, ddim, got 'sde'"):
+    with pytest.raises(ValueError, match="renoise must be one of fresh, ddim or a number in \\[0, 1\\], got 'sde'"):
         student_sample(family, unet, cond, z, TIMESTEPS, renoise="sde")
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="the fraction of fresh noise, in \\[0, 1\\]"):
+            student_sample(family, unet, cond, z, TIMESTEPS, renoise=bad)
+    with pytest.raises(ValueError, match="got True"):
+        student_sample(family, unet, cond, z, TIMESTEPS, renoise=True)
+
+
+def test_a_fraction_of_fresh_noise_mixes_the_two_moves(family, unet):
+    """f in (0, 1): x_next = alpha_next x0 + sigma_next (sqrt(1 - f^2) eps + f z), z drawn as fresh draws it; 0 and
+    1 are ddim and fresh themselves."""
+    cond, z = family.condition(np.array([0, 1, 2])), initial_noise(family, 3, 0)
+    for f, name in ((0, "ddim"), (1, "fresh"), (0.0, "ddim"), (1.0, "fresh")):
+        assert torch.equal(student_sample(family, unet, cond, z, TIMESTEPS[:2], seed=4, renoise=f),
+                           student_sample(family, unet, cond, z, TIMESTEPS[:2], seed=4, renoise=name))
+    got = student_sample(family, unet, cond, z, TIMESTEPS[:2], seed=4, renoise=0.6)
+    x0 = family.denoise(unet, z, 999, cond, 1.0).float()
+    a, s = family.schedule.alpha_sigma(torch.tensor(999))
+    eps = (z - a * x0) / s
+    drawn = torch.randn(z.shape, generator=torch.Generator().manual_seed(4))   # fresh's first draw from seed 4
+    a2, s2 = family.schedule.alpha_sigma(torch.tensor(749))
+    x = a2 * x0 + s2 * (0.8 * eps + 0.6 * drawn)
+    assert torch.allclose(got, family.denoise(unet, x, 749, cond, 1.0).float(), atol=1e-5)
 
 
 def test_a_students_dmd2_json_names_its_sampler(tmp_path):
@@ -119,7 +141,7 @@ def test_a_students_dmd2_json_names_its_sampler(tmp_path):
         ddim.generate(labels, seed=5, renoise="DDIM")
     (tmp_path / "ddim" / "dmd2.json").write_text(json.dumps({**meta, "renoise": "euler"}))
     registry._cache.clear()
-    with pytest.raises(ModelLoadError, match=r"dmd2.json: renoise must be one of fresh, ddim, got 'euler'"):
+    with pytest.raises(ModelLoadError, match=r"dmd2.json: renoise must be one of fresh, ddim or a number in \[0, 1\], got 'euler'"):
         registry.load(str(tmp_path / "ddim"))
 
 
@@ -154,6 +176,14 @@ def test_the_cli_samples_and_records_the_move(tmp_path):
     main(["evaluate", "--model", "mnist-dmd2-2step", "--renoise", "ddim", "--num", "20", "--json",
           str(tmp_path / "e.json")])
     assert json.loads((tmp_path / "e.json").read_text())["renoise"] == "ddim"
+    main(["evaluate", "--model", "mnist-dmd2-2step", "--renoise", "0.5", "--num", "20", "--json",
+          str(tmp_path / "half.json")])
+    assert json.loads((tmp_path / "half.json").read_text())["renoise"] == 0.5
+    main(["sample", "--model", "mnist-dmd2-2step", "--renoise", "0.5", "--num", "4", "--out", str(tmp_path / "h.npz")])
+    assert np.array_equal(np.load(tmp_path / "h.npz")["images"],
+                          student.generate(np.arange(4) % 10, seed=0, renoise=0.5).images)
+    main(["sample", "--model", "mnist-dmd2-2step", "--renoise", "1", "--num", "4", "--out", str(tmp_path / "one.npz")])
+    assert json.loads(str(np.load(tmp_path / "one.npz")["options"])) == {}      # 1 is fresh: the student's own
     main(["evaluate", "--model", "mnist-dmd2-2step", "--num", "20", "--json", str(tmp_path / "plain.json")])
     assert "renoise" not in json.loads((tmp_path / "plain.json").read_text())   # the student's own: fresh
     main(["evaluate", "--model", "mnist-dmd2-2step", "--renoise", "fresh", "--num", "20", "--json",
@@ -201,7 +231,12 @@ def test_the_cli_refuses_renoise_without_steps_to_move_between(args, message, tm
 def test_the_cli_names_the_moves_it_knows(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--model", "mnist-dmd2-2step", "--renoise", "sde", "--out", str(tmp_path / "y.npz")])
-    assert "invalid choice: 'sde'" in capsys.readouterr().err and not (tmp_path / "y.npz").exists()
+    assert "--renoise: must be fresh, ddim or a number in [0, 1], got 'sde'" in capsys.readouterr().err
+    for bad in ("1.5", "-0.1", "nan"):
+        with pytest.raises(SystemExit):
+            main(["sample", "--model", "mnist-dmd2-2step", "--renoise", bad, "--out", str(tmp_path / "y.npz")])
+        assert f"got '{bad}'" in capsys.readouterr().err
+    assert not (tmp_path / "y.npz").exists()
 
 
 # --- training ---------------------------------------------------------------------------------------------------

@@ -263,6 +263,15 @@ def test_backward_simulation_moves_as_the_sampler_does(family, unet):
     assert torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())    # nothing drawn
     fresh = backward_simulate(family, unet, cond, TIMESTEPS, 3, z, torch.Generator().manual_seed(0))
     assert not torch.allclose(fresh, x)
+    by_hand, g = z, torch.Generator().manual_seed(0)      # fresh: DMD2's re-noising, draw for draw
+    for t, t_next in zip(TIMESTEPS[:3], TIMESTEPS[1:]):
+        x0 = family.denoise(unet, by_hand, t, cond)
+        by_hand = family.schedule.add_noise(x0, torch.randn(x0.shape, generator=g), torch.tensor([t_next]))
+    assert torch.equal(fresh, by_hand)
+    half_gen = torch.Generator().manual_seed(0)            # a fraction draws fresh noise and lands between the two
+    half = backward_simulate(family, unet, cond, TIMESTEPS, 3, z, half_gen, renoise=0.5)
+    assert not torch.equal(half_gen.get_state(), torch.Generator().manual_seed(0).get_state())
+    assert not torch.allclose(half, x) and not torch.allclose(half, fresh)
     # under bf16 autocast (training's mixed precision) the x0 estimates are bf16; the state stays fp32 and close
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = backward_simulate(family, unet, cond, TIMESTEPS, 3, z, gen, renoise="ddim")

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from dmd2.families.base import Family
-from dmd2.sampling import check_renoise, ddim_move
+from dmd2.sampling import fresh_fraction, renoise_move
 
 
 def randn(shape, gen: torch.Generator, device) -> torch.Tensor:
@@ -23,16 +23,17 @@ def backward_simulate(family: Family, generator, cond: Any, timesteps: list[int]
 
     This is DMD2's backward simulation (Sec. 4.5): the training input at step k comes from the
     generator's trajectory, as at inference, not from noised real images. Each move is the sampler's
-    (`dmd2.sampling.student_sample`): fresh noise from `gen` ("fresh"), or DDIM's move ("ddim", no draw).
+    (`dmd2.sampling.renoise_move`): fresh noise from `gen` ("fresh"), DDIM's move ("ddim", no draw), or a
+    fraction of fresh noise between them.
     """
-    check_renoise(renoise)
+    fraction = fresh_fraction(renoise)
     x = noise
     for i in range(k):
         x0 = family.denoise(generator, x, timesteps[i], cond, guidance_input=guidance_input)
-        if renoise == "ddim":
-            x = ddim_move(family.schedule, x, x0.float(), timesteps[i], timesteps[i + 1])
-        else:
-            x = family.schedule.add_noise(x0, randn(x0.shape, gen, x0.device), torch.tensor([timesteps[i + 1]]))
+        # fresh re-noising takes x0 as the generator made it (bf16 under autocast), as it always has; the moves
+        # that keep noise from the state take it in fp32
+        x = renoise_move(family.schedule, x, x0 if fraction == 1 else x0.float(), timesteps[i], timesteps[i + 1],
+                         fraction, lambda: randn(x0.shape, gen, x0.device))
     return x
 
 

@@ -123,6 +123,11 @@ def _add_renoise(parser) -> None:
     parser.add_argument("--renoise", type=_renoise_value, default=None, metavar="{fresh,ddim,F}", help=RENOISE_HELP)
 
 
+def _student_steps(a, model) -> int:
+    """How many steps the student itself takes: all of its own, or those left after --teacher-until."""
+    return len(model.timesteps) - (0 if a.teacher_until is None else model.check_handover(a.teacher_until))
+
+
 def _renoise(a, model) -> dict:
     """generate()'s renoise from --renoise, refused where there is no move between steps to choose (a teacher, a
     1-step student, or one left a single step by --teacher-until) or where it is not built (text students)."""
@@ -133,7 +138,7 @@ def _renoise(a, model) -> dict:
                          + ("is a teacher" if model.spec.kind == "teacher" else "takes one step"))
     if model.conditioning == "text":
         raise UsageError(f"--renoise: built for pixel students only; {a.model} is a text-to-image student")
-    if a.teacher_until is not None and list(model.timesteps).index(a.teacher_until) == len(model.timesteps) - 1:
+    if _student_steps(a, model) < 2:
         raise UsageError(f"--renoise with --teacher-until {a.teacher_until}: the student then takes one step, there "
                          f"is no move between steps to choose")
     return {"renoise": a.renoise}
@@ -252,8 +257,7 @@ def cmd_evaluate(a) -> None:
               "precision": "bf16" if a.bf16 else "fp32", **_handover_record(model, handover)}
     if model.spec.kind == "student":   # the move between steps scored: as given, or the student's own if not DMD2's
         used = renoise.get("renoise", model.renoise)
-        left = len(model.timesteps) - (0 if a.teacher_until is None else list(model.timesteps).index(a.teacher_until))
-        if left > 1 and (renoise or used != "fresh"):
+        if _student_steps(a, model) > 1 and (renoise or used != "fresh"):
             result["renoise"] = used
     result.update(evaluate_images(images, labels))
     result.update(evaluate_independent(images))  # second feature space; KID, precision/recall, density/coverage

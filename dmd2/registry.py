@@ -273,7 +273,7 @@ class LoadedModel:
         if renoise is not None:
             if self.spec.kind == "teacher":
                 raise ValueError(f"renoise: only for students; {self.spec.name!r} is a teacher (DDIM)")
-            check_renoise(renoise)
+            renoise = check_renoise(renoise)
             if renoise != "fresh" and self.spec.family != "pixel":
                 raise ValueError(f"renoise {renoise!r}: built for pixel students only; {self.spec.name!r} is a "
                                  f"{self.spec.family} student")
@@ -330,7 +330,7 @@ class LoadedModel:
                 timesteps = timesteps[handover:]
                 extra = {"teacher_until": teacher_until, "teacher_evals": evals, "teacher_grid": grid,
                          "teacher_guidance": g, "teacher_nfe": teacher.teacher_nfe(evals, g)}
-            renoise = self.renoise if renoise is None else check_renoise(renoise)
+            renoise = self.renoise if renoise is None else renoise
             x = student_sample(self.family, self.unet, cond, noise, timesteps, seed=renoise_seed(seed),
                                autocast=autocast,
                                on_step=(lambda i, t, x0: steps_x0.append(x0)) if step_images else None,

@@ -37,9 +37,9 @@ def sample(model: str, first: str | None = None, timesteps: list[int] | None = N
         raise ValueError("mixed_steps samples class-conditional (pixel) models only")
     if later.spec.kind != "student" or start.spec.kind != "student":
         raise ValueError(f"{model if later.spec.kind != 'student' else first} is not a student")
-    ddim = [m.spec.name for m in (start, later) if m.renoise != "fresh"]
-    if ddim:   # this loop re-noises with fresh noise, as DMD2's sampler does; such a student moves otherwise
-        raise ValueError(f"{ddim[0]} moves between its steps by {registry.load(ddim[0]).renoise} (its dmd2.json), "
+    other = [m for m in (start, later) if m.renoise != "fresh"]
+    if other:   # this loop re-noises with fresh noise, as DMD2's sampler does; such a student moves otherwise
+        raise ValueError(f"{other[0].spec.name} moves between its steps by {other[0].renoise} (its dmd2.json), "
                          f"and mixed_steps re-noises with fresh noise: it would not sample as that student does")
     family = later.family
     if start.family.latent_shape(1) != family.latent_shape(1):

@@ -199,3 +199,15 @@ def test_the_4step_preset_is_the_committed_4step_students_recorded_run():
     assert (preset["student_timesteps"], preset["step_weights"], preset["seed"]) == (None, [0, 0, 0, 1], 0)
     assert registry.load("mnist-dmd2-4step-last").timesteps == (999, 749, 499, 249)
     assert registry.BUILTIN["mnist-dmd2-4step-last"].demo and not registry.BUILTIN["mnist-dmd2-4step"].demo
+
+
+def test_the_committed_ddim_student_is_its_research_configs_seed_0_and_samples_by_ddim_moves():
+    """assets/mnist/dmd2-4step-ddim is seed 0 of configs/steps/mnist-4step-ddim-w08-low.yaml, key for key, and its
+    dmd2.json makes the registry's sampler move by DDIM (the way it was trained), not by fresh re-noising."""
+    research = load_config(ROOT / "configs/steps/mnist-4step-ddim-w08-low.yaml").to_dict()
+    recorded = load_config(ROOT / "assets/mnist/dmd2-4step-ddim/distill_config.yaml").to_dict()
+    assert {k for k in research if research[k] != recorded[k]} == set()
+    assert (recorded["renoise"], recorded["real_guidance"], recorded["seed"]) == ("ddim", 0.8, 0)
+    student = registry.load("mnist-dmd2-4step-ddim")
+    assert student.timesteps == (999, 749, 499, 249) and student.renoise == "ddim"
+    assert not registry.BUILTIN["mnist-dmd2-4step-ddim"].demo

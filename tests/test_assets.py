@@ -211,3 +211,8 @@ def test_the_committed_ddim_student_is_its_research_configs_seed_0_and_samples_b
     student = registry.load("mnist-dmd2-4step-ddim")
     assert student.timesteps == (999, 749, 499, 249) and student.renoise == "ddim"
     assert not registry.BUILTIN["mnist-dmd2-4step-ddim"].demo
+    labels = np.arange(16) % 10
+    default = student.generate(labels, seed=0)
+    assert default.extra.get("renoise") == "ddim"
+    assert np.array_equal(default.images, student.generate(labels, seed=0, renoise="ddim").images)
+    assert not np.array_equal(default.images, student.generate(labels, seed=0, renoise="fresh").images)
